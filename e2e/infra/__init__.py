@@ -1,0 +1,1 @@
+"""Local infrastructure built from upstream sources: cluster, LiveKit stack, images."""

@@ -1,0 +1,55 @@
+"""Where the local infrastructure keeps its binaries, state and logs.
+
+Every path is derived here so the Makefile, the CLI and the pytest fixtures agree.
+  VOICEFLEET_CACHE  built binaries and Go caches; survives cluster-down (default ~/.cache/voicefleet)
+  VOICEFLEET_STATE  running components' data, pid files, kubeconfig and logs
+                    (default ~/.local/state/voicefleet)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cache
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO_ROOT / "e2e" / "versions.toml"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VOICEFLEET_CACHE", Path.home() / ".cache" / "voicefleet"))
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("VOICEFLEET_STATE", Path.home() / ".local" / "state" / "voicefleet"))
+
+
+def logs_dir() -> Path:
+    return state_dir() / "logs"
+
+
+def log_file(component: str) -> Path:
+    return logs_dir() / f"{component}.log"
+
+
+def kubeconfig() -> Path:
+    """Admin kubeconfig of the running cluster (any provider)."""
+    return state_dir() / "kubeconfig"
+
+
+@cache
+def versions() -> dict:
+    with VERSIONS_FILE.open("rb") as f:
+        return tomllib.load(f)
+
+
+def component_dir(component: str) -> Path:
+    """Install directory of one pinned Go component, e.g. ~/.cache/voicefleet/etcd-v3.6.8."""
+    version = versions()["go"][component]["version"]
+    return cache_dir() / f"{component}-{version}"
+
+
+def binary(component: str, name: str | None = None) -> Path:
+    """Path of a built binary: binary("kubernetes", "kubelet"), binary("etcd")."""
+    return component_dir(component) / "bin" / (name or component)
