@@ -1,0 +1,539 @@
+"""The runtime config: the contract between the operator (which renders it) and the runtime.
+
+The operator imports this module to validate and render a VoiceAgent into the file the runtime
+loads, so it depends on pydantic and PyYAML only: the operator image must not pull in
+livekit-agents. Field names are camelCase on the wire (the same spelling as the VoiceAgent spec)
+and snake_case in Python.
+
+Secrets never appear in the config: a value that is secret names an environment variable
+(`valueFromEnv`) that the pod gets from a Secret. Provider API keys come from the provider's
+standard environment variables (OPENAI_API_KEY, DEEPGRAM_API_KEY, ELEVEN_API_KEY).
+
+Cross-field rules are written twice on purpose: once as pydantic validators (the runtime and the
+operator check them) and once as CEL (`x-kubernetes-validations`, so the API server rejects a bad
+manifest before it reaches the operator). Both live next to each other so they stay in step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+CONFIG_PATH_ENV = "VOICEFLEET_CONFIG"
+"""Environment variable naming the config file the runtime loads."""
+
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+E164_NUMBER = r"^\+[1-9][0-9]{6,14}$"
+TOOL_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+ENV_VAR_NAME = r"^[A-Z_][A-Z0-9_]*$"
+# A transfer target is an E.164 number or a SIP URI.
+TRANSFER_TARGET = r"^(\+[1-9][0-9]{6,14}|sips?:[^\s]+)$"
+
+PROVIDER_KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "deepgram": "DEEPGRAM_API_KEY",
+    "elevenlabs": "ELEVEN_API_KEY",
+}
+"""The environment variable each provider's livekit plugin reads its API key from."""
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One `x-kubernetes-validations` entry."""
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class Model(BaseModel):
+    """Base for every config and API model: camelCase on the wire, no unknown fields."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=False,
+        use_attribute_docstrings=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The model as it is written to YAML/JSON (camelCase, defaults included)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} name {name!r} is defined twice; names must be unique")
+        seen.add(name)
+
+
+def _json_schema_object(value: dict[str, Any]) -> dict[str, Any]:
+    if value.get("type", "object") != "object":
+        raise ValueError('a tool\'s parameters must be a JSON schema with "type": "object"')
+    return value
+
+
+# --- agents ---------------------------------------------------------------------------------
+
+
+class AgentConfig(Model):
+    """One LLM agent: its instructions, the tools it may call and the agents it may hand off to."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123_LABEL)]
+    """Agent name, a DNS-1123 label (lowercase letters, digits, '-'); referenced by `entry` and
+    by other agents' `handoffs`."""
+
+    instructions: Annotated[str, Field(min_length=1, max_length=32768)]
+    """System instructions for the LLM. May refer to {caller_number} and {dialed_number}, which
+    are filled in for phone calls."""
+
+    greeting: Annotated[str | None, Field(max_length=2000)] = None
+    """First sentence the agent says when it takes over the call; omit to let the LLM open."""
+
+    tools: Annotated[list[Annotated[str, Field(pattern=TOOL_NAME)]], Field(max_length=64)] = []
+    """Names of tools from `tools` this agent may call."""
+
+    handoffs: Annotated[
+        list[Annotated[str, Field(pattern=DNS1123_LABEL)]], Field(max_length=32)
+    ] = []
+    """Names of agents this agent may hand the call to; the conversation and shared state are
+    kept across a handoff."""
+
+    @model_validator(mode="after")
+    def _no_self_handoff(self) -> Self:
+        if self.name in self.handoffs:
+            raise ValueError(f"agent {self.name!r} lists itself in handoffs; remove it")
+        return self
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+
+class SttConfig(Model):
+    """Speech-to-text provider and model."""
+
+    provider: Literal["deepgram", "openai"] = "deepgram"
+    """STT provider; its API key comes from the provider's environment variable."""
+    model: Annotated[str, Field(min_length=1, max_length=128)] = "nova-3"
+    """Provider model name, e.g. nova-3 (Deepgram) or gpt-4o-transcribe (OpenAI)."""
+    language: Annotated[str, Field(min_length=2, max_length=16)] = "en"
+    """BCP-47 language code of the callers' speech, or "multi" where the model supports it."""
+    base_url: Annotated[str | None, Field(pattern=r"^(https?|wss?)://")] = None
+    """Override the provider's endpoint (self-hosted or test servers)."""
+
+
+class LlmConfig(Model):
+    """Language model provider and model (OpenAI-compatible Chat Completions)."""
+
+    provider: Literal["openai"] = "openai"
+    """LLM provider; any OpenAI-compatible server works through `baseUrl`."""
+    model: Annotated[str, Field(min_length=1, max_length=128)] = "gpt-4o-mini"
+    """Model name."""
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    """Sampling temperature; omit for the provider's default."""
+    base_url: Annotated[str | None, Field(pattern=r"^https?://")] = None
+    """Override the provider's endpoint (self-hosted or test servers)."""
+
+
+class TtsConfig(Model):
+    """Text-to-speech provider, model and voice."""
+
+    provider: Literal["elevenlabs", "openai"] = "elevenlabs"
+    """TTS provider; its API key comes from the provider's environment variable."""
+    model: Annotated[str | None, Field(max_length=128)] = None
+    """Provider model, e.g. eleven_flash_v2_5 or gpt-4o-mini-tts; omit for the plugin default."""
+    voice: Annotated[str | None, Field(max_length=128)] = None
+    """Voice ID (ElevenLabs) or voice name (OpenAI); omit for the plugin default."""
+    base_url: Annotated[str | None, Field(pattern=r"^(https?|wss?)://")] = None
+    """Override the provider's endpoint (self-hosted or test servers)."""
+
+
+class VadConfig(Model):
+    """Voice activity detection."""
+
+    provider: Literal["silero"] = "silero"
+    """VAD implementation (Silero, runs locally on CPU)."""
+    activation_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Speech probability above which audio counts as speech."""
+    min_silence_seconds: Annotated[float, Field(gt=0, le=5)] = 0.55
+    """Silence that ends a speech segment."""
+
+
+class TurnDetectionConfig(Model):
+    """How the end of the caller's turn is decided."""
+
+    mode: Literal["multilingual", "english", "vad", "stt", "manual"] = "vad"
+    """multilingual/english use the LiveKit turn-detector model (falls back to vad, with a
+    warning and a metric, when the model files are missing); vad uses silence; stt uses the STT
+    provider's endpointing; manual leaves it to the application."""
+
+
+class NoiseCancellationConfig(Model):
+    """Noise cancellation applied to the caller's audio."""
+
+    mode: Literal["none", "bvc", "bvc-telephony"] = "none"
+    """bvc and bvc-telephony need LiveKit Cloud's enhanced noise cancellation."""
+
+
+class InterruptionsConfig(Model):
+    """Whether and when the caller can interrupt the agent."""
+
+    enabled: bool = True
+    """Let the caller interrupt the agent's speech."""
+    min_duration_seconds: Annotated[float, Field(ge=0, le=10)] = 0.5
+    """Speech needed before the agent stops talking."""
+    min_words: Annotated[int, Field(ge=0, le=20)] = 0
+    """Words needed (from STT) before the agent stops talking."""
+
+
+class EndpointingConfig(Model):
+    """Delays around the end of the caller's turn."""
+
+    min_delay_seconds: Annotated[float, Field(ge=0, le=10)] = 0.5
+    """Minimum silence after speech before the agent answers."""
+    max_delay_seconds: Annotated[float, Field(ge=0, le=30)] = 3.0
+    """Maximum wait when the turn detector thinks the caller will go on."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min_delay_seconds > self.max_delay_seconds:
+            raise ValueError("minDelaySeconds must not exceed maxDelaySeconds")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.minDelaySeconds <= self.maxDelaySeconds",
+                    "minDelaySeconds must not exceed maxDelaySeconds",
+                )
+            ]
+        }
+    )
+
+
+class PipelineConfig(Model):
+    """The speech pipeline: STT, LLM, TTS, VAD, turn detection and conversation behaviour."""
+
+    stt: SttConfig = SttConfig()
+    """Speech-to-text."""
+    llm: LlmConfig = LlmConfig()
+    """Language model."""
+    tts: TtsConfig = TtsConfig()
+    """Text-to-speech."""
+    vad: VadConfig = VadConfig()
+    """Voice activity detection."""
+    turn_detection: TurnDetectionConfig = TurnDetectionConfig()
+    """End-of-turn detection."""
+    noise_cancellation: NoiseCancellationConfig = NoiseCancellationConfig()
+    """Noise cancellation of the caller's audio."""
+    interruptions: InterruptionsConfig = InterruptionsConfig()
+    """Interruption behaviour."""
+    endpointing: EndpointingConfig = EndpointingConfig()
+    """End-of-turn delays."""
+    preemptive_generation: bool = False
+    """Start the LLM reply before the end of turn is final (lower latency, more tokens)."""
+    user_away_timeout_seconds: Annotated[float | None, Field(gt=0, le=3600)] = 15.0
+    """Silence after which the caller counts as away; omit to disable."""
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+class HttpHeader(Model):
+    """One HTTP header: a literal value, or a value read from an environment variable."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9-]+$")]
+    """Header name."""
+    value: Annotated[str | None, Field(max_length=4096)] = None
+    """Literal value (not secret)."""
+    value_from_env: Annotated[str | None, Field(pattern=ENV_VAR_NAME)] = None
+    """Environment variable holding the (secret) value; the operator fills it from a Secret."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Self:
+        if (self.value is None) == (self.value_from_env is None):
+            raise ValueError(f"header {self.name!r}: set exactly one of value or valueFromEnv")
+        return self
+
+
+class HttpEndpoint(Model):
+    """Where and how a webhook tool is called."""
+
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+    """Webhook URL; the tool's arguments are sent as JSON (query string for GET)."""
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    """HTTP method."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Time after which the call fails and the agent says it could not get an answer."""
+    headers: Annotated[list[HttpHeader], Field(max_length=32)] = []
+    """Extra headers, e.g. an Authorization header from a Secret."""
+
+
+class WebhookTool(Model):
+    """A tenant webhook exposed to the LLM as a function tool."""
+
+    name: Annotated[str, Field(pattern=TOOL_NAME)]
+    """Function name the LLM sees (lowercase, digits, underscores)."""
+    description: Annotated[str, Field(min_length=1, max_length=4096)]
+    """What the tool does and when to call it; the LLM reads this."""
+    parameters: Annotated[dict[str, Any], AfterValidator(_json_schema_object)] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    """JSON schema (type object) of the arguments the LLM must supply."""
+    http: HttpEndpoint
+    """The webhook to call."""
+
+
+class McpServerConfig(Model):
+    """A Model Context Protocol server whose tools are offered to every agent."""
+
+    name: Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]
+    """Name for logs and metrics."""
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+    """Streamable-HTTP or SSE endpoint of the MCP server."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Per-request timeout."""
+    headers: Annotated[list[HttpHeader], Field(max_length=32)] = []
+    """Extra headers, e.g. an Authorization header from a Secret."""
+
+
+# --- telephony and worker -------------------------------------------------------------------
+
+
+class TelephonyOptions(Model):
+    """What the runtime needs to know about phone calls (the SIP trunk itself is operator-side)."""
+
+    numbers: Annotated[list[Annotated[str, Field(pattern=E164_NUMBER)]], Field(max_length=100)] = []
+    """Phone numbers (E.164) that reach this agent."""
+    transfer_to: Annotated[str | None, Field(pattern=TRANSFER_TARGET)] = None
+    """E.164 number or SIP URI; when set, agents get a transfer-to-human tool (SIP REFER)."""
+
+
+class WorkerSettings(Model):
+    """How one worker process takes jobs (calls)."""
+
+    jobs_per_worker: Annotated[int, Field(ge=1, le=100)] = 10
+    """Hard cap of simultaneous calls per worker; load = active jobs / jobsPerWorker."""
+    load_threshold: Annotated[float, Field(gt=0, le=1)] = 0.7
+    """Load above which the worker reports itself full to LiveKit."""
+    idle_processes: Annotated[int, Field(ge=0, le=20)] = 2
+    """Pre-warmed job processes, to answer new calls quickly."""
+    job_memory_warn_mb: Annotated[int, Field(ge=64, le=16384, alias="jobMemoryWarnMB")] = 500
+    """Job process memory (MB) above which a warning is logged."""
+    job_memory_limit_mb: Annotated[int, Field(ge=0, le=16384, alias="jobMemoryLimitMB")] = 1000
+    """Job process memory (MB) above which the job is killed; 0 disables the limit."""
+    drain_timeout_seconds: Annotated[int, Field(ge=0, le=86400)] = 1800
+    """On shutdown, how long running calls may go on before the worker exits."""
+    health_port: Annotated[int, Field(ge=1024, le=65535)] = 8081
+    """Port of the worker's HTTP health endpoint (and /worker status)."""
+    metrics_port: Annotated[int, Field(ge=1024, le=65535)] = 9100
+    """Port of the Prometheus /metrics endpoint."""
+
+    @model_validator(mode="after")
+    def _memory_order(self) -> Self:
+        if self.job_memory_limit_mb and self.job_memory_warn_mb > self.job_memory_limit_mb:
+            raise ValueError(
+                f"jobMemoryWarnMB ({self.job_memory_warn_mb}) must not exceed jobMemoryLimitMB "
+                f"({self.job_memory_limit_mb}); raise the limit or lower the warning"
+            )
+        if self.health_port == self.metrics_port:
+            raise ValueError("healthPort and metricsPort must differ")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.jobMemoryLimitMB == 0 || self.jobMemoryWarnMB <= self.jobMemoryLimitMB",
+                    "jobMemoryWarnMB must not exceed jobMemoryLimitMB",
+                    ".jobMemoryWarnMB",
+                ),
+                cel(
+                    "self.healthPort != self.metricsPort",
+                    "healthPort and metricsPort must differ",
+                ),
+            ]
+        }
+    )
+
+
+# --- the whole config -----------------------------------------------------------------------
+
+
+class AgentsSection(Model):
+    """Agents, tools and pipeline: shared by the VoiceAgent spec and the runtime config."""
+
+    agents: Annotated[list[AgentConfig], Field(min_length=1, max_length=16)]
+    """The LLM agents; `entry` names the one that takes the call."""
+    entry: Annotated[str, Field(pattern=DNS1123_LABEL)]
+    """Name of the agent that answers the call."""
+    pipeline: PipelineConfig = PipelineConfig()
+    """STT, LLM, TTS, VAD and turn-taking."""
+
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        names = [agent.name for agent in self.agents]
+        _unique(names, "agent")
+        if self.entry not in names:
+            raise ValueError(f"entry {self.entry!r} names no agent; use one of {names}")
+        for index, agent in enumerate(self.agents):
+            for target in agent.handoffs:
+                if target not in names:
+                    raise ValueError(
+                        f"agents[{index}].handoffs: {target!r} names no agent; use one of {names}"
+                    )
+        return self
+
+
+def validate_tool_references(agents: list[AgentConfig], tools: list[str]) -> None:
+    """Every tool an agent lists must be defined; raises ValueError naming the agent."""
+    _unique(tools, "tool")
+    for index, agent in enumerate(agents):
+        for tool in agent.tools:
+            if tool not in tools:
+                raise ValueError(
+                    f"agents[{index}].tools: {tool!r} is not defined in tools; "
+                    f"define it or use one of {tools}"
+                )
+
+
+class RuntimeConfig(AgentsSection):
+    """Everything one VoiceAgent's workers need, rendered by the operator into a ConfigMap."""
+
+    tenant: Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]
+    """Tenant (the VoiceAgent's namespace); labels every metric."""
+    name: Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]
+    """The VoiceAgent's name."""
+    dispatch_name: Annotated[str, Field(min_length=1, max_length=128)]
+    """Agent name registered with LiveKit; unique across tenants."""
+    tools: Annotated[list[WebhookTool], Field(max_length=64)] = []
+    """Webhook tools available to agents that list them."""
+    mcp_servers: Annotated[list[McpServerConfig], Field(max_length=16)] = []
+    """MCP servers whose tools every agent may call."""
+    telephony: TelephonyOptions = TelephonyOptions()
+    """Phone numbers and transfer target."""
+    worker: WorkerSettings = WorkerSettings()
+    """Job capacity, memory limits, drain and ports."""
+
+    @model_validator(mode="after")
+    def _tool_references(self) -> Self:
+        validate_tool_references(self.agents, [tool.name for tool in self.tools])
+        _unique([server.name for server in self.mcp_servers], "MCP server")
+        return self
+
+    def agent(self, name: str) -> AgentConfig:
+        return next(agent for agent in self.agents if agent.name == name)
+
+    def secret_env_vars(self) -> list[str]:
+        """Environment variables the config refers to, which must be set at start-up."""
+        headers = [h for tool in self.tools for h in tool.http.headers]
+        headers += [h for server in self.mcp_servers for h in server.headers]
+        env = [h.value_from_env for h in headers if h.value_from_env]
+        return sorted(set(env))
+
+    def provider_key_env_vars(self) -> list[str]:
+        """Provider API key variables the pipeline's providers need."""
+        pipeline = self.pipeline
+        providers = {pipeline.stt.provider, pipeline.llm.provider, pipeline.tts.provider}
+        return sorted(PROVIDER_KEY_ENV[p] for p in providers if p in PROVIDER_KEY_ENV)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """Invalid runtime config; the message names each bad field and how to fix it."""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `field.path: message` (camelCase paths, as written in YAML)."""
+    lines = []
+    for item in error.errors():
+        where = _location(tuple(item["loc"]))
+        if prefix:
+            where = f"{prefix}.{where}" if where != "(top level)" else prefix
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling (fields are camelCase)"
+        elif item["type"] == "missing":
+            message = "required field is missing; add it"
+        lines.append(f"{where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any]) -> RuntimeConfig:
+    """Validate an already-parsed config document."""
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> RuntimeConfig:
+    """Read and validate the config file (YAML or JSON)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read config file {file} ({error.strerror}); set {CONFIG_PATH_ENV} "
+            "to the path of the rendered config"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{file} is not valid YAML/JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must contain a mapping at the top level")
+    return parse_config(data)
+
+
+def missing_environment(config: RuntimeConfig, environ: Mapping[str, str]) -> list[str]:
+    """Names of the environment variables the config needs but the process lacks."""
+    needed = config.secret_env_vars() + config.provider_key_env_vars()
+    return [name for name in needed if not environ.get(name)]
+
+
+def load_from_environment(environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Load the config named by VOICEFLEET_CONFIG and check its secrets are present."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(CONFIG_PATH_ENV)
+    if not path:
+        raise ConfigError(f"{CONFIG_PATH_ENV} is not set; set it to the path of the config file")
+    config = load_config(path)
+    missing = missing_environment(config, environ)
+    if missing:
+        raise ConfigError(
+            "environment variables required by the config are not set: "
+            + ", ".join(missing)
+            + " (provide them from a Secret: spec.secretRefs or the header's secretKeyRef)"
+        )
+    return config
