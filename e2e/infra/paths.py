@@ -8,6 +8,7 @@ Every path is derived here so the Makefile, the CLI and the pytest fixtures agre
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from functools import cache
@@ -53,3 +54,21 @@ def component_dir(component: str) -> Path:
 def binary(component: str, name: str | None = None) -> Path:
     """Path of a built binary: binary("kubernetes", "kubelet"), binary("etcd")."""
     return component_dir(component) / "bin" / (name or component)
+
+
+def cluster_state_file() -> Path:
+    """JSON facts about the running cluster, written by cluster-up (e.g. hostAddressFromPods)."""
+    return state_dir() / "cluster.json"
+
+
+def host_address_for_pods() -> str | None:
+    """The host's address as pods on the node reach it (the cluster bridge gateway IP).
+
+    None while no cluster with a node is up (cluster-up writes it to cluster.json).
+    """
+    try:
+        facts = json.loads(cluster_state_file().read_text())
+    except FileNotFoundError:
+        return None
+    address = facts.get("hostAddressFromPods")
+    return str(address) if address else None
