@@ -1,0 +1,30 @@
+"""Local stand-ins for the paid providers (OpenAI, Deepgram, ElevenLabs): real HTTP and
+WebSocket servers speaking their protocols, so the real livekit plugins run over the network.
+
+See server.py for the in-process API and the control API, openai_server.py for the endpoints.
+"""
+
+from e2e.providers.control import ProviderControl, ProviderControlError
+from e2e.providers.script import (
+    DEFAULT_GREETING_REPLY,
+    DEFAULT_TRANSCRIPT,
+    LLMReply,
+    ProviderState,
+    ScriptError,
+    ToolCall,
+    Transcript,
+)
+from e2e.providers.server import ProviderServer
+
+__all__ = [
+    "DEFAULT_GREETING_REPLY",
+    "DEFAULT_TRANSCRIPT",
+    "LLMReply",
+    "ProviderControl",
+    "ProviderControlError",
+    "ProviderServer",
+    "ProviderState",
+    "ScriptError",
+    "ToolCall",
+    "Transcript",
+]
