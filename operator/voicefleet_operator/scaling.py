@@ -28,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from voicefleet_operator.api import VoiceAgentSpec
+
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 """Read by the ReplicaSet controller: among ready pods, lower cost is deleted first."""
 
@@ -39,8 +41,10 @@ SCALE_DOWN_ANNOTATION = "voicefleet.dev/scale-down-pending"
 since. Kept on the object (not only in memory) so an operator restart neither forgets a pending
 scale-down nor starts its delay again from zero."""
 
-LOAD_METRIC = "voicefleet_load"
-"""The runtime's per-worker gauge (active jobs / jobsPerWorker); the HPA scales on it."""
+LOAD_METRIC = "voicefleet_worker_load"
+"""The runtime's per-worker gauge (active jobs / jobsPerWorker); the HPA scales on it. Spelled
+out rather than imported: voicefleet_runtime.metrics pulls in prometheus multiprocess set-up the
+operator has no use for (a unit test keeps the two in step)."""
 
 WORKER_PATH = "/worker"
 """The runtime's worker status endpoint on `worker.healthPort` (livekit-agents' AgentServer)."""
@@ -81,6 +85,20 @@ class ScalingPolicy:
             raise ValueError("scaling.scaleDownDelaySeconds must not be negative")
         if self.pinned_replicas is not None and self.pinned_replicas < 0:
             raise ValueError("scaling.replicas must not be negative")
+
+    @classmethod
+    def from_spec(cls, spec: VoiceAgentSpec) -> ScalingPolicy:
+        scaling, worker = spec.scaling, spec.worker
+        return cls(
+            jobs_per_worker=worker.jobs_per_worker,
+            target_load=scaling.target_load,
+            spare_jobs=scaling.spare_jobs,
+            min_replicas=scaling.min_replicas,
+            max_replicas=scaling.max_replicas,
+            scale_down_delay_seconds=scaling.scale_down_delay_seconds,
+            load_threshold=worker.load_threshold,
+            pinned_replicas=scaling.replicas,
+        )
 
     @property
     def planned_jobs_per_worker(self) -> Fraction:

@@ -14,6 +14,7 @@ from google.protobuf.json_format import MessageToJson
 from livekit.protocol import agent_worker
 from voicefleet_operator.scaling import (
     DELETION_COST_ANNOTATION,
+    LOAD_METRIC,
     Decision,
     FleetLoad,
     PendingScaleDown,
@@ -377,7 +378,7 @@ def test_hpa_scales_on_the_load_metric() -> None:
         {
             "type": "Pods",
             "pods": {
-                "metric": {"name": "voicefleet_load"},
+                "metric": {"name": "voicefleet_worker_load"},
                 "target": {"type": "AverageValue", "averageValue": "700m"},
             },
         }
@@ -386,9 +387,31 @@ def test_hpa_scales_on_the_load_metric() -> None:
     assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
 
 
+def test_hpa_metric_is_the_runtime_load_gauge() -> None:
+    from voicefleet_runtime import metrics
+
+    assert metrics.WORKER_LOAD._name == LOAD_METRIC
+
+
 def test_hpa_target_never_above_the_load_threshold() -> None:
     hpa = render_hpa(name="a", namespace="t", deployment_name="a", policy=policy(target_load=0.9))
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "700m"
+
+
+def test_policy_from_a_voiceagent_spec() -> None:
+    from voicefleet_operator.api import parse_spec
+
+    spec = parse_spec(
+        {
+            "agents": [{"name": "front", "instructions": "Help."}],
+            "entry": "front",
+            "worker": {"jobsPerWorker": 2, "loadThreshold": 0.8},
+            "scaling": {"maxReplicas": 4, "spareJobs": 1, "scaleDownDelaySeconds": 10},
+        }
+    )
+    assert ScalingPolicy.from_spec(spec) == policy(max_replicas=4, load_threshold=0.8)
+    pinned = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"replicas": 3})})
+    assert ScalingPolicy.from_spec(pinned).pinned_replicas == 3
 
 
 # --- policy validation ----------------------------------------------------------------------
