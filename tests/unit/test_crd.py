@@ -34,12 +34,20 @@ def test_generation_is_deterministic() -> None:
     assert crd.render() == crd.render()
 
 
-def test_checked_in_crd_and_chart_copy_match_a_fresh_generation() -> None:
-    fresh = crd.render()
-    for path in crd.OUTPUT_PATHS:
+def test_checked_in_crd_chart_copy_and_reference_match_a_fresh_generation() -> None:
+    files = crd.outputs()
+    assert set(files) == {*crd.CRD_PATHS, crd.REFERENCE_PATH}
+    for path, fresh in files.items():
         assert path.exists(), f"{path} is missing; run `make generate`"
         assert path.read_text() == fresh, f"{path} is out of date; run `make generate`"
     assert crd.main(["--check"]) == 0
+
+
+def test_reference_lists_every_spec_field() -> None:
+    text = crd.reference()
+    for path, _ in walk(schema()):
+        if path.startswith((".spec.", ".status.")) and not path.endswith("[]"):
+            assert f"| `{path[1:]}` |" in text, path
 
 
 def test_rendered_yaml_is_the_crd_object() -> None:
