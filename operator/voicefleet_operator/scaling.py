@@ -274,7 +274,8 @@ def decide(
         demand,
         Reason.SCALE_DOWN_PENDING,
         f"{why} need {demand} replicas; keeping {current_replicas} until demand stays lower "
-        f"for {policy.scale_down_delay_seconds:g}s ({waited:.0f}s so far)",
+        f"for {policy.scale_down_delay_seconds:g}s (lower since "
+        f"{pending.since.astimezone(UTC).strftime('%H:%M:%SZ')})",
         pending,
     )
 

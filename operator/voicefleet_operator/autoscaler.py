@@ -1,0 +1,244 @@
+"""The autoscaler's loop body: read the workers, decide, act. Called by a kopf timer per
+VoiceAgent (handlers.py); the maths is in scaling.py.
+
+One evaluation:
+1. read every serving worker pod's /worker (unreachable = full);
+2. bring each pod's pod-deletion-cost in step with its jobs, *before* any scale-down, so the
+   ReplicaSet removes idle pods first;
+3. decide the replicas and set them, with the scale-down window, by server-side apply under a
+   field manager of its own: the reconcile's apply leaves `spec.replicas` out, so the two never
+   fight over it, and the window (an annotation) survives an operator restart;
+4. return what the status, Events and metrics should say (the handler writes the status).
+
+In HPA mode the HorizontalPodAutoscaler owns the replicas: only steps 1, 2 and 4 run. A pin
+(`spec.scaling.replicas`) is applied here in both modes, so the replicas have one writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from voicefleet_operator import metrics
+from voicefleet_operator.api import CONDITION_SCALING_ACTIVE, SpecError, parse_spec
+from voicefleet_operator.kube import Kube, NotFound
+from voicefleet_operator.render import ChildNames, VoiceAgentRef, selector_labels
+from voicefleet_operator.scaling import (
+    DEFAULT_READ_TIMEOUT_SECONDS,
+    SCALE_DOWN_ANNOTATION,
+    Decision,
+    FleetLoad,
+    PendingScaleDown,
+    Reason,
+    ScalingPolicy,
+    WorkerPod,
+    WorkerState,
+    decide,
+    deletion_cost_patch,
+    deletion_cost_updates,
+    demand_replicas,
+    read_fleet,
+)
+from voicefleet_operator.status import ConditionUpdate
+
+FIELD_MANAGER = "voicefleet-autoscaler"
+"""Owner of the worker Deployment's spec.replicas and of the scale-down window annotation."""
+
+INTERVAL_SECONDS = 5.0
+"""How often each VoiceAgent is evaluated; with spareJobs this bounds how late a scale-up is."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one evaluation saw and did, for the status, an Event and the logs."""
+
+    condition: ConditionUpdate
+    status_fields: dict[str, Any] = field(default_factory=dict)
+    event: ScalingEvent | None = None
+    decision: Decision | None = None
+    fleet: FleetLoad | None = None
+    replicas_before: int | None = None
+
+
+def _selector(name: str) -> str:
+    return ",".join(f"{key}={value}" for key, value in selector_labels(name).items())
+
+
+def _owns_replicas(deployment: Mapping[str, Any]) -> bool:
+    """Whether our field manager already holds spec.replicas (see module doc, step 3)."""
+    for entry in deployment.get("metadata", {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply":
+            spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if "f:replicas" in spec:
+                return True
+    return False
+
+
+def _round_load(load: float) -> float:
+    return round(load, 3)
+
+
+def _inactive(reason: str, message: str) -> Evaluation:
+    return Evaluation(ConditionUpdate.false(CONDITION_SCALING_ACTIVE, reason, message))
+
+
+async def evaluate(
+    kube: Kube,
+    body: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    request_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
+) -> Evaluation:
+    """One autoscaler evaluation of the VoiceAgent `body` (see module doc)."""
+    ref = VoiceAgentRef.from_body(body)
+    labels = (ref.namespace, ref.name)
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError:
+        # ConfigValid says what is wrong; the running workers keep their replicas meanwhile.
+        return _inactive("ConfigInvalid", "the spec is invalid (see ConfigValid); replicas kept")
+    policy = ScalingPolicy.from_spec(spec)
+    names = ChildNames.of(ref.name)
+
+    deployment = await kube.get("Deployment", ref.namespace, names.deployment)
+    if deployment is None or deployment.get("metadata", {}).get("deletionTimestamp"):
+        return _inactive("NoDeployment", "the worker Deployment does not exist yet")
+
+    started = time.monotonic()
+    pods = [
+        WorkerPod.from_pod(p) for p in await kube.list("Pod", ref.namespace, _selector(ref.name))
+    ]
+    fleet = await read_fleet(pods, spec.worker.health_port, request_seconds=request_seconds)
+    metrics.WORKER_READ_SECONDS.labels(*labels).observe(time.monotonic() - started)
+
+    await _update_deletion_costs(kube, ref.namespace, pods, fleet, policy.jobs_per_worker)
+
+    jobs_per_worker = policy.jobs_per_worker
+    active_jobs = fleet.active_jobs(jobs_per_worker)
+    load = _round_load(fleet.load(jobs_per_worker))
+    unreachable = fleet.count(WorkerState.UNREACHABLE)
+    metrics.OBSERVED_ACTIVE_JOBS.labels(*labels).set(active_jobs)
+    metrics.OBSERVED_LOAD.labels(*labels).set(load)
+    metrics.UNREACHABLE_WORKERS.labels(*labels).set(unreachable)
+    readings = _readings_note(fleet)
+
+    current = int((deployment.get("spec") or {}).get("replicas", 1))
+    fields: dict[str, Any] = {"activeJobs": active_jobs, "load": load}
+
+    if spec.scaling.mode == "hpa" and policy.pinned_replicas is None:
+        fields["desiredReplicas"] = current
+        metrics.DESIRED_REPLICAS.labels(*labels).set(current)
+        demand = demand_replicas(active_jobs, policy)
+        return Evaluation(
+            ConditionUpdate.true(
+                CONDITION_SCALING_ACTIVE,
+                "HorizontalPodAutoscaler",
+                f"the HorizontalPodAutoscaler {names.deployment} sets the replicas on "
+                f"voicefleet_worker_load; {active_jobs} active jobs would need {demand} "
+                f"replicas with spareJobs{readings}",
+            ),
+            fields,
+            fleet=fleet,
+            replicas_before=current,
+        )
+
+    annotations = deployment.get("metadata", {}).get("annotations") or {}
+    pending = PendingScaleDown.from_annotation(annotations.get(SCALE_DOWN_ANNOTATION))
+    decision = decide(
+        current_replicas=current,
+        active_jobs=active_jobs,
+        policy=policy,
+        pending=pending,
+        now=now or datetime.now(UTC),
+    )
+    metrics.SCALING_DECISIONS.labels(*labels, decision.reason.value).inc()
+    metrics.DESIRED_REPLICAS.labels(*labels).set(decision.replicas)
+    fields["desiredReplicas"] = decision.replicas
+
+    if (
+        decision.replicas != current
+        or decision.pending != pending
+        or not _owns_replicas(deployment)
+    ):
+        await _apply_replicas(kube, ref.namespace, names.deployment, decision)
+
+    event = None
+    if decision.replicas != current:
+        direction = "up" if decision.replicas > current else "down"
+        metrics.SCALING_CHANGES.labels(*labels, direction).inc()
+        reason = "ScaledUp" if direction == "up" else "ScaledDown"
+        if decision.reason is Reason.PINNED:
+            reason = "ScaledToPin"
+        event = ScalingEvent(
+            "Normal", reason, f"{current} -> {decision.replicas} replicas: {decision.message}"
+        )
+        log.info(
+            "%s/%s: %s (%s)%s", ref.namespace, ref.name, event.message, decision.reason, readings
+        )
+
+    if decision.reason is Reason.PINNED:
+        condition = ConditionUpdate.false(
+            CONDITION_SCALING_ACTIVE,
+            "Pinned",
+            f"spec.scaling.replicas pins {decision.replicas} replicas; remove it to autoscale "
+            f"({active_jobs} active jobs would need {decision.demand}){readings}",
+        )
+    else:
+        condition = ConditionUpdate.true(
+            CONDITION_SCALING_ACTIVE, decision.reason.value, decision.message + readings
+        )
+    return Evaluation(condition, fields, event, decision, fleet, current)
+
+
+def _readings_note(fleet: FleetLoad) -> str:
+    """Why the numbers may be conservative: workers that did not answer count as full."""
+    unreachable = fleet.count(WorkerState.UNREACHABLE)
+    starting = fleet.count(WorkerState.STARTING)
+    notes = []
+    if unreachable:
+        notes.append(f"{unreachable} unreachable worker(s) counted as full")
+    if starting:
+        notes.append(f"{starting} worker(s) starting")
+    return f"; {', '.join(notes)}" if notes else ""
+
+
+async def _update_deletion_costs(
+    kube: Kube, namespace: str, pods: list[WorkerPod], fleet: FleetLoad, jobs_per_worker: int
+) -> None:
+    current = {pod.name: pod.annotations for pod in pods}
+    for pod, cost in deletion_cost_updates(fleet.workers, current, jobs_per_worker).items():
+        try:
+            await kube.merge_patch("Pod", namespace, pod, deletion_cost_patch(cost))
+        except NotFound:
+            continue  # gone since the listing
+
+
+async def _apply_replicas(kube: Kube, namespace: str, deployment: str, decision: Decision) -> None:
+    metadata: dict[str, Any] = {"name": deployment, "namespace": namespace}
+    if decision.pending is not None:
+        metadata["annotations"] = {SCALE_DOWN_ANNOTATION: decision.pending.to_annotation()}
+    await kube.request(
+        "PATCH",
+        f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}",
+        params={"fieldManager": FIELD_MANAGER, "force": "true"},
+        body={
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata,
+            "spec": {"replicas": decision.replicas},
+        },
+        content_type="application/apply-patch+yaml",
+    )
