@@ -1,7 +1,7 @@
 """Where the local infrastructure keeps its binaries, state and logs.
 
 Every path is derived here so the Makefile, the CLI and the pytest fixtures agree.
-  VOICEFLEET_CACHE  built binaries and Go caches; survives cluster-down (default ~/.cache/voicefleet)
+  VOICEFLEET_CACHE  built binaries; survives cluster-down (default ~/.cache/voicefleet)
   VOICEFLEET_STATE  running components' data, pid files, kubeconfig and logs
                     (default ~/.local/state/voicefleet)
 """
@@ -72,3 +72,23 @@ def host_address_for_pods() -> str | None:
         return None
     address = facts.get("hostAddressFromPods")
     return str(address) if address else None
+
+
+def cluster_dir() -> Path:
+    """Data of the local cluster: PKI, etcd, containerd, kubelet (wiped by `cluster down`, but PKI
+    and containerd's image store are kept so clients and imported images survive a restart)."""
+    return state_dir() / "cluster"
+
+
+def pids_dir() -> Path:
+    return state_dir() / "pids"
+
+
+def containerd_socket() -> Path:
+    """CRI/containerd socket of the local node (`ctr -a <this> -n k8s.io ...`)."""
+    return cluster_dir() / "containerd" / "containerd.sock"
+
+
+def images_dir() -> Path:
+    """Built image archives and the locally built base image rootfs."""
+    return cache_dir() / "images"

@@ -1,0 +1,114 @@
+"""Session fixtures for a real cluster: `control_plane` and `cluster_with_node`.
+
+They start what is not running (provider auto: kind where Docker can pull, else local), stop
+only what they started, and fail (never skip) with the tail of the failing component's log.
+Register them with a plain import in a conftest.py:
+
+    from e2e.fixtures_cluster import cluster_with_node, control_plane  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from e2e.infra import cluster, paths
+from e2e.infra.procs import CommandError, ComponentError
+
+
+@dataclass
+class ClusterHandle:
+    kubeconfig: Path
+    api_client: k8s.ApiClient
+    info: cluster.ClusterInfo
+
+    @property
+    def host_address_from_pods(self) -> str:
+        """The host as pods reach it (e.g. for livekit-server's URL given to pods)."""
+        if not self.info.hostAddressFromPods:
+            raise AssertionError("this cluster has no node: use the cluster_with_node fixture")
+        return self.info.hostAddressFromPods
+
+    def kubectl(self, *args: str, timeout: float = 60) -> str:
+        """Run kubectl against this cluster; return stdout, fail with its output on error."""
+        argv = [str(paths.binary("kubernetes", "kubectl")), f"--kubeconfig={self.kubeconfig}"]
+        proc = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
+        return proc.stdout
+
+
+T = TypeVar("T")
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float = 120, interval: float = 1.0
+) -> T:
+    """Poll until `probe` returns a truthy value; fail naming `what` and the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except Exception as exc:  # transient API errors while objects appear
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def _up(with_node: bool) -> cluster.ClusterInfo:
+    try:
+        return cluster.up(with_node=with_node)
+    except (ComponentError, CommandError) as exc:
+        pytest.fail(f"cluster could not start:\n{exc}", pytrace=False)
+
+
+def _handle(info: cluster.ClusterInfo) -> ClusterHandle:
+    kubeconfig = Path(info.kubeconfig)
+    api_client = k8s_config.new_client_from_config(config_file=str(kubeconfig))
+    return ClusterHandle(kubeconfig=kubeconfig, api_client=api_client, info=info)
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ClusterHandle]:
+    """A control plane (etcd, kube-apiserver, controller-manager, scheduler); may have a node
+    if one was already running. Stopped at the end only if this fixture started it."""
+    running = cluster.provider().running()
+    info = running if running is not None else _up(with_node=False)
+    handle = _handle(info)
+    try:
+        yield handle
+    finally:
+        handle.api_client.close()
+        if running is None:
+            cluster.down()
+
+
+@pytest.fixture(scope="session")
+def cluster_with_node(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
+    """The cluster with its node (containerd, kubelet, kube-proxy) Ready; the locally built
+    sandbox and test images (and any built project image) are imported into the node."""
+    had_node = control_plane.info.has_node
+    info = _up(with_node=True)
+    handle = _handle(info)
+    try:
+        yield handle
+    finally:
+        handle.api_client.close()
+        if not had_node:
+            cluster.down(node_only=True)
