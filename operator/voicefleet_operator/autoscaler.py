@@ -25,7 +25,7 @@ from typing import Any
 
 from voicefleet_operator import metrics
 from voicefleet_operator.api import CONDITION_SCALING_ACTIVE, SpecError, parse_spec
-from voicefleet_operator.kube import Kube, NotFound
+from voicefleet_operator.kube import KINDS, Kube, NotFound
 from voicefleet_operator.render import ChildNames, VoiceAgentRef, selector_labels
 from voicefleet_operator.scaling import (
     DEFAULT_READ_TIMEOUT_SECONDS,
@@ -71,6 +71,8 @@ class Evaluation:
     decision: Decision | None = None
     fleet: FleetLoad | None = None
     replicas_before: int | None = None
+    deployment: dict[str, Any] | None = None
+    """The worker Deployment as last read or written (None when there is none)."""
 
 
 def _selector(name: str) -> str:
@@ -153,6 +155,7 @@ async def evaluate(
             fields,
             fleet=fleet,
             replicas_before=current,
+            deployment=deployment,
         )
 
     annotations = deployment.get("metadata", {}).get("annotations") or {}
@@ -200,7 +203,7 @@ async def evaluate(
         condition = ConditionUpdate.true(
             CONDITION_SCALING_ACTIVE, decision.reason.value, decision.message + readings
         )
-    return Evaluation(condition, fields, event, decision, fleet, current)
+    return Evaluation(condition, fields, event, decision, fleet, current, deployment)
 
 
 def _readings_note(fleet: FleetLoad) -> str:
@@ -226,13 +229,17 @@ async def _update_deletion_costs(
             continue  # gone since the listing
 
 
-async def _apply_replicas(kube: Kube, namespace: str, deployment: str, decision: Decision) -> None:
+async def _apply_replicas(
+    kube: Kube, namespace: str, deployment: str, decision: Decision
+) -> dict[str, Any]:
+    """Server-side apply of the replicas and the window alone, as FIELD_MANAGER (an annotation
+    left out of a later apply is removed: the window ends with it)."""
     metadata: dict[str, Any] = {"name": deployment, "namespace": namespace}
     if decision.pending is not None:
         metadata["annotations"] = {SCALE_DOWN_ANNOTATION: decision.pending.to_annotation()}
-    await kube.request(
+    return await kube.request(
         "PATCH",
-        f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}",
+        KINDS["Deployment"].path(namespace, deployment),
         params={"fieldManager": FIELD_MANAGER, "force": "true"},
         body={
             "apiVersion": "apps/v1",
