@@ -467,17 +467,19 @@ class TelephonyProvisioner:
         name = object_name(target.namespace, target.name)
         changes: list[str] = []
         trunks = await self.list_trunks()
-        mine = await self._keep_one_trunk([t for t in trunks if t.name == name], changes)
         resolution = resolve_numbers(target, trunks, claims)
         rules = [r for r in await self.list_rules() if r.name == name]
+        own_trunks = [t for t in trunks if t.name == name]
 
         if not resolution.in_service:
             await self._delete_rules(rules, changes)
-            if mine is not None:
-                await self._delete_trunk(mine.sip_trunk_id, changes)
+            for trunk in own_trunks:
+                await self._delete_trunk(trunk.sip_trunk_id, changes)
             return ProvisionResult(None, None, (), resolution.conflicts, tuple(changes))
 
         desired_trunk = render_inbound_trunk(target, resolution.in_service)
+        in_use = {trunk_id for rule in rules for trunk_id in rule.trunk_ids}
+        mine = await self._keep_one_trunk(own_trunks, in_use, desired_trunk, changes)
         if mine is None:
             try:
                 trunk = await self._call(
@@ -544,12 +546,27 @@ class TelephonyProvisioner:
         return tuple(changes)
 
     async def _keep_one_trunk(
-        self, trunks: list[SIPInboundTrunkInfo], changes: list[str]
+        self,
+        trunks: list[SIPInboundTrunkInfo],
+        in_use: set[str],
+        desired: SIPInboundTrunkInfo,
+        changes: list[str],
     ) -> SIPInboundTrunkInfo | None:
-        """The oldest of our trunks; any extra one (two operators racing) is deleted."""
+        """One of our trunks; any extra one (e.g. two operators racing) is deleted.
+
+        Kept: the one our dispatch rule uses, then one already as desired, then the smallest
+        ID (livekit-server leaves created_at empty, so age cannot decide).
+        """
         if not trunks:
             return None
-        ordered = sorted(trunks, key=lambda t: (t.created_at.ToNanoseconds(), t.sip_trunk_id))
+        ordered = sorted(
+            trunks,
+            key=lambda t: (
+                t.sip_trunk_id not in in_use,
+                trunk_differs(t, desired),
+                t.sip_trunk_id,
+            ),
+        )
         for extra in ordered[1:]:
             await self._delete_trunk(extra.sip_trunk_id, changes)
         return ordered[0]
@@ -559,9 +576,7 @@ class TelephonyProvisioner:
     ) -> SIPDispatchRuleInfo | None:
         if not rules:
             return None
-        ordered = sorted(
-            rules, key=lambda r: (r.created_at.ToNanoseconds(), r.sip_dispatch_rule_id)
-        )
+        ordered = sorted(rules, key=lambda r: r.sip_dispatch_rule_id)
         await self._delete_rules(ordered[1:], changes)
         return ordered[0]
 
@@ -607,6 +622,9 @@ class _StaleView(Exception):
 def _describe(error: Exception) -> str:
     code = getattr(error, "code", None)
     message = getattr(error, "message", None)
+    status = getattr(error, "status", None)
     if code and isinstance(message, str):
-        return f"{code}: {message}" if message else str(code)
+        text = f"{code}: {message}" if message else str(code)
+        # A 401 from a wrong API secret comes without a Twirp body: the status says it.
+        return f"{text} (HTTP {status})" if isinstance(status, int) else text
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
