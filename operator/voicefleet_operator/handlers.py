@@ -1,0 +1,705 @@
+"""Kopf handlers: glue between the VoiceAgents, rendering, API calls and status.
+
+One `reconcile()` turns a VoiceAgent into its children, in clear steps:
+
+  1. read the VoiceAgent fresh (a timer's or an event's body may be stale);
+  2. validate: the schema (pydantic, the same models as the CRD), then what the schema cannot
+     see: referenced Secrets and keys, provider API keys. Problems set ConfigValid=False with a
+     message naming the field, post an Event, and STOP: the last good children keep running;
+  3. read the platform's LiveKit Secret and the existing children (a name taken by an object
+     this VoiceAgent does not own is reported, never taken over);
+  4. render every child (render.py, pure);
+  5. server-side apply each one as `voicefleet-operator` (idempotent; Deployment last);
+  6. write status (status.py, pure maths) and post Events for what changed.
+
+Who calls it: create/update/resume handlers; a resync timer (drift, rotated Secrets); a fast
+recheck timer while ConfigValid or Reconciled is False (a missing Secret appears); the watcher of
+owned Deployments when one is deleted. The watcher otherwise only refreshes replicas, readiness
+and the WorkersAvailable condition. Calls for one VoiceAgent are serialised by a lock.
+
+Extension points for telephony and scaling: `register()` takes the kopf registry, so their
+handlers (a finalizer-bearing on.delete, a scaling timer) register next to these;
+`write_status()` merges their conditions and fields into the same status under the same lock;
+`replicas_for()` is the one place the reconcile decides replicas (it keeps the current value, so
+an autoscaler that patches the Deployment's replicas is not fought).
+
+Kopf's own bookkeeping lives in annotations under `voicefleet.dev/`, never in the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+import kopf
+from voicefleet_runtime.config import PROVIDER_KEY_ENV, ConfigError
+
+from voicefleet_operator import autoscaler, metrics, render
+from voicefleet_operator.api import (
+    CONDITION_CONFIG_VALID,
+    CONDITION_READY,
+    CONDITION_WORKERS_AVAILABLE,
+    DNS1035_LABEL,
+    GROUP,
+    NAME_MAX_LENGTH,
+    PLURAL,
+    VERSION,
+    SpecError,
+    VoiceAgentSpec,
+    parse_spec,
+)
+from voicefleet_operator.kube import Kube, KubeError, retry_on_conflict
+from voicefleet_operator.scaling import ScalingPolicy, demand_replicas
+from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
+from voicefleet_operator.status import (
+    CONDITION_RECONCILED,
+    ConditionUpdate,
+    WorkloadFacts,
+    find_condition,
+    is_false,
+    next_status,
+)
+
+log = logging.getLogger(__name__)
+
+PERSISTENCE_PREFIX = "voicefleet.dev"
+FINALIZER = "voicefleet.dev/finalizer"
+
+
+@dataclass
+class OperatorContext:
+    """State shared by all handlers of one operator run."""
+
+    settings: PlatformSettings
+    kube: Kube
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a VoiceAgent that the schema could not catch (or did)."""
+
+    reason: str
+    message: str
+    """`field.path: what is wrong; how to fix it`."""
+
+
+@dataclass
+class Checked:
+    """A valid spec and the Secrets' data the workers will read ({name: data})."""
+
+    spec: VoiceAgentSpec
+    secrets: dict[str, dict[str, str]]
+
+
+def validate_spec(body: Mapping[str, Any]) -> tuple[VoiceAgentSpec | None, list[Problem]]:
+    problems: list[Problem] = []
+    name = str(body["metadata"]["name"])
+    if len(name) > NAME_MAX_LENGTH or not re.match(DNS1035_LABEL, name):
+        problems.append(
+            Problem(
+                "InvalidName",
+                f"metadata.name: {name!r} must be a DNS-1035 label of at most "
+                f"{NAME_MAX_LENGTH} characters (the children's names derive from it); "
+                "recreate the VoiceAgent under a shorter name",
+            )
+        )
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError as error:
+        problems.append(Problem("InvalidSpec", str(error)))
+        return None, problems
+    try:
+        render.runtime_config(render.VoiceAgentRef.from_body(body), spec)
+    except ConfigError as error:
+        problems.append(Problem("InvalidSpec", f"runtime config: {error}"))
+    return (spec if not problems else None), problems
+
+
+async def check_secrets(
+    kube: Kube, namespace: str, spec: VoiceAgentSpec
+) -> tuple[dict[str, dict[str, str]], list[Problem]]:
+    """Every Secret and key the spec refers to exists; provider API keys are provided."""
+    secrets: dict[str, dict[str, str] | None] = {}
+
+    async def data_of(name: str) -> dict[str, str] | None:
+        if name not in secrets:
+            secret = await kube.get("Secret", namespace, name)
+            secrets[name] = dict(secret.get("data") or {}) if secret is not None else None
+        return secrets[name]
+
+    problems: list[Problem] = []
+    for index, ref in enumerate(spec.secret_refs):
+        if await data_of(ref.name) is None:
+            problems.append(
+                Problem(
+                    "SecretNotFound",
+                    f"spec.secretRefs[{index}].name: Secret {ref.name!r} not found in namespace "
+                    f"{namespace!r}; create it or fix the name",
+                )
+            )
+    for use in render.secret_key_uses(spec):
+        data = await data_of(use.secret)
+        if data is None:
+            problems.append(
+                Problem(
+                    "SecretNotFound",
+                    f"{use.field}.name: Secret {use.secret!r} not found in namespace "
+                    f"{namespace!r}; create it or fix the name",
+                )
+            )
+        elif use.key not in data:
+            keys = ", ".join(sorted(data)) or "none"
+            problems.append(
+                Problem(
+                    "SecretKeyNotFound",
+                    f"{use.field}.key: Secret {use.secret!r} has no key {use.key!r} "
+                    f"(its keys: {keys}); add the key or fix the reference",
+                )
+            )
+    provided = {key for ref in spec.secret_refs for key in (secrets.get(ref.name) or {})}
+    pipeline = spec.pipeline
+    for part, provider in (
+        ("stt", pipeline.stt.provider),
+        ("llm", pipeline.llm.provider),
+        ("tts", pipeline.tts.provider),
+    ):
+        variable = PROVIDER_KEY_ENV.get(provider)
+        if variable and variable not in provided:
+            listed = ", ".join(repr(ref.name) for ref in spec.secret_refs) or "none listed"
+            problems.append(
+                Problem(
+                    "ProviderKeyMissing",
+                    f"spec.secretRefs: no Secret provides {variable}, which "
+                    f"spec.pipeline.{part}.provider {provider!r} needs (Secrets: {listed}); "
+                    f"add key {variable} to a Secret listed in spec.secretRefs",
+                )
+            )
+    found = {name: data for name, data in secrets.items() if data is not None}
+    return found, problems
+
+
+# --- replicas ------------------------------------------------------------------------------
+
+
+def replicas_for(spec: VoiceAgentSpec, deployment: Mapping[str, Any] | None) -> int:
+    """Replicas the reconcile applies: the pin, else the Deployment's current value (an
+    autoscaler's or an HPA's) kept within bounds, else what spareJobs needs at no load."""
+    policy = ScalingPolicy.from_spec(spec)
+    if policy.pinned_replicas is not None:
+        return policy.pinned_replicas
+    current = (deployment or {}).get("spec", {}).get("replicas")
+    if current is None:
+        return demand_replicas(0, policy)
+    if spec.scaling.mode == "hpa":
+        return int(current)
+    return max(policy.min_replicas, min(policy.max_replicas, int(current)))
+
+
+# --- status and events ---------------------------------------------------------------------
+
+
+def post_event(body: Mapping[str, Any], type: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the VoiceAgent (names and fields only: never a secret value)."""
+    try:
+        kopf.event(cast(kopf.Body, dict(body)), type=type, reason=reason, message=message[:1024])
+    except LookupError:
+        # Outside a running operator (unit use of reconcile) there is no event poster.
+        log.info("event %s %s: %s", type, reason, message)
+
+
+def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    patch = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None  # merge patch removes a field only when told
+    return patch
+
+
+async def write_status(
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    *,
+    generation: int | None = None,
+    updates: list[ConditionUpdate] | None = None,
+    facts: WorkloadFacts | None = None,
+    fields: Mapping[str, Any] | None = None,
+    observed_generation: int | None = None,
+    uid: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """Merge observations into the VoiceAgent's status (retried on write conflicts).
+
+    `generation` is the spec generation the updates were computed from (the conditions'
+    observedGeneration); None means "the one last reconciled". Returns (body, old, new) status,
+    or None when the VoiceAgent is gone (or is another object with the same name than `uid`).
+    Events for condition transitions are posted here, so every writer gets them.
+    """
+
+    async def attempt() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        body = await ctx.kube.get("VoiceAgent", namespace, name)
+        if body is None or (uid is not None and body["metadata"].get("uid") != uid):
+            return None
+        old = dict(body.get("status") or {})
+        effective_generation = generation
+        if effective_generation is None:
+            effective_generation = old.get("observedGeneration")
+        new = next_status(
+            old,
+            generation=effective_generation,
+            updates=updates or [],
+            facts=facts,
+            fields=fields,
+            observed_generation=observed_generation,
+        )
+        if new != old:
+            patch = {
+                "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                "status": _status_patch(old, new),
+            }
+            await ctx.kube.merge_patch("VoiceAgent", namespace, name, patch, subresource="status")
+        return body, old, new
+
+    result = await retry_on_conflict(5, attempt)
+    if result is not None:
+        body, old, new = result
+        for type, reason, message in condition_events(old, new):
+            post_event(body, type, reason, message)
+    return result
+
+
+def condition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of Events a tenant should see for this status change."""
+    events = []
+    old_conditions = old.get("conditions") or []
+    for condition in new.get("conditions") or []:
+        before = find_condition(old_conditions, condition["type"])
+        changed = before is None or before.get("status") != condition["status"]
+        reworded = before is not None and before.get("message") != condition["message"]
+        kind, status = condition["type"], condition["status"]
+        message = condition["message"]
+        if kind == CONDITION_READY and status == "True" and changed:
+            events.append(("Normal", "Ready", message))
+        elif kind in (CONDITION_CONFIG_VALID, CONDITION_RECONCILED) and status == "False":
+            if changed or reworded:
+                events.append(("Warning", condition["reason"], message))
+        elif kind == CONDITION_CONFIG_VALID and status == "True" and changed and before:
+            events.append(("Normal", "ConfigValid", "the configuration is valid again"))
+        elif (
+            kind == CONDITION_WORKERS_AVAILABLE
+            and status == "False"
+            and changed
+            and condition["reason"] in ("WorkersUnavailable", "RolloutStalled")
+        ):
+            events.append(("Warning", condition["reason"], message))
+    return events
+
+
+# --- the reconcile -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile did."""
+
+    applied: bool
+    """Children were applied (ConfigValid and Reconciled are True)."""
+    reason: str = ""
+
+
+async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> Outcome:
+    """Bring VoiceAgent `namespace/name`'s children in line with its spec (see module doc)."""
+    async with ctx.lock(namespace, name):
+        body = await ctx.kube.get("VoiceAgent", namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return Outcome(False, "Gone")  # the garbage collector removes the children
+        return await _reconcile(ctx, body)
+
+
+async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
+    ref = render.VoiceAgentRef.from_body(body)
+    generation = int(body["metadata"].get("generation", 0))
+    names = render.ChildNames.of(ref.name)
+    status_of: dict[str, Any] = {
+        "generation": generation,
+        "observed_generation": generation,
+        "uid": ref.uid,
+    }
+
+    # 2. validate
+    spec, problems = validate_spec(body)
+    secrets: dict[str, dict[str, str]] = {}
+    if spec is not None:
+        secrets, problems = await check_secrets(ctx.kube, ref.namespace, spec)
+    if spec is None or problems:
+        deployment = await _owned(ctx, ref, "Deployment", names.deployment)
+        await write_status(
+            ctx,
+            ref.namespace,
+            ref.name,
+            updates=[
+                ConditionUpdate.false(
+                    CONDITION_CONFIG_VALID,
+                    problems[0].reason,
+                    "\n".join(p.message for p in problems),
+                )
+            ],
+            facts=WorkloadFacts.from_deployment(deployment),
+            **status_of,
+        )
+        log.info("%s/%s: invalid (%s)", ref.namespace, ref.name, problems[0].reason)
+        return Outcome(False, problems[0].reason)
+    valid = ConditionUpdate.true(CONDITION_CONFIG_VALID, "Valid", "the configuration is valid")
+
+    # 3. platform Secret and existing children
+    try:
+        livekit_data = await _platform_livekit_data(ctx)
+        existing = await _existing_children(ctx, ref)
+    except (KubeError, aiohttp.ClientError) as error:
+        return await _not_reconciled(ctx, ref, status_of, valid, "ApiError", str(error))
+    if livekit_data is None:
+        settings = ctx.settings
+        return await _not_reconciled(
+            ctx,
+            ref,
+            status_of,
+            valid,
+            "LiveKitSecretMissing",
+            f"the platform Secret {settings.livekit_secret_namespace}/"
+            f"{settings.livekit_secret_name} with keys {', '.join(LIVEKIT_SECRET_KEYS)} is "
+            "missing or incomplete; the platform team must create it (Helm value "
+            "livekit.existingSecret or livekit.apiKey/apiSecret)",
+        )
+    # A foreign HPA of the same name matters only when this VoiceAgent renders one.
+    if not render.hpa_owns_replicas(spec):
+        existing.pop("HorizontalPodAutoscaler", None)
+    foreign = [
+        f"{obj['kind']} {obj['metadata']['name']!r}"
+        for obj in existing.values()
+        if obj is not None and not _controlled_by(obj, ref)
+    ]
+    if foreign:
+        return await _not_reconciled(
+            ctx,
+            ref,
+            status_of,
+            valid,
+            "NameConflict",
+            f"{', '.join(foreign)} already exist(s) in namespace {ref.namespace!r} and "
+            "belong(s) to something else; delete or rename it, or rename the VoiceAgent",
+        )
+
+    # 4. render
+    replicas = replicas_for(spec, existing.get("Deployment"))
+    secrets_data = {**secrets, "livekit": {k: livekit_data[k] for k in LIVEKIT_SECRET_KEYS}}
+    rendered = render.render_all(
+        ref,
+        spec,
+        ctx.settings,
+        livekit_data=livekit_data,
+        secrets_hash=render.secrets_hash(secrets_data),
+        replicas=replicas,
+    )
+
+    # 5. apply, Deployment last
+    applied: dict[str, dict[str, Any]] = {}
+    for child in rendered.children:
+        try:
+            applied[child["kind"]] = await ctx.kube.apply(child)
+        except (KubeError, aiohttp.ClientError) as error:
+            what = f"applying {child['kind']} {child['metadata']['name']!r} failed: {error}"
+            return await _not_reconciled(ctx, ref, status_of, valid, "ApplyFailed", what)
+    try:
+        await _remove_unrendered_hpa(ctx, ref, spec)
+    except (KubeError, aiohttp.ClientError) as error:
+        what = "removing the HorizontalPodAutoscaler (scaling.mode is not hpa) failed: "
+        return await _not_reconciled(ctx, ref, status_of, valid, "ApplyFailed", what + str(error))
+    created = [kind for kind, obj in existing.items() if obj is None]
+
+    # 6. status and events
+    result = await write_status(
+        ctx,
+        ref.namespace,
+        ref.name,
+        updates=[
+            valid,
+            ConditionUpdate.true(
+                CONDITION_RECONCILED,
+                "Applied",
+                f"{len(rendered.children)} children match generation {generation}",
+            ),
+        ],
+        facts=WorkloadFacts.from_deployment(applied["Deployment"]),
+        fields={
+            "dispatchName": ref.dispatch_name,
+            "configHash": rendered.config_hash,
+            "desiredReplicas": replicas,
+        },
+        **status_of,
+    )
+    if result is not None:
+        _, old, _ = result
+        if created:
+            post_event(body, "Normal", "Created", f"created {', '.join(sorted(created))}")
+        previous_hash = old.get("configHash")
+        if previous_hash and previous_hash != rendered.config_hash:
+            post_event(
+                body,
+                "Normal",
+                "RollingOut",
+                f"runtime config changed ({previous_hash} -> {rendered.config_hash}); "
+                "rolling out new workers, old ones drain their calls",
+            )
+    log.info(
+        "%s/%s: applied generation %d (config %s, %d replicas)",
+        ref.namespace,
+        ref.name,
+        generation,
+        rendered.config_hash,
+        replicas,
+    )
+    return Outcome(True, "Applied")
+
+
+async def _not_reconciled(
+    ctx: OperatorContext,
+    ref: render.VoiceAgentRef,
+    status_of: dict[str, Any],
+    valid: ConditionUpdate,
+    reason: str,
+    message: str,
+) -> Outcome:
+    """Children could not all be applied: say why and keep whatever already runs."""
+    log.warning("%s/%s: not reconciled (%s): %s", ref.namespace, ref.name, reason, message)
+    deployment = await _owned(ctx, ref, "Deployment", render.ChildNames.of(ref.name).deployment)
+    await write_status(
+        ctx,
+        ref.namespace,
+        ref.name,
+        updates=[valid, ConditionUpdate.false(CONDITION_RECONCILED, reason, message)],
+        facts=WorkloadFacts.from_deployment(deployment),
+        **status_of,
+    )
+    return Outcome(False, reason)
+
+
+async def _platform_livekit_data(ctx: OperatorContext) -> dict[str, str] | None:
+    settings = ctx.settings
+    secret = await ctx.kube.get(
+        "Secret", settings.livekit_secret_namespace, settings.livekit_secret_name
+    )
+    data = dict((secret or {}).get("data") or {})
+    if secret is None or any(not data.get(key) for key in LIVEKIT_SECRET_KEYS):
+        return None
+    return data
+
+
+async def _existing_children(
+    ctx: OperatorContext, ref: render.VoiceAgentRef
+) -> dict[str, dict[str, Any] | None]:
+    names = render.ChildNames.of(ref.name)
+    wanted = {
+        "ServiceAccount": names.service_account,
+        "Secret": names.livekit_secret,
+        "ConfigMap": names.config_map,
+        "Service": names.service,
+        "PodDisruptionBudget": names.pod_disruption_budget,
+        "NetworkPolicy": names.network_policy,
+        "Deployment": names.deployment,
+        "HorizontalPodAutoscaler": names.deployment,
+    }
+    found = await asyncio.gather(
+        *(ctx.kube.get(kind, ref.namespace, name) for kind, name in wanted.items())
+    )
+    return dict(zip(wanted, found, strict=True))
+
+
+async def _remove_unrendered_hpa(
+    ctx: OperatorContext, ref: render.VoiceAgentRef, spec: VoiceAgentSpec
+) -> None:
+    """Leaving mode hpa (or pinning): the operator's autoscaler takes the replicas back."""
+    if render.hpa_owns_replicas(spec):
+        return
+    name = render.ChildNames.of(ref.name).deployment
+    if await _owned(ctx, ref, "HorizontalPodAutoscaler", name) is not None:
+        await ctx.kube.delete("HorizontalPodAutoscaler", ref.namespace, name)
+
+
+def _controlled_by(obj: Mapping[str, Any], ref: render.VoiceAgentRef) -> bool:
+    owners = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(o.get("uid") == ref.uid and o.get("controller") for o in owners)
+
+
+async def _owned(
+    ctx: OperatorContext, ref: render.VoiceAgentRef, kind: str, name: str
+) -> dict[str, Any] | None:
+    try:
+        obj = await ctx.kube.get(kind, ref.namespace, name)
+    except (KubeError, aiohttp.ClientError):
+        return None
+    return obj if obj is not None and _controlled_by(obj, ref) else None
+
+
+# --- the worker Deployment's state ----------------------------------------------------------
+
+
+def _owner(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the VoiceAgent controlling `obj`."""
+    for owner in obj.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == "VoiceAgent" and owner.get("controller"):
+            return str(owner["name"]), str(owner["uid"])
+    return None
+
+
+async def refresh_workers(
+    ctx: OperatorContext, namespace: str, deployment: Mapping[str, Any], deleted: bool
+) -> None:
+    """Deployment changed: update replicas, readiness and WorkersAvailable of its owner."""
+    owner = _owner(deployment)
+    if owner is None:
+        return
+    name, uid = owner
+    if deleted:
+        # Deleted behind the operator's back (the owner's own deletion is no concern: then the
+        # reconcile finds the VoiceAgent gone or terminating).
+        await reconcile(ctx, namespace, name)
+        return
+    async with ctx.lock(namespace, name):
+        await write_status(
+            ctx, namespace, name, facts=WorkloadFacts.from_deployment(deployment), uid=uid
+        )
+
+
+# --- autoscaling ---------------------------------------------------------------------------
+
+
+async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
+    """One autoscaler evaluation (autoscaler.py). Under the reconcile's lock: the reconcile
+    re-applies the replicas it reads, so the two must never act on stale reads."""
+    async with ctx.lock(namespace, name):
+        body = await ctx.kube.get("VoiceAgent", namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            evaluation = await autoscaler.evaluate(ctx.kube, body)
+        except (KubeError, aiohttp.ClientError) as error:
+            # Nothing changed; the next evaluation tries again (unreachable workers are not
+            # errors: they count as full).
+            metrics.SCALING_ERRORS.labels(namespace, name).inc()
+            log.warning("%s/%s: autoscaling failed: %s", namespace, name, error)
+            return
+        facts = None
+        if evaluation.deployment is not None:
+            facts = WorkloadFacts.from_deployment(evaluation.deployment)
+        await write_status(
+            ctx,
+            namespace,
+            name,
+            updates=[evaluation.condition],
+            facts=facts,
+            fields=evaluation.status_fields,
+            uid=body["metadata"]["uid"],
+        )
+    if evaluation.event is not None:
+        event = evaluation.event
+        post_event(body, event.type, event.reason, event.message)
+
+
+# --- kopf wiring ---------------------------------------------------------------------------
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, platform: PlatformSettings) -> None:
+    """Kopf's own settings: bookkeeping under voicefleet.dev, one operator, quiet Events."""
+    persistence = kopf_settings.persistence
+    persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PERSISTENCE_PREFIX)
+    persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
+    )
+    persistence.finalizer = FINALIZER
+    # One replica (Recreate): no peering objects, no leader election needed.
+    kopf_settings.peering.standalone = True
+    # Tenants see the operator's own Events; kopf's "handler succeeded" chatter stays in logs.
+    kopf_settings.posting.level = logging.WARNING
+    # Only our Deployments, filtered by the API server rather than in the operator.
+    kopf_settings.watching.label_selectors["apps", "deployments"] = (
+        f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
+    )
+    # Re-establish watches periodically so a silently dead connection cannot stall the operator.
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+    kopf_settings.watching.connect_timeout = 30
+    kopf_settings.networking.request_timeout = 60
+
+
+def _needs_recheck(status: Mapping[str, Any], **_: Any) -> bool:
+    conditions = status.get("conditions") or []
+    return is_false(conditions, CONDITION_CONFIG_VALID) or is_false(
+        conditions, CONDITION_RECONCILED
+    )
+
+
+def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """Register the core handlers on `registry`, bound to `ctx`."""
+    settings = ctx.settings
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    async def reconcile_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        # Never raises for a bad spec or an API hiccup: those are in the status, and the
+        # recheck timer retries while ConfigValid or Reconciled is False.
+        await reconcile(ctx, str(namespace), name)
+
+    @kopf.timer(
+        *resource,
+        interval=settings.recheck_invalid_seconds,
+        when=_needs_recheck,
+        registry=registry,
+    )
+    async def recheck_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        await reconcile(ctx, str(namespace), name)
+
+    @kopf.timer(
+        *resource,
+        interval=settings.resync_seconds,
+        initial_delay=settings.resync_seconds,
+        registry=registry,
+    )
+    async def resync_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        await reconcile(ctx, str(namespace), name)
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        labels={render.LABEL_MANAGED_BY: render.MANAGED_BY},
+        registry=registry,
+    )
+    async def worker_deployment_event(
+        *, type: str | None, body: kopf.Body, namespace: str | None, **_: Any
+    ) -> None:
+        await refresh_workers(ctx, str(namespace), body, deleted=type == "DELETED")
+
+    @kopf.timer(*resource, interval=autoscaler.INTERVAL_SECONDS, registry=registry)
+    async def autoscale_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        await autoscale(ctx, str(namespace), name)
+
+    @kopf.on.delete(*resource, optional=True, registry=registry)
+    async def forget_voiceagent_metrics(*, name: str, namespace: str | None, **_: Any) -> None:
+        metrics.forget_voiceagent(str(namespace), name)
+
+    @kopf.on.cleanup(registry=registry)
+    async def close_client(**_: Any) -> None:
+        await ctx.kube.close()

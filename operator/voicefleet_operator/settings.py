@@ -1,0 +1,107 @@
+"""Platform settings: what the platform team configures (Helm values -> operator environment).
+
+Tenants never see these; they shape every VoiceAgent's workers: where LiveKit is, which image the
+workers run, which namespaces the operator serves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "VOICEFLEET_"
+LIVEKIT_API_KEY = "LIVEKIT_API_KEY"
+LIVEKIT_API_SECRET = "LIVEKIT_API_SECRET"
+LIVEKIT_SECRET_KEYS = (LIVEKIT_API_KEY, LIVEKIT_API_SECRET)
+"""Keys the platform's LiveKit Secret must hold (and the copy in each tenant namespace holds)."""
+
+
+class SettingsError(Exception):
+    """Invalid or missing platform settings; the message names the environment variable."""
+
+
+class PlatformSettings(BaseModel):
+    """Operator configuration, read from VOICEFLEET_* environment variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    livekit_url: Annotated[str, Field(pattern=r"^(wss?|https?)://")]
+    """VOICEFLEET_LIVEKIT_URL: the LiveKit server URL the workers connect to (ws:// or wss://)."""
+
+    livekit_api_url: Annotated[str | None, Field(pattern=r"^(wss?|https?)://")] = None
+    """VOICEFLEET_LIVEKIT_API_URL: the URL the operator itself uses for LiveKit's server API
+    (SIP trunks, dispatch rules); defaults to livekit_url."""
+
+    livekit_secret_name: Annotated[str, Field(min_length=1)] = "voicefleet-livekit"
+    """VOICEFLEET_LIVEKIT_SECRET_NAME: Secret holding LIVEKIT_API_KEY and LIVEKIT_API_SECRET."""
+
+    livekit_secret_namespace: Annotated[str, Field(min_length=1)]
+    """VOICEFLEET_LIVEKIT_SECRET_NAMESPACE: namespace of that Secret (defaults to the
+    operator's own namespace, POD_NAMESPACE)."""
+
+    runtime_image: Annotated[str, Field(min_length=1)]
+    """VOICEFLEET_RUNTIME_IMAGE: default worker image; a VoiceAgent may override it."""
+
+    runtime_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY."""
+
+    watch_namespaces: tuple[str, ...] = ()
+    """VOICEFLEET_WATCH_NAMESPACES: comma-separated namespaces to serve; empty means all."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """VOICEFLEET_LOG_LEVEL."""
+
+    resync_seconds: Annotated[float, Field(gt=0)] = 60.0
+    """VOICEFLEET_RESYNC_SECONDS: every VoiceAgent is reconciled at least this often, which puts
+    back children changed or deleted behind the operator's back and picks up rotated Secrets."""
+
+    recheck_invalid_seconds: Annotated[float, Field(gt=0)] = 5.0
+    """VOICEFLEET_RECHECK_INVALID_SECONDS: how often a VoiceAgent with ConfigValid=False is
+    re-checked, so that it recovers soon after a missing Secret appears."""
+
+    liveness_port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """VOICEFLEET_LIVENESS_PORT: port of the operator's own /healthz endpoint."""
+
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
+    """VOICEFLEET_METRICS_PORT: port of the operator's Prometheus /metrics; 0 disables it."""
+
+    @field_validator("watch_namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def effective_livekit_api_url(self) -> str:
+        url = self.livekit_api_url or self.livekit_url
+        # livekit-api speaks HTTP(S); workers use the WebSocket scheme of the same server.
+        return url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> PlatformSettings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            key = ENV_PREFIX + name.upper()
+            if key in environ and environ[key] != "":
+                values[name] = environ[key]
+        if "livekit_secret_namespace" not in values and environ.get("POD_NAMESPACE"):
+            values["livekit_secret_namespace"] = environ["POD_NAMESPACE"]
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            lines = []
+            for item in error.errors():
+                field = str(item["loc"][0]) if item["loc"] else "?"
+                variable = ENV_PREFIX + field.upper()
+                message = item["msg"]
+                if item["type"] == "missing":
+                    message = "is required; set it (Helm values set it for you)"
+                if field == "livekit_secret_namespace" and item["type"] == "missing":
+                    message += " or POD_NAMESPACE"
+                lines.append(f"{variable}: {message}")
+            raise SettingsError("invalid operator settings:\n" + "\n".join(lines)) from None

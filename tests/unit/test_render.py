@@ -1,0 +1,354 @@
+"""Rendering of every child object: golden files, plus the properties the children must keep.
+
+Golden files live in tests/unit/golden/render/<case>/<Kind>.yaml. After an intended change,
+regenerate them with `UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_render.py` and review the
+diff like code.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from voicefleet_operator import render
+from voicefleet_operator.api import VoiceAgentSpec, parse_spec
+from voicefleet_operator.render import VoiceAgentRef
+from voicefleet_operator.settings import PlatformSettings
+from voicefleet_runtime.config import load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parent / "golden" / "render"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+SETTINGS = PlatformSettings(
+    livekit_url="ws://livekit.voicefleet-system.svc:7880",
+    livekit_secret_namespace="voicefleet-system",
+    runtime_image="voicefleet/runtime:0.1.0",
+)
+LIVEKIT_DATA = {
+    "LIVEKIT_API_KEY": base64.b64encode(b"devkey").decode(),
+    "LIVEKIT_API_SECRET": base64.b64encode(b"not-a-real-secret").decode(),
+}
+REF = VoiceAgentRef(
+    name="acme-support", namespace="acme", uid="0b3c1f7e-1111-4222-8333-444455556666"
+)
+
+MINIMAL_SPEC: dict[str, Any] = {
+    "agents": [{"name": "assistant", "instructions": "Be helpful and brief."}],
+    "entry": "assistant",
+    "pipeline": {
+        "stt": {"provider": "openai", "model": "gpt-4o-transcribe"},
+        "llm": {"provider": "openai"},
+        "tts": {"provider": "openai", "voice": "alloy"},
+    },
+    "secretRefs": [{"name": "openai"}],
+}
+
+
+def example_spec() -> dict[str, Any]:
+    document = yaml.safe_load((REPO / "examples" / "voiceagent.yaml").read_text())
+    return dict(document["spec"])
+
+
+def rendered(spec: dict[str, Any], replicas: int = 1, ref: VoiceAgentRef = REF) -> render.Rendered:
+    return render.render_all(
+        ref,
+        parse_spec(spec),
+        SETTINGS,
+        livekit_data=LIVEKIT_DATA,
+        secrets_hash="0123456789abcdef",
+        replicas=replicas,
+    )
+
+
+CASES = {"example": example_spec, "minimal": lambda: copy.deepcopy(MINIMAL_SPEC)}
+KINDS = [
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "Service",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "Deployment",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_child_matches_golden_file(case: str, kind: str) -> None:
+    child = rendered(CASES[case]()).child(kind)
+    text = render.dump_yaml(child)
+    path = GOLDEN / case / f"{kind}.yaml"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), (
+        f"{kind} of case {case!r} differs from {path}; if the change is intended, "
+        "regenerate with UPDATE_GOLDEN=1 and review the diff"
+    )
+
+
+def test_children_are_applied_in_dependency_order() -> None:
+    kinds = [child["kind"] for child in rendered(example_spec()).children]
+    assert kinds == KINDS  # the Deployment last: everything it mounts exists before it
+    assert len(set(kinds)) == len(kinds)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_child_is_owned_labelled_and_namespaced(case: str) -> None:
+    for child in rendered(CASES[case]()).children:
+        metadata = child["metadata"]
+        assert metadata["namespace"] == REF.namespace
+        assert metadata["ownerReferences"] == [
+            {
+                "apiVersion": "voicefleet.dev/v1alpha1",
+                "kind": "VoiceAgent",
+                "name": REF.name,
+                "uid": REF.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert metadata["labels"][render.LABEL_VOICE_AGENT] == REF.name
+        assert metadata["labels"][render.LABEL_MANAGED_BY] == "voicefleet-operator"
+        assert len(metadata["name"]) <= 63
+
+
+def test_config_map_holds_a_valid_runtime_config_without_secrets(tmp_path: Path) -> None:
+    result = rendered(example_spec())
+    text = result.child("ConfigMap")["data"][render.CONFIG_KEY]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text)
+    config = load_config(config_file)  # what the runtime does at start-up
+    assert config.tenant == "acme"
+    assert config.name == "acme-support"
+    assert config.dispatch_name == "acme.acme-support"
+    header = config.tools[0].http.headers[0]
+    assert header.value is None
+    assert header.value_from_env == render.header_env_var("acme-orders-api", "authorization")
+    # The SIP trunk's inbound settings are the operator's, never the workers'.
+    assert "inbound" not in text
+    assert "allowedAddresses" not in text
+    for value in LIVEKIT_DATA.values():
+        assert value not in text
+    assert "not-a-real-secret" not in yaml.safe_dump(result.children[2:])
+
+
+def test_secret_header_reaches_the_worker_as_env_from_the_secret_key() -> None:
+    deployment = rendered(example_spec()).child("Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    variable = render.header_env_var("acme-orders-api", "authorization")
+    assert env[variable]["valueFrom"] == {
+        "secretKeyRef": {"name": "acme-orders-api", "key": "authorization"}
+    }
+    assert env["VOICEFLEET_CONFIG"]["value"] == "/etc/voicefleet/config.yaml"
+    assert env["LIVEKIT_URL"]["value"] == SETTINGS.livekit_url
+    for key in ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "acme-support-livekit", "key": key}
+    assert container["envFrom"] == [{"secretRef": {"name": "provider-keys"}}]
+
+
+def test_header_env_vars_are_distinct_per_secret_key() -> None:
+    # The readable parts collide ("a-b"+"c" and "a"+"b-c"); the hash suffix keeps them apart.
+    first = render.header_env_var("a-b", "c")
+    second = render.header_env_var("a", "b-c")
+    assert first != second
+    assert first.startswith("VOICEFLEET_SECRET_A_B_C_")
+    parse_config(  # both are valid variable names for the runtime's schema
+        {
+            "tenant": "t",
+            "name": "n",
+            "dispatchName": "t.n",
+            "agents": [{"name": "a", "instructions": "x"}],
+            "entry": "a",
+            "mcpServers": [
+                {
+                    "name": "m",
+                    "url": "http://m",
+                    "headers": [
+                        {"name": "A", "valueFromEnv": first},
+                        {"name": "B", "valueFromEnv": second},
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def test_config_change_changes_hash_and_pod_template() -> None:
+    before = rendered(example_spec())
+    changed_spec = example_spec()
+    changed_spec["agents"][0]["greeting"] = "Hello from Acme!"
+    after = rendered(changed_spec)
+    assert before.config_hash != after.config_hash
+    template = after.child("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert template[render.ANNOTATION_CONFIG_HASH] == after.config_hash
+    config_map = after.child("ConfigMap")
+    assert config_map["metadata"]["annotations"][render.ANNOTATION_CONFIG_HASH] == after.config_hash
+
+
+def test_scaling_change_does_not_roll_the_workers() -> None:
+    before = rendered(example_spec())
+    changed_spec = example_spec()
+    changed_spec["scaling"]["maxReplicas"] = 20
+    after = rendered(changed_spec)
+    assert before.config_hash == after.config_hash
+    assert (
+        before.child("Deployment")["spec"]["template"]
+        == after.child("Deployment")["spec"]["template"]
+    )
+
+
+def test_rendering_is_deterministic() -> None:
+    assert rendered(example_spec()).children == rendered(example_spec()).children
+
+
+def test_pod_passes_the_restricted_pod_security_standard() -> None:
+    """The checks of the `restricted` profile (Kubernetes Pod Security Standards, v1.34)."""
+    pod = rendered(example_spec()).child("Deployment")["spec"]["template"]["spec"]
+    pod_context = pod["securityContext"]
+    assert pod_context["runAsNonRoot"] is True
+    assert pod_context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod_context.get("runAsUser", 1) != 0
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key)
+    for volume in pod["volumes"]:
+        # restricted allows only these volume types
+        assert set(volume) - {"name"} <= {
+            "configMap",
+            "emptyDir",
+            "projected",
+            "secret",
+            "downwardAPI",
+            "persistentVolumeClaim",
+            "ephemeral",
+            "csi",
+        }
+    for container in pod["containers"] + pod.get("initContainers", []):
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert not context["capabilities"].get("add")
+        assert context.get("privileged") is not True
+        assert context["runAsNonRoot"] is True
+        assert context.get("runAsUser", 1) != 0
+        assert context["seccompProfile"]["type"] == "RuntimeDefault"
+        assert context["readOnlyRootFilesystem"] is True
+        assert not any(port.get("hostPort") for port in container["ports"])
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/tmp", render.METRICS_DIR, render.CONFIG_DIR} <= mounts
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == render.METRICS_DIR
+
+
+def test_workers_drain_before_they_are_killed_and_rollouts_never_cut_calls() -> None:
+    spec = example_spec()
+    spec["worker"]["drainTimeoutSeconds"] = 600
+    deployment = rendered(spec).child("Deployment")
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > 600
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0
+    assert rolling["maxSurge"] not in (0, "0%")
+    pdb = rendered(spec).child("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_probes_and_prometheus_annotations_use_the_configured_ports() -> None:
+    spec = example_spec()
+    spec["worker"]["healthPort"] = 8181
+    spec["worker"]["metricsPort"] = 9191
+    result = rendered(spec)
+    template = result.child("Deployment")["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8181, "metrics": 9191}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/", "port": "health", "scheme": "HTTP"}
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "9191"
+    assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert result.child("Service")["spec"]["ports"][0]["port"] == 9191
+    policy_ports = result.child("NetworkPolicy")["spec"]["ingress"][0]["ports"]
+    assert {p["port"] for p in policy_ports} == {8181, 9191}
+
+
+def test_resources_are_derived_from_job_capacity() -> None:
+    spec = parse_spec(example_spec())
+    derived = render.derived_resources(spec.worker)
+    # 10 jobs + 2 warm processes at half of 500 MB, plus the 512 MiB base.
+    assert derived["requests"]["memory"] == "3512Mi"
+    # Every process may reach its 1000 MB kill limit before the kernel steps in.
+    assert derived["limits"]["memory"] == "12512Mi"
+    assert derived["requests"]["cpu"] == "1100m"
+    assert "cpu" not in derived["limits"]
+
+    small = parse_spec({**example_spec(), "worker": {"jobsPerWorker": 2, "idleProcesses": 0}})
+    assert render.derived_resources(small.worker)["requests"] == {"cpu": "300m", "memory": "1012Mi"}
+
+
+def test_resources_override_field_by_field() -> None:
+    spec_dict = example_spec()
+    spec_dict["worker"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}}
+    spec: VoiceAgentSpec = parse_spec(spec_dict)
+    resources = render.derived_resources(spec.worker)
+    assert resources["requests"] == {"cpu": "2", "memory": "3512Mi"}
+    assert resources["limits"] == {"memory": "4Gi"}
+
+
+def test_image_comes_from_settings_unless_the_voiceagent_overrides_it() -> None:
+    container = rendered(example_spec()).child("Deployment")["spec"]["template"]["spec"]
+    assert container["containers"][0]["image"] == SETTINGS.runtime_image
+    spec = example_spec()
+    spec["worker"]["image"] = "registry.example/acme/runtime:custom"
+    container = rendered(spec).child("Deployment")["spec"]["template"]["spec"]
+    assert container["containers"][0]["image"] == "registry.example/acme/runtime:custom"
+
+
+def test_service_account_mounts_no_token_and_service_is_headless() -> None:
+    result = rendered(example_spec())
+    assert result.child("ServiceAccount")["automountServiceAccountToken"] is False
+    pod = result.child("Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "acme-support"
+    assert result.child("Service")["spec"]["clusterIP"] == "None"
+
+
+def test_network_policy_limits_ingress_and_leaves_egress_open() -> None:
+    policy = rendered(example_spec()).child("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["egress"] == [{}]
+    assert len(policy["ingress"]) == 1
+    assert "from" not in policy["ingress"][0]
+
+
+def test_replicas_are_rendered_as_given() -> None:
+    assert rendered(example_spec(), replicas=3).child("Deployment")["spec"]["replicas"] == 3
+
+
+def test_livekit_secret_copies_only_the_two_keys() -> None:
+    secret = render.render_livekit_secret(REF, {**LIVEKIT_DATA, "OTHER": "eA=="})
+    assert secret["data"] == LIVEKIT_DATA
+    with pytest.raises(ValueError, match="LIVEKIT_API_SECRET"):
+        render.render_livekit_secret(REF, {"LIVEKIT_API_KEY": "eA=="})
+
+
+def test_dispatch_names_are_unique_across_tenants() -> None:
+    # Namespaces and names are DNS labels (no dots): the dot is an unambiguous separator.
+    pairs = [("a", "b-c"), ("a-b", "c"), ("acme", "support"), ("acme-support", "x")]
+    names = {render.dispatch_name(namespace, name) for namespace, name in pairs}
+    assert len(names) == len(pairs)
+    other = VoiceAgentRef(name="acme-support", namespace="globex", uid="u")
+    assert rendered(example_spec(), ref=other).config.dispatch_name == "globex.acme-support"
+
+
+def test_secrets_hash_follows_secret_data_only() -> None:
+    first = render.secrets_hash({"a": {"k": "dg=="}, "b": {"x": "eQ=="}})
+    assert first == render.secrets_hash({"b": {"x": "eQ=="}, "a": {"k": "dg=="}})
+    assert first != render.secrets_hash({"a": {"k": "dw=="}, "b": {"x": "eQ=="}})

@@ -1,0 +1,383 @@
+"""Status maths: condition merging, the Ready summary, the phase, and what deserves an Event."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from voicefleet_operator import handlers
+from voicefleet_operator.api import VoiceAgentStatus, parse_spec
+from voicefleet_operator.status import (
+    CONDITION_RECONCILED,
+    ConditionUpdate,
+    WorkloadFacts,
+    find_condition,
+    next_status,
+    phase_for,
+    ready_condition,
+    set_condition,
+    transitions,
+    workers_condition,
+)
+
+T0 = "2025-01-01T00:00:00Z"
+T1 = "2025-01-01T00:01:00Z"
+T2 = "2025-01-01T00:02:00Z"
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
+
+
+def deployment(
+    *,
+    desired: int = 2,
+    replicas: int = 2,
+    ready: int = 2,
+    updated: int = 2,
+    available: int | None = None,
+    generation: int = 1,
+    observed: int = 1,
+    progressing: tuple[str, str] | None = ("True", "NewReplicaSetAvailable"),
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "observedGeneration": observed,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "availableReplicas": ready if available is None else available,
+    }
+    if progressing:
+        status["conditions"] = [
+            {"type": "Progressing", "status": progressing[0], "reason": progressing[1]}
+        ]
+    return {
+        "metadata": {"name": "x", "generation": generation},
+        "spec": {"replicas": desired},
+        "status": status,
+    }
+
+
+# --- conditions ----------------------------------------------------------------------------
+
+
+def test_transition_time_changes_only_when_the_status_changes() -> None:
+    first = set_condition(
+        [], ConditionUpdate.false("ConfigValid", "SecretNotFound", "a"), generation=1, now=T0
+    )
+    assert first[0]["lastTransitionTime"] == T0
+    reworded = set_condition(
+        first, ConditionUpdate.false("ConfigValid", "SecretKeyNotFound", "b"), generation=2, now=T1
+    )
+    assert reworded[0]["lastTransitionTime"] == T0  # same status: time kept
+    assert reworded[0]["reason"] == "SecretKeyNotFound"
+    assert reworded[0]["message"] == "b"
+    assert reworded[0]["observedGeneration"] == 2
+    flipped = set_condition(
+        reworded, ConditionUpdate.true("ConfigValid", "Valid", "ok"), generation=2, now=T2
+    )
+    assert flipped[0]["lastTransitionTime"] == T2
+
+
+def test_conditions_have_the_metav1_condition_shape_and_a_stable_order() -> None:
+    conditions: list[dict[str, Any]] = []
+    for update in (
+        ConditionUpdate.true("ScalingActive", "Steady"),
+        ConditionUpdate.true("WorkersAvailable", "WorkersReady", "2/2 workers ready"),
+        ConditionUpdate.true("ConfigValid", "Valid"),
+        ConditionUpdate.true("Custom", "Whatever"),
+    ):
+        conditions = set_condition(conditions, update, generation=3, now=T0)
+    assert [c["type"] for c in conditions] == [
+        "ConfigValid",
+        "WorkersAvailable",
+        "ScalingActive",
+        "Custom",
+    ]
+    status = VoiceAgentStatus.model_validate({"conditions": conditions})  # the CRD's own model
+    assert status.conditions[0].observed_generation == 3
+
+
+def test_a_condition_can_be_removed() -> None:
+    conditions = set_condition(
+        [], ConditionUpdate.true("TelephonyReady", "Provisioned"), generation=1, now=T0
+    )
+    assert (
+        set_condition(conditions, ConditionUpdate.remove("TelephonyReady"), generation=1, now=T1)
+        == []
+    )
+
+
+def all_true(*extra: ConditionUpdate) -> list[dict[str, Any]]:
+    conditions: list[dict[str, Any]] = []
+    for update in (
+        ConditionUpdate.true("ConfigValid", "Valid"),
+        ConditionUpdate.true(CONDITION_RECONCILED, "Applied"),
+        ConditionUpdate.true("WorkersAvailable", "WorkersReady"),
+        *extra,
+    ):
+        conditions = set_condition(conditions, update, generation=1, now=T0)
+    return conditions
+
+
+def test_ready_needs_every_required_gate() -> None:
+    assert ready_condition(all_true()).status == "True"
+    missing = [c for c in all_true() if c["type"] != "WorkersAvailable"]
+    assert ready_condition(missing).status == "Unknown"
+    broken = all_true(
+        ConditionUpdate.false("ConfigValid", "SecretNotFound", "spec.secretRefs[0].name: ...")
+    )
+    ready = ready_condition(broken)
+    assert (ready.status, ready.reason) == ("False", "SecretNotFound")
+    assert ready.message.startswith("ConfigValid: spec.secretRefs[0].name")
+
+
+def test_telephony_gates_ready_only_while_present_and_scaling_never_does() -> None:
+    assert (
+        ready_condition(all_true(ConditionUpdate.false("ScalingActive", "Pinned"))).status == "True"
+    )
+    held = ready_condition(
+        all_true(ConditionUpdate.false("TelephonyReady", "NumberConflict", "+1555"))
+    )
+    assert (held.status, held.reason) == ("False", "NumberConflict")
+    assert (
+        ready_condition(all_true(ConditionUpdate.true("TelephonyReady", "Provisioned"))).status
+        == "True"
+    )
+
+
+# --- the Deployment ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "rolling_out", "stalled"),
+    [
+        (deployment(), False, False),
+        # just created: the controller has not seen it yet
+        (deployment(replicas=0, ready=0, updated=0, observed=0, progressing=None), True, False),
+        # new pods starting, none ready
+        (deployment(ready=0, progressing=("True", "ReplicaSetUpdated")), True, False),
+        # surge: a third pod with the new template while two old ones serve
+        (deployment(replicas=3, updated=1, progressing=("True", "ReplicaSetUpdated")), True, False),
+        # rollout done, then a pod died: not a rollout
+        (deployment(ready=1, available=1), False, False),
+        (deployment(ready=0, progressing=("False", "ProgressDeadlineExceeded")), True, True),
+    ],
+)
+def test_workload_facts_from_a_deployment(
+    body: dict[str, Any], rolling_out: bool, stalled: bool
+) -> None:
+    facts = WorkloadFacts.from_deployment(body)
+    assert facts.exists
+    assert (facts.rolling_out, facts.stalled) == (rolling_out, stalled)
+
+
+def test_a_deleted_or_missing_deployment_is_absent() -> None:
+    assert not WorkloadFacts.from_deployment(None).exists
+    terminating = deployment()
+    terminating["metadata"]["deletionTimestamp"] = T0
+    assert not WorkloadFacts.from_deployment(terminating).exists
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (deployment(), "True", "WorkersReady"),
+        (
+            deployment(ready=0, progressing=("True", "ReplicaSetUpdated")),
+            "False",
+            "WorkersStarting",
+        ),
+        (deployment(ready=1, available=1), "False", "WorkersUnavailable"),
+        (
+            deployment(ready=0, progressing=("False", "ProgressDeadlineExceeded")),
+            "False",
+            "RolloutStalled",
+        ),
+        (deployment(desired=0, replicas=0, ready=0, updated=0), "True", "ScaledToZero"),
+        (None, "False", "NoDeployment"),
+    ],
+)
+def test_workers_available(body: dict[str, Any] | None, status: str, reason: str) -> None:
+    update = workers_condition(WorkloadFacts.from_deployment(body))
+    assert (update.status, update.reason) == (status, reason)
+
+
+# --- phase ---------------------------------------------------------------------------------
+
+
+def conditions_with(*updates: ConditionUpdate) -> list[dict[str, Any]]:
+    conditions: list[dict[str, Any]] = []
+    for update in updates:
+        conditions = set_condition(conditions, update, generation=1, now=T0)
+    return set_condition(conditions, ready_condition(conditions), generation=1, now=T0)
+
+
+VALID = ConditionUpdate.true("ConfigValid", "Valid")
+INVALID = ConditionUpdate.false("ConfigValid", "SecretNotFound")
+APPLIED = ConditionUpdate.true(CONDITION_RECONCILED, "Applied")
+NOT_APPLIED = ConditionUpdate.false(CONDITION_RECONCILED, "ApplyFailed")
+
+
+@pytest.mark.parametrize(
+    ("updates", "body", "phase"),
+    [
+        # a bad spec before anything ran: nothing can serve
+        ((INVALID,), None, "Failed"),
+        # a bad update while the last good workers serve: they keep serving
+        ((INVALID, APPLIED), deployment(), "Degraded"),
+        ((VALID, NOT_APPLIED), None, "Pending"),
+        ((VALID, NOT_APPLIED), deployment(), "Degraded"),
+        (
+            (VALID, APPLIED),
+            deployment(ready=0, replicas=0, updated=0, observed=0, progressing=None),
+            "Progressing",
+        ),
+        (
+            (VALID, APPLIED),
+            deployment(replicas=3, updated=1, progressing=("True", "ReplicaSetUpdated")),
+            "Ready",
+        ),
+        ((VALID, APPLIED), deployment(), "Ready"),
+        ((VALID, APPLIED), deployment(ready=1, available=1), "Degraded"),
+        (
+            (VALID, APPLIED),
+            deployment(ready=0, progressing=("False", "ProgressDeadlineExceeded")),
+            "Degraded",
+        ),
+        (
+            (VALID, APPLIED, ConditionUpdate.false("TelephonyReady", "NumberConflict")),
+            deployment(),
+            "Degraded",
+        ),
+    ],
+)
+def test_phase(
+    updates: tuple[ConditionUpdate, ...], body: dict[str, Any] | None, phase: str
+) -> None:
+    facts = WorkloadFacts.from_deployment(body)
+    conditions = conditions_with(*updates, workers_condition(facts))
+    assert phase_for(conditions, facts) == phase
+
+
+def test_next_status_merges_and_recomputes_ready_and_phase() -> None:
+    first = next_status(
+        None,
+        generation=1,
+        updates=[VALID, APPLIED],
+        facts=WorkloadFacts.from_deployment(
+            deployment(ready=0, progressing=("True", "ReplicaSetUpdated"))
+        ),
+        fields={"dispatchName": "acme.support", "configHash": "abc"},
+        observed_generation=1,
+        now=T0,
+    )
+    assert first["phase"] == "Progressing"
+    assert (first["replicas"], first["readyReplicas"]) == (2, 0)
+    assert find_condition(first["conditions"], "Ready")["status"] == "False"  # type: ignore[index]
+    second = next_status(
+        first, generation=None, facts=WorkloadFacts.from_deployment(deployment()), now=T1
+    )
+    ready = find_condition(second["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True" and ready["lastTransitionTime"] == T1
+    assert second["phase"] == "Ready"
+    assert second["dispatchName"] == "acme.support"  # fields from other writers are kept
+    config_valid = find_condition(second["conditions"], "ConfigValid")
+    assert config_valid is not None and config_valid["lastTransitionTime"] == T0
+    assert transitions(first, second) == [
+        ("Ready", "True", "Ready"),
+        ("WorkersAvailable", "True", "WorkersReady"),
+    ]
+    third = next_status(second, generation=1, fields={"configHash": None}, now=T2)
+    assert "configHash" not in third
+    assert third["conditions"] == second["conditions"]  # nothing changed: times kept
+    VoiceAgentStatus.model_validate(third)
+
+
+# --- events and handler-side pure helpers ------------------------------------------------
+
+
+def test_events_only_for_what_a_tenant_must_see() -> None:
+    ready = next_status(
+        None,
+        generation=1,
+        updates=[VALID, APPLIED],
+        facts=WorkloadFacts.from_deployment(deployment()),
+        now=T0,
+    )
+    assert handlers.condition_events({}, ready) == [
+        ("Normal", "Ready", "the agent's workers take calls")
+    ]
+    assert handlers.condition_events(ready, ready) == []  # a resync with no change is silent
+    broken = next_status(
+        ready,
+        generation=2,
+        updates=[
+            ConditionUpdate.false("ConfigValid", "SecretNotFound", "spec.secretRefs[0].name: gone")
+        ],
+        now=T1,
+    )
+    events = handlers.condition_events(ready, broken)
+    assert ("Warning", "SecretNotFound", "spec.secretRefs[0].name: gone") in events
+    reworded = next_status(
+        broken,
+        generation=2,
+        updates=[ConditionUpdate.false("ConfigValid", "SecretKeyNotFound", "other problem")],
+        now=T2,
+    )
+    assert handlers.condition_events(broken, reworded) == [
+        ("Warning", "SecretKeyNotFound", "other problem")
+    ]
+    healed = next_status(reworded, generation=3, updates=[VALID], now=T2)
+    assert (
+        "Normal",
+        "ConfigValid",
+        "the configuration is valid again",
+    ) in handlers.condition_events(reworded, healed)
+    lost = next_status(
+        ready,
+        generation=1,
+        facts=WorkloadFacts.from_deployment(deployment(ready=1, available=1)),
+        now=T1,
+    )
+    assert ("Warning", "WorkersUnavailable", "1/2 workers ready") in handlers.condition_events(
+        ready, lost
+    )
+
+
+def example_spec() -> dict[str, Any]:
+    return dict(yaml.safe_load(EXAMPLE.read_text())["spec"])
+
+
+def test_replicas_keep_the_current_value_within_bounds() -> None:
+    spec = parse_spec(example_spec())  # min 1, max 10, 10 jobs per worker at 0.7, 2 spare
+    assert handlers.replicas_for(spec, None) == 1
+    assert handlers.replicas_for(spec, {"spec": {"replicas": 4}}) == 4
+    assert handlers.replicas_for(spec, {"spec": {"replicas": 40}}) == 10
+    assert handlers.replicas_for(spec, {"spec": {"replicas": 0}}) == 1
+    pinned = example_spec()
+    pinned["scaling"]["replicas"] = 3
+    assert handlers.replicas_for(parse_spec(pinned), {"spec": {"replicas": 4}}) == 3
+    spare = example_spec()
+    spare["scaling"]["spareJobs"] = 15  # 15 free slots at 7 planned jobs per worker
+    assert handlers.replicas_for(parse_spec(spare), None) == 3
+
+
+def test_validate_spec_names_the_field() -> None:
+    body = {
+        "metadata": {"name": "acme-support", "namespace": "acme", "uid": "u"},
+        "spec": example_spec(),
+    }
+    spec, problems = handlers.validate_spec(body)
+    assert spec is not None and problems == []
+    bad = copy.deepcopy(body)
+    bad["spec"]["entry"] = "nobody"
+    spec, problems = handlers.validate_spec(bad)
+    assert spec is None
+    assert problems[0].reason == "InvalidSpec"
+    assert "spec.entry" in problems[0].message or "entry 'nobody'" in problems[0].message
+    long_name = copy.deepcopy(body)
+    long_name["metadata"]["name"] = "a" * 60
+    _, problems = handlers.validate_spec(long_name)
+    assert problems[0].reason == "InvalidName" and problems[0].message.startswith("metadata.name")
