@@ -1,0 +1,181 @@
+"""Tenant tools: HTTP webhooks as LLM function tools, and MCP servers.
+
+A webhook tool is a livekit-agents raw function tool: the LLM sees the tenant's JSON schema as
+written, and the arguments it chose go to the webhook unchanged (JSON body, or query string for
+GET/DELETE). Whatever goes wrong (timeout, connection error, non-2xx) becomes a ToolError with a
+sentence the LLM can turn into an apology; the call goes on. Header secrets are read from the
+environment (`valueFromEnv`) when the tool is built and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+from livekit.agents import RunContext, ToolError, function_tool
+from livekit.agents.llm import RawFunctionTool
+from livekit.agents.llm.mcp import MCPServerHTTP
+
+from voicefleet_runtime import metrics
+from voicefleet_runtime.config import HttpHeader, McpServerConfig, WebhookTool
+
+logger = logging.getLogger("voicefleet.runtime.tools")
+
+MAX_RESULT_CHARS = 4000
+"""Longer webhook answers are cut: the LLM reads the result on every later turn."""
+
+
+class MissingSecretError(RuntimeError):
+    """A header's valueFromEnv names an environment variable that is not set."""
+
+
+def resolve_headers(headers: list[HttpHeader], environ: Mapping[str, str]) -> dict[str, str]:
+    resolved: dict[str, str] = {}
+    for header in headers:
+        if header.value_from_env:
+            value = environ.get(header.value_from_env)
+            if not value:
+                raise MissingSecretError(
+                    f"header {header.name!r} needs environment variable {header.value_from_env}, "
+                    "which is not set; provide it from a Secret"
+                )
+            resolved[header.name] = value
+        elif header.value is not None:
+            resolved[header.name] = header.value
+    return resolved
+
+
+def raw_schema(tool: WebhookTool) -> dict[str, Any]:
+    """The OpenAI function description livekit-agents sends for this tool."""
+    parameters = dict(tool.parameters)
+    parameters.setdefault("type", "object")
+    parameters.setdefault("properties", {})
+    return {"name": tool.name, "description": tool.description, "parameters": parameters}
+
+
+def _result_text(body: bytes, content_type: str) -> str:
+    text = body.decode("utf-8", errors="replace")
+    if "json" in content_type:
+        try:
+            text = json.dumps(json.loads(text), ensure_ascii=False)
+        except ValueError:
+            pass
+    return text[:MAX_RESULT_CHARS] if text else "done"
+
+
+class WebhookCaller:
+    """Calls one tenant webhook; shared by every agent of the call that lists the tool."""
+
+    def __init__(
+        self,
+        tool: WebhookTool,
+        headers: dict[str, str],
+        session: Callable[[], aiohttp.ClientSession],
+        labels: dict[str, str],
+    ) -> None:
+        self.tool = tool
+        self._headers = {"Content-Type": "application/json", **headers}
+        self._session = session
+        self._labels = labels
+
+    def _count(self, outcome: str, started: float) -> None:
+        metrics.TOOL_CALLS.labels(**self._labels, tool=self.tool.name, outcome=outcome).inc()
+        metrics.TOOL_LATENCY.labels(**self._labels, tool=self.tool.name).observe(
+            time.monotonic() - started
+        )
+        if outcome != "ok":
+            metrics.ERRORS.labels(**self._labels, component="tool", recoverable="true").inc()
+
+    async def __call__(self, arguments: dict[str, Any]) -> str:
+        endpoint = self.tool.http
+        started = time.monotonic()
+        request: dict[str, Any] = {"headers": self._headers}
+        if endpoint.method in ("GET", "DELETE"):
+            request["params"] = {
+                key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in arguments.items()
+            }
+        else:
+            request["json"] = arguments
+        try:
+            async with asyncio.timeout(endpoint.timeout_seconds):
+                async with self._session().request(endpoint.method, endpoint.url, **request) as r:
+                    body = await r.read()
+                    status, content_type = r.status, r.headers.get("Content-Type", "")
+        except TimeoutError:
+            self._count("timeout", started)
+            logger.warning("tool %s timed out after %ss", self.tool.name, endpoint.timeout_seconds)
+            raise ToolError(
+                f"The {self.tool.name} service did not answer in time. Apologise to the caller, "
+                "say you could not get that information right now, and offer to help otherwise."
+            ) from None
+        except aiohttp.ClientError as error:
+            self._count("unreachable", started)
+            logger.warning("tool %s failed: %s", self.tool.name, type(error).__name__)
+            raise ToolError(
+                f"The {self.tool.name} service could not be reached. Apologise to the caller and "
+                "offer to help otherwise."
+            ) from None
+        if not 200 <= status < 300:
+            self._count("http_error", started)
+            logger.warning("tool %s returned HTTP %s", self.tool.name, status)
+            raise ToolError(
+                f"The {self.tool.name} service failed (HTTP {status}). Apologise to the caller, "
+                "say it did not work this time, and offer to help otherwise."
+            )
+        self._count("ok", started)
+        return _result_text(body, content_type)
+
+
+def webhook_function_tool(caller: WebhookCaller) -> RawFunctionTool:
+    async def call_webhook(raw_arguments: dict[str, Any], context: RunContext) -> str:
+        return await caller(raw_arguments)
+
+    return function_tool(call_webhook, raw_schema=raw_schema(caller.tool))
+
+
+class ToolBox:
+    """The call's tools: one HTTP session, one caller per configured webhook."""
+
+    def __init__(
+        self, tools: list[WebhookTool], environ: Mapping[str, str], labels: dict[str, str]
+    ) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self.callers = {
+            tool.name: WebhookCaller(
+                tool, resolve_headers(tool.http.headers, environ), self.http_session, labels
+            )
+            for tool in tools
+        }
+
+    def http_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def function_tools(self, names: list[str]) -> list[RawFunctionTool]:
+        """Fresh tool objects for one agent (tools must not be shared between agents)."""
+        return [webhook_function_tool(self.callers[name]) for name in names]
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def build_mcp_servers(
+    servers: list[McpServerConfig], environ: Mapping[str, str]
+) -> list[MCPServerHTTP]:
+    return [
+        MCPServerHTTP(
+            url=server.url,
+            headers=resolve_headers(server.headers, environ),
+            timeout=server.timeout_seconds,
+            client_session_timeout_seconds=server.timeout_seconds,
+        )
+        for server in servers
+    ]

@@ -1,0 +1,298 @@
+"""The worker: an AgentServer registered under the VoiceAgent's dispatch name.
+
+Capacity. Load is active jobs / jobsPerWorker; the worker reports itself full at loadThreshold
+(livekit-agents adds an estimate for requests in flight). That report reaches LiveKit every few
+seconds, so inside that window LiveKit may still offer jobs to a worker that has just filled up;
+`on_request` is the hard cap: it refuses a job when active + pending >= jobsPerWorker, counting
+the requests it accepted whose job has not started yet (the accept waits for LiveKit's assignment
+and for a job process). A refusal does not terminate the job: LiveKit offers it to another worker.
+
+Processes. The main process runs the AgentServer (registration, availability, health on
+worker.healthPort: `/` and `/worker`, Prometheus on worker.metricsPort); each call runs in its
+own job process, pre-warmed (`prewarm`: config and Silero VAD loaded) so a call starts quickly.
+Job processes find the config through the same environment (VOICEFLEET_CONFIG).
+
+Shutdown. SIGTERM makes livekit-agents drain: the worker reports itself unavailable, running
+calls go on for up to worker.drainTimeoutSeconds, and the process exits when they are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from livekit.agents import (
+    AgentServer,
+    AgentSession,
+    CloseEvent,
+    JobContext,
+    JobProcess,
+    JobRequest,
+    room_io,
+)
+
+from voicefleet_runtime import metrics
+from voicefleet_runtime.agents import AgentFactory, CallState
+from voicefleet_runtime.config import RuntimeConfig, load_from_environment
+from voicefleet_runtime.pipeline import (
+    TurnDetectionPlan,
+    build_pipeline,
+    load_vad,
+    plan_turn_detection,
+    plugin_modules,
+    register_turn_detector,
+)
+from voicefleet_runtime.telemetry import CallTelemetry
+from voicefleet_runtime.telephony import CallControls, PhoneCall
+from voicefleet_runtime.tools import ToolBox, build_mcp_servers
+
+logger = logging.getLogger("voicefleet.runtime")
+
+DEAD_PROCESS_SWEEP_SECONDS = 5.0
+PROCESS_INIT_TIMEOUT_SECONDS = 60.0
+
+
+@functools.cache
+def runtime_config() -> RuntimeConfig:
+    """The config, loaded once per process (validated already by the main process)."""
+    return load_from_environment()
+
+
+def metric_labels(config: RuntimeConfig) -> dict[str, str]:
+    return {"tenant": config.tenant, "agent": config.name}
+
+
+# --- capacity -------------------------------------------------------------------------------
+
+
+@dataclass
+class CapacityGate:
+    """The hard cap: active + pending jobs never exceed `limit`.
+
+    `pending` counts jobs accepted whose process has not started them yet. `try_reserve` is
+    synchronous, so concurrent requests on the event loop cannot both take the last slot.
+    """
+
+    limit: int
+    pending: int = 0
+    draining: bool = False
+
+    def refusal(self, active: int) -> str | None:
+        """Why a new job must be refused now, or None when it may be accepted."""
+        if self.draining:
+            return "draining"
+        if active + self.pending >= self.limit:
+            return "at_capacity"
+        return None
+
+    def try_reserve(self, active: int) -> str | None:
+        reason = self.refusal(active)
+        if reason is None:
+            self.pending += 1
+        return reason
+
+    def release(self) -> None:
+        self.pending = max(0, self.pending - 1)
+
+    def load(self, active: int) -> float:
+        """active / limit. Pending jobs are left out on purpose: livekit-agents already adds
+        an estimate for requests in flight when it compares load with loadThreshold."""
+        return min(1.0, active / self.limit)
+
+
+class WorkerRuntime:
+    """Main-process side: admission, load and the worker-level metrics."""
+
+    def __init__(self, config: RuntimeConfig, plan: TurnDetectionPlan) -> None:
+        self.config = config
+        self.plan = plan
+        self.labels = metric_labels(config)
+        self.gate = CapacityGate(limit=config.worker.jobs_per_worker)
+        self.server: AgentServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def active_jobs(self) -> int:
+        return len(self.server.active_jobs) if self.server is not None else 0
+
+    async def on_request(self, request: JobRequest) -> None:
+        self.gate.draining = self.server is not None and self.server.draining
+        reason = self.gate.try_reserve(self.active_jobs())
+        if reason is not None:
+            metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
+            logger.info(
+                "refusing job %s: %s (active %d, pending %d, limit %d)",
+                request.id,
+                reason,
+                self.active_jobs(),
+                self.gate.pending,
+                self.gate.limit,
+            )
+            # terminate=False: LiveKit may offer the job to another worker.
+            await request.reject(terminate=False)
+            return
+        metrics.DISPATCH_ACCEPTED.labels(**self.labels).inc()
+        try:
+            # Returns once LiveKit assigned the job and a job process has started it.
+            await request.accept(name=self.config.name)
+        finally:
+            self.gate.release()
+
+    def load(self, server: AgentServer) -> float:
+        """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each request."""
+        value = self.gate.load(len(server.active_jobs))
+        metrics.WORKER_LOAD.labels(**self.labels).set(value)
+        return value
+
+    def on_started(self) -> None:
+        worker = self.config.worker
+        logger.info(
+            "VoiceFleet runtime for %s/%s: dispatch name %r, %d jobs per worker, "
+            "load threshold %s, health :%d, metrics :%d",
+            self.config.tenant,
+            self.config.name,
+            self.config.dispatch_name,
+            worker.jobs_per_worker,
+            worker.load_threshold,
+            worker.health_port,
+            worker.metrics_port,
+        )
+        if self.plan.fell_back:
+            logger.warning(
+                "turn detection: %s requested, FALLING BACK to %s: %s",
+                self.plan.requested,
+                self.plan.effective,
+                self.plan.reason,
+            )
+        else:
+            logger.info("turn detection: %s", self.plan.effective)
+        # Main-process series are written only now: livekit-agents empties the multiprocess
+        # directory when the server starts, which would orphan anything written before.
+        metrics.JOBS_CAPACITY.labels(**self.labels).set(self.config.worker.jobs_per_worker)
+        metrics.WORKER_LOAD.labels(**self.labels).set(0)
+        metrics.ACTIVE_JOBS.labels(**self.labels).set(0)
+        metrics.DISPATCH_ACCEPTED.labels(**self.labels)
+        metrics.TURN_DETECTOR_FALLBACK.labels(**self.labels, requested=self.plan.requested).set(
+            1 if self.plan.fell_back else 0
+        )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_dead_processes())
+
+    async def _sweep_dead_processes(self) -> None:
+        while True:
+            await asyncio.sleep(DEAD_PROCESS_SWEEP_SECONDS)
+            try:
+                metrics.reap_dead_processes()
+            except OSError:
+                logger.warning("could not clean up metrics of ended job processes", exc_info=True)
+
+    def on_registered(self, worker_id: str, server_info: Any) -> None:
+        logger.info(
+            "registered with LiveKit as %r (worker %s)", self.config.dispatch_name, worker_id
+        )
+
+
+# --- job processes --------------------------------------------------------------------------
+
+
+def prewarm(proc: JobProcess) -> None:
+    """Runs once per job process before it takes a call: config and VAD model in memory."""
+    config = runtime_config()
+    proc.userdata["vad"] = load_vad(config.pipeline.vad)
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    config = runtime_config()
+    labels = metric_labels(config)
+    received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
+    pipeline_config = config.pipeline
+    providers = {
+        "llm_usage": pipeline_config.llm.provider,
+        "tts_usage": pipeline_config.tts.provider,
+        "stt_usage": pipeline_config.stt.provider,
+    }
+    telemetry = CallTelemetry(labels, providers, dispatch_received_at=received_at)
+    toolbox = ToolBox(config.tools, os.environ, labels)
+
+    async def close_books(reason: str) -> None:
+        telemetry.end(reason or "job_shutdown")
+        await toolbox.aclose()
+
+    ctx.add_shutdown_callback(close_books)
+    try:
+        await ctx.connect()
+        participant = await ctx.wait_for_participant()
+        state = CallState.from_participant_attributes(
+            dict(participant.attributes), room=ctx.room.name
+        )
+        pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
+        session_options: dict[str, Any] = pipeline.session_options()
+        mcp_servers = build_mcp_servers(config.mcp_servers, os.environ)
+        if mcp_servers:
+            session_options["mcp_servers"] = mcp_servers
+        session = AgentSession[CallState](userdata=state, **session_options)
+        telemetry.attach(session, current_agent=lambda: state.current_agent)
+
+        @session.on("close")
+        def _end_job(event: CloseEvent) -> None:
+            # The caller hung up (or the session failed): free the slot now rather than when
+            # LiveKit closes the room.
+            ctx.shutdown(reason=f"session closed: {event.reason.value}")
+
+        controls = CallControls(
+            ctx.room.name,
+            PhoneCall.from_participant(ctx.room.name, participant),
+            config.telephony.transfer_to,
+        )
+        factory = AgentFactory(config, toolbox, state, call_tools=controls.function_tools)
+        room_options = room_io.RoomOptions(
+            participant_identity=participant.identity,
+            audio_input=room_io.AudioInputOptions(noise_cancellation=pipeline.noise_cancellation),
+        )
+        started = time.monotonic()
+        await session.start(factory.entry(), room=ctx.room, room_options=room_options)
+        logger.info(
+            "call started in room %s (session start %.3fs)",
+            ctx.room.name,
+            time.monotonic() - started,
+        )
+    except Exception:
+        telemetry.job_failed()
+        raise
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -> AgentServer:
+    """The AgentServer for this config (main process). `plan` is decided first if not given."""
+    plan = plan or plan_turn_detection(config.pipeline)
+    register_turn_detector(plan)
+
+    worker = config.worker
+    runtime = WorkerRuntime(config, plan)
+    server = AgentServer(
+        load_threshold=worker.load_threshold,
+        num_idle_processes=worker.idle_processes,
+        job_memory_warn_mb=worker.job_memory_warn_mb,
+        job_memory_limit_mb=worker.job_memory_limit_mb,
+        drain_timeout=worker.drain_timeout_seconds,
+        port=worker.health_port,
+        prometheus_port=worker.metrics_port,
+        prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+        setup_fnc=prewarm,
+        load_fnc=runtime.load,
+        # Imported once in the forkserver, so job processes start without re-importing them.
+        preload_modules=[*plugin_modules(config.pipeline), "voicefleet_runtime.worker"],
+        # Importing the plugins and loading the VAD can take longer than the default 10 s on a
+        # busy node; a process that times out is killed and the job waits for another one.
+        initialize_process_timeout=PROCESS_INIT_TIMEOUT_SECONDS,
+    )
+    server.rtc_session(entrypoint, agent_name=config.dispatch_name, on_request=runtime.on_request)
+    runtime.server = server
+    server.on("worker_started", runtime.on_started)
+    server.on("worker_registered", runtime.on_registered)
+    return server
