@@ -209,7 +209,7 @@ async def entrypoint(ctx: JobContext) -> None:
     labels = metric_labels(config)
     received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
     pipeline_config = config.pipeline
-    providers = {
+    providers: dict[str, str] = {
         "llm_usage": pipeline_config.llm.provider,
         "tts_usage": pipeline_config.tts.provider,
         "stt_usage": pipeline_config.stt.provider,
