@@ -28,8 +28,9 @@ from aiohttp import web
 
 from e2e.providers import audio
 from e2e.providers.script import (
+    REQUIRED_API_KEY,
+    STATE_KEY,
     LLMReply,
-    ProviderState,
     api_key_fingerprint,
     message_text,
 )
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 TTS_SAMPLE_RATE = 24000  # what the openai TTS plugin (and OpenAI's pcm format) use
 TTS_CHUNK_SECONDS = 0.2  # audio per streamed chunk, so TTS has a first byte before the end
 DEFAULT_TTS_FORMAT = "mp3"
-STATE_KEY: web.AppKey[ProviderState] = web.AppKey("provider_state", ProviderState)
-REQUIRED_API_KEY: web.AppKey[str | None] = web.AppKey("required_api_key", str)
 
 # OpenAI answers verbose_json with the language's English name.
 _LANGUAGE_NAMES = {

@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from aiohttp import web
+
 DEFAULT_GREETING_REPLY = "Hello! How can I help you today?"
 DEFAULT_TRANSCRIPT = "Hello, can you hear me?"
 # Tool results are read back by the default reply; cap them so TTS stays short.
@@ -222,3 +224,8 @@ class ProviderState:
 
     def requests(self, kind: RequestKind | None = None) -> list[dict[str, Any]]:
         return [dict(r) for r in self._requests if kind is None or r["kind"] == kind]
+
+
+# Where the servers find the shared state and the API key they require, on the aiohttp app.
+STATE_KEY: web.AppKey[ProviderState] = web.AppKey("provider_state", ProviderState)
+REQUIRED_API_KEY: web.AppKey[str | None] = web.AppKey("required_api_key", str)

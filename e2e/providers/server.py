@@ -1,5 +1,9 @@
 """`ProviderServer`: the local provider endpoints on one real HTTP port, plus a control API.
 
+OpenAI (openai_server.py), Deepgram STT (deepgram_server.py) and ElevenLabs TTS
+(elevenlabs_server.py) share the port and one `ProviderState`: the same scripted transcripts
+answer whichever STT the runtime uses, and every request is recorded as chat, tts or stt.
+
 In-process (tests):
 
     async with ProviderServer() as providers:
@@ -28,9 +32,13 @@ from typing import Any
 
 from aiohttp import web
 
-from e2e.providers.openai_server import REQUIRED_API_KEY, STATE_KEY, add_openai_routes
+from e2e.providers.deepgram_server import add_deepgram_routes
+from e2e.providers.elevenlabs_server import add_elevenlabs_routes
+from e2e.providers.openai_server import add_openai_routes
 from e2e.providers.script import (
     REQUEST_KINDS,
+    REQUIRED_API_KEY,
+    STATE_KEY,
     LLMReply,
     ProviderState,
     RequestKind,
@@ -97,6 +105,8 @@ def build_app(state: ProviderState, *, api_key: str | None = None) -> web.Applic
     app[REQUIRED_API_KEY] = api_key
     app.on_response_prepare.append(_add_request_id)
     add_openai_routes(app)
+    add_deepgram_routes(app)
+    add_elevenlabs_routes(app)
     app.router.add_post("/_control/script", _control_script)
     app.router.add_get("/_control/requests", _control_requests)
     app.router.add_post("/_control/reset", _control_reset)
@@ -168,6 +178,16 @@ class ProviderServer:
     @property
     def base_url(self) -> str:
         """The OpenAI base URL, what `openai.LLM/TTS/STT(base_url=...)` take."""
+        return f"{self.url}/v1"
+
+    @property
+    def deepgram_url(self) -> str:
+        """What `deepgram.STT(base_url=...)` takes (its default is .../v1/listen too)."""
+        return f"{self.url}/v1/listen"
+
+    @property
+    def elevenlabs_base_url(self) -> str:
+        """What `elevenlabs.TTS(base_url=...)` takes."""
         return f"{self.url}/v1"
 
     def script_llm(self, *replies: LLMReply | str | dict[str, Any]) -> None:

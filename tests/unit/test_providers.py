@@ -20,6 +20,9 @@ import pytest
 import pytest_asyncio
 from livekit import rtc
 from livekit.agents import llm as lk_llm
+from livekit.agents.stt import SpeechEventType
+from livekit.plugins import deepgram as lk_deepgram
+from livekit.plugins import elevenlabs as lk_elevenlabs
 from livekit.plugins import openai as lk_openai
 from openai.types.chat import ChatCompletionChunk
 
@@ -463,3 +466,112 @@ async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
         output, _ = await asyncio.wait_for(process.communicate(), timeout=15)
     assert process.returncode == 0, output.decode()
     assert "listening on 127.0.0.1" in output.decode()
+
+
+# --- Deepgram (streaming STT) ----------------------------------------------------------------
+
+
+async def _push_realtime(stream: Any, speech: PcmAudio) -> None:
+    # 10 ms frames, a little faster than real time: the server only counts audio time.
+    for offset in range(0, len(speech.samples), 480):
+        chunk = speech.samples[offset : offset + 480]
+        stream.push_frame(rtc.AudioFrame(chunk.tobytes(), 48000, 1, len(chunk)))
+        if offset % 4800 == 0:
+            await asyncio.sleep(0.005)
+    stream.end_input()
+
+
+async def test_livekit_deepgram_plugin_streams_one_transcript_per_utterance(
+    providers: ProviderServer,
+) -> None:
+    providers.script_transcripts("What are your opening hours?", "Thanks.")
+    question = await synthesize("What are your opening hours?", sample_rate=48000)
+    thanks = await synthesize("Thanks.", sample_rate=48000)
+    pause = PcmAudio.silence(1.0, 48000)
+    call = PcmAudio.silence(0.5, 48000) + question + pause + thanks + pause
+
+    async with aiohttp.ClientSession() as http:
+        stt = lk_deepgram.STT(base_url=providers.deepgram_url, api_key="dg-key", http_session=http)
+        stream = stt.stream()
+        pushing = asyncio.create_task(_push_realtime(stream, call))
+        events = [(event.type, event.alternatives) async for event in stream]
+        await pushing
+        await stt.aclose()
+
+    kinds = [kind for kind, _ in events if kind != SpeechEventType.RECOGNITION_USAGE]
+    finals = [alts[0].text for kind, alts in events if kind == SpeechEventType.FINAL_TRANSCRIPT]
+    assert finals == ["What are your opening hours?", "Thanks."]
+    assert kinds[0] == SpeechEventType.START_OF_SPEECH
+    assert kinds.count(SpeechEventType.START_OF_SPEECH) == 2
+    assert kinds.count(SpeechEventType.END_OF_SPEECH) == 2
+    assert SpeechEventType.INTERIM_TRANSCRIPT in kinds
+    recorded = providers.requests("stt")
+    assert [r["provider"] for r in recorded] == ["deepgram", "deepgram"]
+    # The voiced part of espeak-ng's phrase, give or take the endpointing windows.
+    assert 0.5 * question.duration < recorded[0]["audio_seconds"] <= question.duration
+    assert recorded[0]["sample_rate"] == 16000 and recorded[0]["rms"] > 0.02
+
+
+async def test_deepgram_finalize_ends_the_utterance_at_once(providers: ProviderServer) -> None:
+    providers.script_transcripts("Book a table for two.")
+    speech = await synthesize("Book a table for two.", sample_rate=16000)
+    url = f"{providers.deepgram_url}?encoding=linear16&sample_rate=16000&interim_results=false"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url.replace("http", "ws", 1), headers={"Authorization": "Token k"}) as ws,
+    ):
+        # No trailing silence: only Finalize can end this utterance.
+        voiced = speech.samples[: int(len(speech.samples) * 0.8)]
+        await ws.send_bytes(voiced.tobytes())
+        await ws.send_str(json.dumps({"type": "Finalize"}))
+        result = json.loads((await ws.receive()).data)
+        await ws.send_str(json.dumps({"type": "CloseStream"}))
+        metadata = json.loads((await ws.receive()).data)
+
+    assert result["type"] == "Results" and result["is_final"] and result["from_finalize"]
+    assert result["channel"]["alternatives"][0]["transcript"] == "Book a table for two."
+    assert metadata["type"] == "Metadata"
+    assert metadata["duration"] == pytest.approx(len(voiced) / 16000, abs=0.03)
+
+
+async def test_deepgram_refuses_a_connection_without_a_key(providers: ProviderServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(providers.deepgram_url.replace("http", "ws", 1))
+    assert refused.value.status == 401
+
+
+# --- ElevenLabs (TTS) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["mp3_22050_32", "pcm_24000", "opus_48000_32"])
+async def test_livekit_elevenlabs_plugin_speaks_over_http_and_websocket(
+    providers: ProviderServer, encoding: str
+) -> None:
+    rate = int(encoding.split("_")[1])
+    async with aiohttp.ClientSession() as http:
+        tts = lk_elevenlabs.TTS(
+            base_url=providers.elevenlabs_base_url,
+            api_key="xi-key",
+            http_session=http,
+            encoding=encoding,  # type: ignore[arg-type]
+        )
+        chunked = [e.frame async for e in tts.synthesize("Hello from the chunked endpoint.")]
+        stream = tts.stream()
+        stream.push_text("Hello there. This reply is streamed ")
+        stream.push_text("in two parts.")
+        stream.end_input()
+        streamed = [e.frame async for e in stream]
+        await tts.aclose()
+
+    for frames in (chunked, streamed):
+        speech = rtc.combine_audio_frames(frames)
+        assert speech.sample_rate == rate and speech.duration > 1.0
+        assert PcmAudio(np.frombuffer(speech.data, dtype=np.int16), rate).rms > 0.02
+    recorded = providers.requests("tts")
+    assert [(r["provider"], r["stream_format"]) for r in recorded] == [
+        ("elevenlabs", "http"),
+        ("elevenlabs", "websocket"),
+    ]
+    assert recorded[1]["text"] == "Hello there. This reply is streamed in two parts."
+    assert recorded[1]["response_format"] == encoding
