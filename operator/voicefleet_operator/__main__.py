@@ -15,7 +15,7 @@ import kopf
 import prometheus_client
 
 from voicefleet_operator.handlers import OperatorContext, configure_kopf, register
-from voicefleet_operator.kube import Kube
+from voicefleet_operator.kube import Kube, client_configuration
 from voicefleet_operator.metrics import REGISTRY
 from voicefleet_operator.settings import PlatformSettings, SettingsError
 
@@ -38,9 +38,13 @@ async def run_operator(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     liveness: bool = True,
+    kubeconfig: str | None = None,
 ) -> None:
-    """Run until `stop_flag` is set (or the task is cancelled)."""
-    registry, kopf_settings, _ = build(settings)
+    """Run until `stop_flag` is set (or the task is cancelled).
+
+    Credentials: `kubeconfig` if given, else in-cluster, else $KUBECONFIG.
+    """
+    registry, kopf_settings, _ = build(settings, Kube(client_configuration(kubeconfig)))
     await kopf.operator(
         registry=registry,
         settings=kopf_settings,

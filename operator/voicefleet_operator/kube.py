@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -92,20 +93,35 @@ class Conflict(KubeError):
     pass
 
 
-def _client_configuration() -> kubernetes.client.Configuration:
+def client_configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
+    """Credentials: `kubeconfig` if given; else the pod's service account; else $KUBECONFIG
+    (read now: the kubernetes package reads it only once, at import) or ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+    if kubeconfig is None:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except kubernetes.config.ConfigException:
+            kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    kubernetes.config.load_kube_config(
+        config_file=kubeconfig, client_configuration=configuration, persist_config=False
+    )
     return configuration
+
+
+def authorization_header(configuration: kubernetes.client.Configuration) -> str | None:
+    """`Bearer <token>` (or None for certificate auth); refreshes rotating tokens."""
+    # kubernetes >= 36 keeps the token under BearerToken, older versions under authorization.
+    return configuration.get_api_key_with_prefix(
+        "BearerToken"
+    ) or configuration.get_api_key_with_prefix("authorization")
 
 
 class Kube:
     """JSON calls to the API server; one instance per operator run (it holds a connection pool)."""
 
     def __init__(self, configuration: kubernetes.client.Configuration | None = None) -> None:
-        self._configuration = configuration or _client_configuration()
+        self._configuration = configuration or client_configuration()
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool = self._ssl_context()
 
@@ -125,10 +141,14 @@ class Kube:
         if content_type:
             headers["Content-Type"] = content_type
         # Re-read on every call: in-cluster service account tokens rotate.
-        token = self._configuration.get_api_key_with_prefix("authorization")
+        token = authorization_header(self._configuration)
         if token:
             headers["Authorization"] = token
         return headers
+
+    @property
+    def configuration(self) -> kubernetes.client.Configuration:
+        return self._configuration
 
     async def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

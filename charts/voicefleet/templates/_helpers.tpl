@@ -1,0 +1,48 @@
+{{/* Name of the chart's objects: the release name, plus "-voicefleet" unless it says so. */}}
+{{- define "voicefleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "voicefleet.selectorLabels" -}}
+app.kubernetes.io/name: voicefleet-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "voicefleet.labels" -}}
+{{ include "voicefleet.selectorLabels" . }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: voicefleet
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "voicefleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "voicefleet.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The platform Secret with LIVEKIT_API_KEY and LIVEKIT_API_SECRET. */}}
+{{- define "voicefleet.livekitSecretName" -}}
+{{- default (printf "%s-livekit" (include "voicefleet.fullname" .)) .Values.livekit.existingSecret -}}
+{{- end -}}
+
+{{- define "voicefleet.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "voicefleet.runtimeImage" -}}
+{{- printf "%s:%s" .Values.runtime.image.repository (default .Chart.AppVersion .Values.runtime.image.tag) -}}
+{{- end -}}

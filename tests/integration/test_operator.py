@@ -1,0 +1,751 @@
+"""The operator in-process against a real kube-apiserver and kube-controller-manager.
+
+Create (owned children appear; pods pass the `restricted` Pod Security Standard), update (a new
+config hash and a rolled-out pod template), delete (the real garbage collector removes every
+child), a missing Secret (ConfigValid=False naming the field, recovery when it appears), a bad
+update (the last good children keep running), drift (a deleted Deployment comes back), a name
+conflict (never taken over), a kill mid-reconcile (SIGKILL of a real operator process; the
+restarted one converges with no duplicate or orphaned objects), and the chart's RBAC (the
+operator runs as the chart's ServiceAccount with exactly the ClusterRole's verbs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from voicefleet_operator import render
+from voicefleet_operator.__main__ import run_operator
+from voicefleet_operator.settings import PlatformSettings
+from voicefleet_runtime.config import parse_config
+
+from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.infra import paths
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "voiceagents.voicefleet.dev.yaml"
+GROUP, VERSION, PLURAL = "voicefleet.dev", "v1alpha1", "voiceagents"
+CHILD_KINDS = {
+    # kind: (list function name on the typed API, API class)
+    "ServiceAccount": ("list_namespaced_service_account", k8s.CoreV1Api),
+    "Secret": ("list_namespaced_secret", k8s.CoreV1Api),
+    "ConfigMap": ("list_namespaced_config_map", k8s.CoreV1Api),
+    "Service": ("list_namespaced_service", k8s.CoreV1Api),
+    "PodDisruptionBudget": ("list_namespaced_pod_disruption_budget", k8s.PolicyV1Api),
+    "NetworkPolicy": ("list_namespaced_network_policy", k8s.NetworkingV1Api),
+    "Deployment": ("list_namespaced_deployment", k8s.AppsV1Api),
+}
+LIVEKIT_KEY, LIVEKIT_SECRET = "devkey", "integration-secret-not-real"
+
+
+# --- cluster fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ClusterHandle) -> ClusterHandle:
+    """The control plane with the checked-in CRD applied and served."""
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/voiceagents.voicefleet.dev"
+    )
+    wait_for(
+        "voiceagents in discovery",
+        lambda: "voiceagents" in control_plane.kubectl("api-resources", f"--api-group={GROUP}"),
+        timeout=60,
+    )
+    return control_plane
+
+
+def _create_namespace(cluster: ClusterHandle, prefix: str, restricted: bool = False) -> str:
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    labels = {}
+    if restricted:
+        # Pods that break the restricted Pod Security Standard are refused at creation.
+        labels = {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }
+    k8s.CoreV1Api(cluster.api_client).create_namespace(
+        k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels=labels))
+    )
+    return name
+
+
+def _create_secret(cluster: ClusterHandle, namespace: str, name: str, data: dict[str, str]) -> None:
+    k8s.CoreV1Api(cluster.api_client).create_namespaced_secret(
+        namespace, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data=data)
+    )
+
+
+@pytest.fixture(scope="module")
+def platform(cluster: ClusterHandle) -> Iterator[str]:
+    """The operator's namespace, with the platform's LiveKit Secret."""
+    namespace = _create_namespace(cluster, "vf-platform")
+    _create_secret(
+        cluster,
+        namespace,
+        "voicefleet-livekit",
+        {"LIVEKIT_API_KEY": LIVEKIT_KEY, "LIVEKIT_API_SECRET": LIVEKIT_SECRET},
+    )
+    yield namespace
+    k8s.CoreV1Api(cluster.api_client).delete_namespace(namespace)
+
+
+@pytest.fixture
+def tenant(cluster: ClusterHandle) -> Iterator[str]:
+    """A tenant namespace (restricted PSS) with the provider keys and the webhook's Secret."""
+    namespace = _create_namespace(cluster, "tenant", restricted=True)
+    _create_secret(
+        cluster,
+        namespace,
+        "provider-keys",
+        {"OPENAI_API_KEY": "sk-x", "DEEPGRAM_API_KEY": "dg-x", "ELEVEN_API_KEY": "el-x"},
+    )
+    _create_secret(cluster, namespace, "acme-orders-api", {"authorization": "Bearer t0ken"})
+    yield namespace
+    k8s.CoreV1Api(cluster.api_client).delete_namespace(namespace)
+
+
+def settings_for(platform: str, namespaces: tuple[str, ...], **overrides: Any) -> PlatformSettings:
+    values: dict[str, Any] = {
+        "livekit_url": "ws://127.0.0.1:7880",
+        "livekit_secret_namespace": platform,
+        "runtime_image": "localhost/voicefleet/runtime:dev",
+        "watch_namespaces": namespaces,
+        "recheck_invalid_seconds": 1.0,
+        "resync_seconds": 3600.0,  # drift repair is tested through the watchers, not the timer
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return PlatformSettings(**values)
+
+
+class OperatorThread:
+    """The operator (kopf) in a thread of this process, with its own event loop."""
+
+    def __init__(self, settings: PlatformSettings, kubeconfig: Path) -> None:
+        self.settings = settings
+        self.kubeconfig = kubeconfig
+        self.stop_flag = threading.Event()
+        self.ready_flag = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="operator", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(
+                run_operator(
+                    self.settings,
+                    stop_flag=self.stop_flag,
+                    ready_flag=self.ready_flag,
+                    liveness=False,
+                    kubeconfig=str(self.kubeconfig),
+                )
+            )
+        except BaseException as error:  # reported by stop()
+            self.error = error
+
+    def start(self) -> OperatorThread:
+        self.thread.start()
+        if not self.ready_flag.wait(60):
+            raise AssertionError(f"the operator did not get ready in 60s (error: {self.error!r})")
+        return self
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the operator did not stop within 60s"
+        if self.error is not None:
+            raise AssertionError(f"the operator failed: {self.error!r}") from self.error
+
+
+@pytest.fixture
+def operator(cluster: ClusterHandle, platform: str, tenant: str) -> Iterator[OperatorThread]:
+    running = OperatorThread(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
+    yield running
+    running.stop()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def example_spec() -> dict[str, Any]:
+    document = yaml.safe_load((REPO / "examples" / "voiceagent.yaml").read_text())
+    spec = copy.deepcopy(document["spec"])
+    spec.pop("telephony", None)  # phone numbers are the telephony code's, tested there
+    spec["worker"]["drainTimeoutSeconds"] = 30
+    spec["worker"]["jobsPerWorker"] = 2
+    spec["worker"]["idleProcesses"] = 0
+    spec["worker"]["jobMemoryWarnMB"] = 100
+    spec["worker"]["jobMemoryLimitMB"] = 200
+    return dict(spec)
+
+
+def custom(cluster: ClusterHandle) -> k8s.CustomObjectsApi:
+    return k8s.CustomObjectsApi(cluster.api_client)
+
+
+def create_agent(
+    cluster: ClusterHandle, namespace: str, name: str, spec: dict[str, Any]
+) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VoiceAgent",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    created: Any = custom(cluster).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+    return dict(created)
+
+
+def get_agent(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    found: Any = custom(cluster).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return dict(found)
+
+
+def patch_spec(cluster: ClusterHandle, namespace: str, name: str, spec: dict[str, Any]) -> int:
+    """Merge-patch the spec; returns the new generation."""
+    result: Any = custom(cluster).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
+    )
+    return int(result["metadata"]["generation"])
+
+
+def condition(agent: dict[str, Any], type: str) -> dict[str, Any] | None:
+    conditions = (agent.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type), None)
+
+
+def wait_condition(
+    cluster: ClusterHandle,
+    namespace: str,
+    name: str,
+    type: str,
+    status: str,
+    *,
+    generation: int | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        agent = get_agent(cluster, namespace, name)
+        found = condition(agent, type)
+        if found is None or found["status"] != status:
+            return None
+        if generation is not None and found.get("observedGeneration") != generation:
+            return None
+        return agent
+
+    return wait_for(f"{type}={status} on {namespace}/{name}", probe, timeout=timeout)
+
+
+def list_children(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, list[Any]]:
+    selector = f"{render.LABEL_VOICE_AGENT}={name}"
+    found = {}
+    for kind, (function, api_class) in CHILD_KINDS.items():
+        api = api_class(cluster.api_client)
+        found[kind] = getattr(api, function)(namespace, label_selector=selector).items
+    return found
+
+
+def assert_children_owned_once(
+    cluster: ClusterHandle, namespace: str, agent: dict[str, Any]
+) -> dict:
+    name, uid = agent["metadata"]["name"], agent["metadata"]["uid"]
+    children = list_children(cluster, namespace, name)
+    for kind, items in children.items():
+        assert len(items) == 1, f"expected exactly one {kind} of {name}, found {len(items)}"
+        owners = items[0].metadata.owner_references or []
+        assert [(o.kind, o.name, o.uid, o.controller) for o in owners] == [
+            ("VoiceAgent", name, uid, True)
+        ], f"{kind} {items[0].metadata.name} is not controlled by the VoiceAgent"
+    return {kind: items[0] for kind, items in children.items()}
+
+
+def replica_sets(cluster: ClusterHandle, namespace: str, name: str) -> list[Any]:
+    selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(name).items())
+    return list(
+        k8s.AppsV1Api(cluster.api_client)
+        .list_namespaced_replica_set(namespace, label_selector=selector)
+        .items
+    )
+
+
+def events_of(cluster: ClusterHandle, namespace: str, name: str) -> list[Any]:
+    return list(
+        k8s.CoreV1Api(cluster.api_client)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        .items
+    )
+
+
+def wait_event(cluster: ClusterHandle, namespace: str, name: str, reason: str) -> Any:
+    def probe() -> Any:
+        return next((e for e in events_of(cluster, namespace, name) if e.reason == reason), None)
+
+    return wait_for(f"event {reason} on {namespace}/{name}", probe, timeout=30)
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_create_gives_owned_children_and_true_status(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    created = create_agent(cluster, tenant, "support", example_spec())
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=1)
+    children = assert_children_owned_once(cluster, tenant, created)
+
+    status = agent["status"]
+    assert status["dispatchName"] == f"{tenant}.support"
+    assert status["observedGeneration"] == 1
+    assert condition(agent, "ConfigValid")["status"] == "True"  # type: ignore[index]
+    deployment = children["Deployment"]
+    template_hash = deployment.spec.template.metadata.annotations[render.ANNOTATION_CONFIG_HASH]
+    assert status["configHash"] == template_hash
+    assert status["desiredReplicas"] == deployment.spec.replicas == 1
+
+    # The runtime config is valid for the runtime and holds no secret values.
+    text = children["ConfigMap"].data[render.CONFIG_KEY]
+    config = parse_config(yaml.safe_load(text))
+    assert config.tenant == tenant and config.dispatch_name == f"{tenant}.support"
+    for secret_value in ("Bearer t0ken", "sk-x", LIVEKIT_SECRET):
+        assert secret_value not in text
+    # The LiveKit credentials reached the tenant namespace as an owned copy.
+    copied = children["Secret"].data
+    assert base64.b64decode(copied["LIVEKIT_API_SECRET"]).decode() == LIVEKIT_SECRET
+    assert children["ServiceAccount"].automount_service_account_token is False
+
+    # The ReplicaSet controller created the pod under the restricted Pod Security Standard
+    # (no node here, so it stays Pending); the watcher copied the counts into the status.
+    agent = wait_for(
+        "status.replicas from the Deployment",
+        lambda: (a := get_agent(cluster, tenant, "support"))["status"].get("replicas") == 1 and a,
+        timeout=60,
+    )
+    workers = condition(agent, "WorkersAvailable")
+    assert workers is not None and workers["status"] == "False"
+    assert workers["reason"] in ("WorkersStarting", "WorkersUnavailable")
+    assert agent["status"]["readyReplicas"] == 0
+    assert agent["status"]["phase"] in ("Progressing", "Degraded")
+    assert condition(agent, "Ready")["status"] == "False"  # type: ignore[index]
+    failed = [e for e in events_of(cluster, tenant, "support") if e.reason == "FailedCreate"]
+    assert not failed
+    wait_event(cluster, tenant, "support", "Created")
+
+    # Kopf's bookkeeping is under voicefleet.dev/, never kopf's default prefix nor the status.
+    annotations = agent["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if "kopf" in key]
+    assert any(key.startswith("voicefleet.dev/") for key in annotations)
+    assert set(agent["status"]) <= {
+        "phase", "conditions", "observedGeneration", "replicas", "readyReplicas",
+        "desiredReplicas", "dispatchName", "configHash",
+    }  # fmt: skip
+
+    # Applying again changes nothing: server-side apply of the same children is a no-op.
+    versions = {k: c.metadata.resource_version for k, c in children.items() if k != "Deployment"}
+    custom(cluster).patch_namespaced_custom_object(
+        GROUP, VERSION, tenant, PLURAL, "support", {"metadata": {"labels": {"touch": "1"}}}
+    )
+    time.sleep(3)
+    again = assert_children_owned_once(cluster, tenant, created)
+    assert {
+        k: c.metadata.resource_version for k, c in again.items() if k != "Deployment"
+    } == versions
+    assert again["Deployment"].metadata.generation == deployment.metadata.generation
+
+
+def test_config_change_rolls_out_a_new_pod_template(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    spec = example_spec()
+    create_agent(cluster, tenant, "support", spec)
+    first = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=1)
+    first_hash = first["status"]["configHash"]
+    wait_for("the first ReplicaSet", lambda: len(replica_sets(cluster, tenant, "support")) == 1)
+
+    # A scaling change alone does not touch the workers' config.
+    generation = patch_spec(cluster, tenant, "support", {"scaling": {"maxReplicas": 5}})
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=generation)
+    assert agent["status"]["configHash"] == first_hash
+
+    spec["agents"][0]["greeting"] = "Welcome to Acme, this is the new greeting."
+    generation = patch_spec(cluster, tenant, "support", {"agents": spec["agents"]})
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=generation)
+    new_hash = agent["status"]["configHash"]
+    assert new_hash != first_hash
+    children = assert_children_owned_once(cluster, tenant, agent)
+    assert "the new greeting" in children["ConfigMap"].data[render.CONFIG_KEY]
+    template = children["Deployment"].spec.template
+    assert template.metadata.annotations[render.ANNOTATION_CONFIG_HASH] == new_hash
+
+    # The real deployment controller rolled the new template out as a new ReplicaSet.
+    def rolled_out() -> bool:
+        sets = replica_sets(cluster, tenant, "support")
+        hashes = {
+            rs.spec.template.metadata.annotations[render.ANNOTATION_CONFIG_HASH] for rs in sets
+        }
+        return len(sets) == 2 and hashes == {first_hash, new_hash}
+
+    wait_for("a new ReplicaSet with the new config hash", rolled_out, timeout=60)
+    event = wait_event(cluster, tenant, "support", "RollingOut")
+    assert first_hash in event.message and new_hash in event.message
+
+
+def test_delete_garbage_collects_every_child(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    create_agent(cluster, tenant, "support", example_spec())
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True")
+    assert_children_owned_once(cluster, tenant, agent)
+    wait_for("the worker ReplicaSet", lambda: replica_sets(cluster, tenant, "support"))
+
+    custom(cluster).delete_namespaced_custom_object(GROUP, VERSION, tenant, PLURAL, "support")
+
+    def all_gone() -> bool:
+        left = {k: len(v) for k, v in list_children(cluster, tenant, "support").items() if v}
+        return not left and not replica_sets(cluster, tenant, "support")
+
+    wait_for("the garbage collector to remove every child", all_gone, timeout=90)
+    pods = k8s.CoreV1Api(cluster.api_client).list_namespaced_pod(
+        tenant, label_selector=f"{render.LABEL_VOICE_AGENT}=support"
+    )
+    wait_for(
+        "worker pods to go",
+        lambda: (
+            not k8s.CoreV1Api(cluster.api_client)
+            .list_namespaced_pod(tenant, label_selector=f"{render.LABEL_VOICE_AGENT}=support")
+            .items
+        ),
+        timeout=90,
+    )
+    assert pods is not None
+
+
+def test_missing_secret_sets_config_valid_false_and_recovers(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    spec = example_spec()
+    spec["secretRefs"] = [{"name": "late-keys"}]
+    create_agent(cluster, tenant, "support", spec)
+    agent = wait_condition(cluster, tenant, "support", "ConfigValid", "False", generation=1)
+    invalid = condition(agent, "ConfigValid")
+    assert invalid is not None and invalid["reason"] == "SecretNotFound"
+    assert "spec.secretRefs[0].name: Secret 'late-keys' not found" in invalid["message"]
+    assert agent["status"]["phase"] == "Failed"  # nothing ran before
+    assert condition(agent, "Ready")["status"] == "False"  # type: ignore[index]
+    assert not any(list_children(cluster, tenant, "support").values())
+    event = wait_event(cluster, tenant, "support", "SecretNotFound")
+    assert event.type == "Warning" and "spec.secretRefs[0].name" in event.message
+
+    _create_secret(
+        cluster,
+        tenant,
+        "late-keys",
+        {"OPENAI_API_KEY": "sk-y", "DEEPGRAM_API_KEY": "dg-y", "ELEVEN_API_KEY": "el-y"},
+    )
+    started = time.monotonic()
+    agent = wait_condition(cluster, tenant, "support", "ConfigValid", "True", timeout=30)
+    recovery = time.monotonic() - started
+    wait_condition(cluster, tenant, "support", "Reconciled", "True")
+    assert_children_owned_once(cluster, tenant, agent)
+    print(f"recovered {recovery:.1f}s after the Secret appeared")
+
+
+def test_invalid_update_keeps_the_last_good_children(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    spec = example_spec()
+    create_agent(cluster, tenant, "support", spec)
+    good = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=1)
+    good_hash = good["status"]["configHash"]
+
+    # Schema-valid, but the header names a key the Secret does not have.
+    header = spec["tools"][0]["http"]["headers"][0]
+    header["valueFrom"]["secretKeyRef"]["key"] = "no-such-key"
+    generation = patch_spec(cluster, tenant, "support", {"tools": spec["tools"]})
+    agent = wait_condition(
+        cluster, tenant, "support", "ConfigValid", "False", generation=generation
+    )
+    invalid = condition(agent, "ConfigValid")
+    assert invalid is not None and invalid["reason"] == "SecretKeyNotFound"
+    assert invalid["message"].startswith(
+        "spec.tools[0].http.headers[0].valueFrom.secretKeyRef.key: Secret 'acme-orders-api' "
+        "has no key 'no-such-key' (its keys: authorization)"
+    )
+    assert agent["status"]["phase"] == "Degraded"  # the last good workers keep serving
+    assert agent["status"]["configHash"] == good_hash
+    children = assert_children_owned_once(cluster, tenant, agent)
+    template = children["Deployment"].spec.template.metadata.annotations
+    assert template[render.ANNOTATION_CONFIG_HASH] == good_hash
+    assert "no-such-key" not in json.dumps(children["Deployment"].to_dict(), default=str)
+
+    # A provider key that no listed Secret provides is caught too.
+    spec["tools"][0]["http"]["headers"][0]["valueFrom"]["secretKeyRef"]["key"] = "authorization"
+    spec["pipeline"]["stt"] = {"provider": "deepgram"}
+    generation = patch_spec(cluster, tenant, "support", {"tools": spec["tools"], "secretRefs": []})
+    agent = wait_condition(
+        cluster, tenant, "support", "ConfigValid", "False", generation=generation
+    )
+    invalid = condition(agent, "ConfigValid")
+    assert invalid is not None and invalid["reason"] == "ProviderKeyMissing"
+    assert "spec.pipeline.stt.provider 'deepgram' needs" in invalid["message"]
+
+    generation = patch_spec(cluster, tenant, "support", {"secretRefs": [{"name": "provider-keys"}]})
+    wait_condition(cluster, tenant, "support", "ConfigValid", "True", generation=generation)
+    wait_event(cluster, tenant, "support", "ConfigValid")
+
+
+def test_deleted_deployment_is_recreated(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    create_agent(cluster, tenant, "support", example_spec())
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True")
+    old = assert_children_owned_once(cluster, tenant, agent)["Deployment"]
+    k8s.AppsV1Api(cluster.api_client).delete_namespaced_deployment("support", tenant)
+
+    def recreated() -> bool:
+        items = list_children(cluster, tenant, "support")["Deployment"]
+        return len(items) == 1 and items[0].metadata.uid != old.metadata.uid
+
+    wait_for("the operator to recreate the deleted Deployment", recreated, timeout=60)
+    assert_children_owned_once(cluster, tenant, agent)
+
+
+def test_a_name_taken_by_another_object_is_never_taken_over(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    core = k8s.CoreV1Api(cluster.api_client)
+    core.create_namespaced_config_map(
+        tenant,
+        k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="support-config"), data={"mine": "yes"}),
+    )
+    create_agent(cluster, tenant, "support", example_spec())
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "False")
+    conflict = condition(agent, "Reconciled")
+    assert conflict is not None and conflict["reason"] == "NameConflict"
+    assert "ConfigMap 'support-config'" in conflict["message"]
+    assert core.read_namespaced_config_map("support-config", tenant).data == {"mine": "yes"}
+
+    core.delete_namespaced_config_map("support-config", tenant)
+    agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", timeout=30)
+    assert_children_owned_once(cluster, tenant, agent)
+
+
+# --- killed mid-reconcile --------------------------------------------------------------------
+
+
+class OperatorProcess:
+    """`python -m voicefleet_operator` as a real process, to be SIGKILLed."""
+
+    def __init__(self, settings: PlatformSettings, kubeconfig: Path, log: Path) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("operator", "runtime")),
+            "VOICEFLEET_LIVEKIT_URL": settings.livekit_url,
+            "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": settings.livekit_secret_namespace,
+            "VOICEFLEET_RUNTIME_IMAGE": settings.runtime_image,
+            "VOICEFLEET_WATCH_NAMESPACES": ",".join(settings.watch_namespaces),
+            "VOICEFLEET_RECHECK_INVALID_SECONDS": "1",
+            "VOICEFLEET_RESYNC_SECONDS": "3600",
+            "VOICEFLEET_METRICS_PORT": "0",
+            "VOICEFLEET_LIVENESS_PORT": str(_free_port()),
+        }
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "voicefleet_operator"],
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_killed_mid_reconcile_the_restarted_operator_converges(
+    cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
+) -> None:
+    core = k8s.CoreV1Api(cluster.api_client)
+    settings = settings_for(platform, (tenant,))
+    # A quota that refuses Deployments stops the reconcile between the other children and the
+    # Deployment: a real half-done reconcile, deterministically.
+    core.create_namespaced_resource_quota(
+        tenant,
+        k8s.V1ResourceQuota(
+            metadata=k8s.V1ObjectMeta(name="no-deployments"),
+            spec=k8s.V1ResourceQuotaSpec(hard={"count/deployments.apps": "0"}),
+        ),
+    )
+    first = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator-1.log")
+    try:
+        create_agent(cluster, tenant, "support", example_spec())
+        try:
+            agent = wait_condition(cluster, tenant, "support", "Reconciled", "False", timeout=90)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n--- operator log ---\n{first.tail()}") from None
+        stuck = condition(agent, "Reconciled")
+        assert stuck is not None and stuck["reason"] == "ApplyFailed"
+        assert "Deployment 'support'" in stuck["message"]
+        partial = {k: len(v) for k, v in list_children(cluster, tenant, "support").items()}
+        assert partial["Deployment"] == 0 and partial["ConfigMap"] == 1
+    finally:
+        first.kill()  # SIGKILL: no cleanup, no last status write
+
+    # While no operator runs: the quota goes and the spec changes.
+    core.delete_namespaced_resource_quota("no-deployments", tenant)
+    spec = example_spec()
+    spec["agents"][0]["greeting"] = "Changed while the operator was down."
+    generation = patch_spec(cluster, tenant, "support", {"agents": spec["agents"]})
+
+    # Then, several times: a fresh process catches up, a change arrives, and the process is
+    # killed a moment later, inside the reconcile of that change.
+    for attempt, delay in enumerate((0.02, 0.1, 0.3)):
+        proc = OperatorProcess(settings, cluster.kubeconfig, tmp_path / f"operator-k{attempt}.log")
+        try:
+            try:
+                wait_condition(
+                    cluster, tenant, "support", "Reconciled", "True", generation=generation
+                )
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n--- operator log ---\n{proc.tail()}") from None
+            spec["agents"][1]["greeting"] = f"Billing, take {attempt}."
+            generation = patch_spec(cluster, tenant, "support", {"agents": spec["agents"]})
+            time.sleep(delay)
+        finally:
+            proc.kill()
+
+    restarted = OperatorThread(settings, cluster.kubeconfig).start()
+    try:
+        agent = wait_condition(
+            cluster, tenant, "support", "Reconciled", "True", generation=generation, timeout=60
+        )
+        children = assert_children_owned_once(cluster, tenant, agent)
+        text = children["ConfigMap"].data[render.CONFIG_KEY]
+        assert "Changed while the operator was down." in text
+        assert "Billing, take 2." in text  # the change whose reconcile was cut
+        template = children["Deployment"].spec.template.metadata.annotations
+        assert template[render.ANNOTATION_CONFIG_HASH] == agent["status"]["configHash"]
+        # No orphan: every object labelled for this agent is owned by it (checked above for
+        # the children; ReplicaSets belong to the one Deployment).
+        deployment_uid = children["Deployment"].metadata.uid
+        for replica_set in replica_sets(cluster, tenant, "support"):
+            owners = replica_set.metadata.owner_references or []
+            assert [o.uid for o in owners] == [deployment_uid]
+        annotations = agent["metadata"].get("annotations") or {}
+        assert not [key for key in annotations if "kopf" in key]
+    finally:
+        restarted.stop()
+
+
+# --- the chart's RBAC ------------------------------------------------------------------------
+
+
+def _helm_rbac(namespace: str) -> list[dict[str, Any]]:
+    helm = paths.binary("helm")
+    if not helm.exists():
+        pytest.fail(f"helm is not built at {helm}; run `make infra`", pytrace=False)
+    rendered = subprocess.run(
+        [
+            str(helm), "template", "vf", str(REPO / "charts" / "voicefleet"),
+            "--namespace", namespace,
+            "--set", "livekit.url=ws://127.0.0.1:7880",
+            "--set", "livekit.existingSecret=voicefleet-livekit",
+            "--show-only", "templates/serviceaccount.yaml",
+            "--show-only", "templates/rbac.yaml",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    if rendered.returncode != 0:
+        raise AssertionError(f"helm template failed:\n{rendered.stderr}")
+    return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+
+
+def test_operator_runs_with_exactly_the_charts_rbac(
+    cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
+) -> None:
+    """The operator as the chart's ServiceAccount: everything it does is allowed by the
+    ClusterRole (a missing verb fails this test with the API's 403 in the status)."""
+    documents = _helm_rbac(platform)
+    suffix = secrets.token_hex(3)
+    for document in documents:
+        if document["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            document["metadata"]["name"] += f"-{suffix}"  # cluster-scoped: unique per run
+        if document["kind"] == "ClusterRoleBinding":
+            document["roleRef"]["name"] += f"-{suffix}"
+    manifest = tmp_path / "rbac.yaml"
+    manifest.write_text(yaml.safe_dump_all(documents))
+    cluster.kubectl("apply", "-f", str(manifest))
+    try:
+        token = cluster.kubectl(
+            "-n", platform, "create", "token", "vf-voicefleet", "--duration=1h"
+        ).strip()
+        admin = yaml.safe_load(cluster.kubeconfig.read_text())
+        admin_cluster = admin["clusters"][0]
+        restricted = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [admin_cluster],
+            "users": [{"name": "operator", "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "operator",
+                    "context": {"cluster": admin_cluster["name"], "user": "operator"},
+                }
+            ],
+            "current-context": "operator",
+        }
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(restricted))
+        running = OperatorThread(
+            settings_for(platform, (), livekit_secret_name="voicefleet-livekit"), kubeconfig
+        ).start()
+        try:
+            create_agent(cluster, tenant, "support", example_spec())
+            agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", timeout=60)
+            assert_children_owned_once(cluster, tenant, agent)
+            wait_for(
+                "status.replicas through the Deployment watch",
+                lambda: get_agent(cluster, tenant, "support")["status"].get("replicas") == 1,
+                timeout=60,
+            )
+            wait_event(cluster, tenant, "support", "Created")  # events: create
+        finally:
+            running.stop()
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", str(manifest))

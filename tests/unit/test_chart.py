@@ -1,0 +1,216 @@
+"""The Helm chart: `helm lint`, `helm template` golden files, and the properties it must keep.
+
+Needs the pinned helm binary (`make infra` builds it). Golden files: tests/unit/golden/chart/;
+regenerate after an intended change with `UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_chart.py`
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.infra import paths
+
+CHART = paths.REPO_ROOT / "charts" / "voicefleet"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "chart"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+NAMESPACE = "voicefleet-system"
+
+CASES: dict[str, list[str]] = {
+    # The quickstart: credentials given inline, every namespace served.
+    "default": [
+        "--set",
+        "livekit.url=wss://livekit.example.com",
+        "--set",
+        "livekit.apiKey=devkey",
+        "--set",
+        "livekit.apiSecret=devsecret",
+    ],
+    # A production-like install: an existing Secret, chosen namespaces, pinned images.
+    "namespaced": [
+        "--set",
+        "livekit.url=ws://livekit.livekit.svc:7880",
+        "--set",
+        "livekit.apiUrl=http://livekit.livekit.svc:7880",
+        "--set",
+        "livekit.existingSecret=livekit-keys",
+        "--set",
+        "watchNamespaces={acme,globex}",
+        "--set",
+        "image.repository=registry.example/voicefleet/operator",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "runtime.image.repository=registry.example/voicefleet/runtime",
+        "--set",
+        "runtime.image.tag=1.2.3",
+        "--set",
+        "logLevel=DEBUG",
+    ],
+}
+
+
+def helm_binary() -> Path:
+    helm = paths.binary("helm")
+    if not helm.exists():
+        pytest.fail(
+            f"helm is not built at {helm}; run `make infra` (it builds the pinned helm from "
+            "e2e/versions.toml)",
+            pytrace=False,
+        )
+    return helm
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(helm_binary()), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def template(case: str) -> str:
+    return helm("template", "vf", str(CHART), "--namespace", NAMESPACE, *CASES[case]).stdout
+
+
+def documents(case: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(template(case)) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
+    return matches[0]
+
+
+def test_helm_lint_passes() -> None:
+    proc = helm("lint", str(CHART), "--strict", *CASES["default"])
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_install_without_livekit_url_fails_naming_the_value() -> None:
+    proc = helm("template", "vf", str(CHART), check=False)
+    assert proc.returncode != 0
+    assert "livekit.url is required" in proc.stderr
+
+
+def test_values_schema_rejects_bad_values_naming_them() -> None:
+    proc = helm(
+        "template", "vf", str(CHART), *CASES["default"], "--set", "logLevel=LOUD", check=False
+    )
+    assert proc.returncode != 0
+    assert "logLevel" in proc.stderr
+    proc = helm("template", "vf", str(CHART), *CASES["default"], "--set", "replicas=2", check=False)
+    assert proc.returncode != 0
+    assert "replicas" in proc.stderr  # unknown values are typos, not silently ignored
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_helm_template_matches_golden_file(case: str) -> None:
+    text = template(case)
+    path = GOLDEN / f"{case}.yaml"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), (
+        f"`helm template` ({case}) differs from {path}; if intended, regenerate with "
+        "UPDATE_GOLDEN=1 and review the diff"
+    )
+
+
+def test_operator_deployment_is_one_recreated_restricted_pod() -> None:
+    deployment = by_kind(documents("default"), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert context["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VOICEFLEET_LIVEKIT_URL"] == "wss://livekit.example.com"
+    assert env["VOICEFLEET_LIVEKIT_SECRET_NAME"] == "vf-voicefleet-livekit"
+    assert env["VOICEFLEET_LIVEKIT_SECRET_NAMESPACE"] == NAMESPACE
+    assert env["VOICEFLEET_RUNTIME_IMAGE"] == "voicefleet/runtime:0.1.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_operator_settings_from_the_chart_are_valid() -> None:
+    """The env the chart sets parses as the operator's settings (the chart and settings.py
+    agree on every variable name)."""
+    from voicefleet_operator.settings import PlatformSettings
+
+    for case in CASES:
+        container = by_kind(documents(case), "Deployment")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env["POD_NAMESPACE"] = NAMESPACE
+        settings = PlatformSettings.from_environment(env)
+        if case == "namespaced":
+            assert settings.watch_namespaces == ("acme", "globex")
+            assert settings.livekit_secret_name == "livekit-keys"
+            assert settings.runtime_image == "registry.example/voicefleet/runtime:1.2.3"
+            assert settings.log_level == "DEBUG"
+
+
+def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
+    docs = documents("default")
+    role = by_kind(docs, "ClusterRole")
+    granted = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    for (group, resource), verbs in granted.items():
+        assert "*" not in verbs and resource != "*" and group != "*"
+    # Each line is a use in the code (see operator/README.md, "RBAC").
+    assert granted == {
+        ("voicefleet.dev", "voiceagents"): ["get", "list", "patch", "watch"],
+        ("voicefleet.dev", "voiceagents/status"): ["patch"],
+        ("voicefleet.dev", "voiceagents/finalizers"): ["update"],
+        ("", "configmaps"): ["create", "get", "patch"],
+        ("", "secrets"): ["create", "get", "patch"],
+        ("", "services"): ["create", "get", "patch"],
+        ("", "serviceaccounts"): ["create", "get", "patch"],
+        ("apps", "deployments"): ["create", "get", "list", "patch", "watch"],
+        ("policy", "poddisruptionbudgets"): ["create", "get", "patch"],
+        ("networking.k8s.io", "networkpolicies"): ["create", "get", "patch"],
+        ("", "events"): ["create"],
+        ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
+    }
+    binding = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "vf-voicefleet", "namespace": NAMESPACE}
+    ]
+    # Watching chosen namespaces makes kopf follow namespaces too.
+    namespaced_role = by_kind(documents("namespaced"), "ClusterRole")
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in (
+        namespaced_role["rules"]
+    )
+
+
+def test_livekit_secret_is_created_only_without_an_existing_one() -> None:
+    secret = by_kind(documents("default"), "Secret")
+    assert secret["metadata"]["name"] == "vf-voicefleet-livekit"
+    assert set(secret["stringData"]) == {"LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"}
+    assert not [d for d in documents("namespaced") if d["kind"] == "Secret"]
+
+
+def test_chart_ships_the_generated_crd() -> None:
+    chart_crd = CHART / "crds" / "voiceagents.voicefleet.dev.yaml"
+    assert chart_crd.exists()
+    assert chart_crd.read_text() == (paths.REPO_ROOT / "crds" / chart_crd.name).read_text()
