@@ -204,3 +204,62 @@ def encode_audio(audio: PcmAudio, response_format: str) -> tuple[bytes, str]:
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue(), content_type
+
+
+class StreamingEncoder:
+    """One continuous encoded stream fed piece by piece (ElevenLabs sends one per context).
+
+    Concatenating separately encoded files would put a second header (ID3, Ogg BOS page)
+    mid-stream, which decoders reject; this keeps a single encoder open instead.
+    """
+
+    def __init__(self, codec_name: str, sample_rate: int) -> None:
+        self.codec_name = codec_name
+        self.sample_rate = sample_rate
+        self._buffer = io.BytesIO()
+        self._read = 0
+        self._container: Any = None
+        self._stream: Any = None
+        if codec_name == "pcm":
+            return
+        if codec_name not in ("mp3", "opus"):
+            raise ValueError(f"streaming codec {codec_name!r} is not supported; use pcm, mp3, opus")
+        container_format, codec, _, codec_rate = _ENCODINGS[codec_name]
+        # No ID3 tag or Xing header (rewritten by seeking back at the end); short Ogg pages so
+        # audio leaves as it is encoded.
+        options = (
+            {"id3v2_version": "0", "write_xing": "0"}
+            if codec_name == "mp3"
+            else {"page_duration": "20000"}
+        )
+        self._container = av.open(self._buffer, mode="w", format=container_format, options=options)
+        self._encode_rate = codec_rate or sample_rate
+        self._stream = self._container.add_stream(codec, rate=self._encode_rate, layout="mono")
+
+    def _drain(self) -> bytes:
+        data = self._buffer.getvalue()[self._read :]
+        self._read += len(data)
+        return data
+
+    def encode(self, audio: PcmAudio) -> bytes:
+        """Encode more audio; returns the bytes produced so far that were not returned yet."""
+        if self._container is None:
+            return audio.resample(self.sample_rate).to_bytes()
+        source = audio.resample(self._encode_rate)
+        frame = av.AudioFrame.from_ndarray(
+            source.samples.reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = self._encode_rate
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._drain()
+
+    def close(self) -> bytes:
+        """Flush the encoder and the container; returns the last bytes."""
+        if self._container is None:
+            return b""
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        return self._drain()

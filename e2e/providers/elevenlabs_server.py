@@ -17,7 +17,7 @@ import asyncio
 import base64
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -132,9 +132,9 @@ async def stream_http(request: web.Request) -> web.StreamResponse:
 
 @dataclass
 class _Context:
+    encoder: audio.StreamingEncoder  # one continuous stream per context, as ElevenLabs sends
     text: str = ""
     audio_ms: float = 0.0  # audio already sent, so alignment times keep counting up
-    spoken: list[str] = field(default_factory=list)
 
 
 async def multi_stream_input(request: web.Request) -> web.StreamResponse:
@@ -142,7 +142,7 @@ async def multi_stream_input(request: web.Request) -> web.StreamResponse:
         return denied
     output_format = request.query.get("output_format", DEFAULT_OUTPUT_FORMAT)
     try:
-        parse_output_format(output_format)
+        codec_name, sample_rate = parse_output_format(output_format)
     except OutputFormatError as error:
         return web.json_response({"detail": str(error)}, status=422)
     model = request.query.get("model_id")
@@ -154,18 +154,22 @@ async def multi_stream_input(request: web.Request) -> web.StreamResponse:
     contexts: dict[str, _Context] = {}
     send_lock = asyncio.Lock()
 
-    async def speak(context_id: str, context: _Context) -> None:
+    async def speak(context_id: str, context: _Context, *, closing: bool) -> None:
         text, context.text = context.text.strip(), ""
-        if not text:
+        speech = audio.PcmAudio.silence(0, sample_rate)
+        encoded = b""
+        if text:
+            speech = await audio.synthesize(text, sample_rate=sample_rate)
+            encoded = await asyncio.to_thread(context.encoder.encode, speech)
+            _record(state, request, text, speech, output_format, transport="websocket", model=model)
+        if closing:
+            encoded += await asyncio.to_thread(context.encoder.close)
+        if not encoded:
             return
-        speech, encoded = await _speak(text, output_format)
-        _record(state, request, text, speech, output_format, transport="websocket", model=model)
-        context.spoken.append(text)
-        pieces = max(1, round(speech.duration / AUDIO_MESSAGE_SECONDS))
+        duration = max(speech.duration, AUDIO_MESSAGE_SECONDS)
+        pieces = max(1, round(duration / AUDIO_MESSAGE_SECONDS))
         step = max(1, -(-len(encoded) // pieces))
         chunks = [encoded[i : i + step] for i in range(0, len(encoded), step)]
-        # Characters spread evenly over the audio: enough for the plugin's word timings.
-        char_ms = speech.duration * 1000 / max(1, len(text))
         async with send_lock:
             for index, chunk in enumerate(chunks):
                 message: dict[str, Any] = {
@@ -173,7 +177,9 @@ async def multi_stream_input(request: web.Request) -> web.StreamResponse:
                     "isFinal": None,
                     "contextId": context_id,
                 }
-                if with_alignment and index == 0:
+                if text and with_alignment and index == 0:
+                    # Characters spread evenly over the audio: enough for word timings.
+                    char_ms = speech.duration * 1000 / len(text)
                     alignment = {
                         "chars": list(text + " "),
                         "charStartTimesMs": [
@@ -199,11 +205,13 @@ async def multi_stream_input(request: web.Request) -> web.StreamResponse:
         if packet.get("close_socket"):
             break
         context_id = str(packet.get("context_id") or packet.get("contextId") or "default")
-        context = contexts.setdefault(context_id, _Context())
+        if context_id not in contexts:
+            contexts[context_id] = _Context(audio.StreamingEncoder(codec_name, sample_rate))
+        context = contexts[context_id]
         context.text += packet.get("text") or ""
         closing = bool(packet.get("close_context"))
         if packet.get("flush") or closing or len(context.text) >= CHUNK_CHARS:
-            await speak(context_id, context)
+            await speak(context_id, context, closing=closing)
         if closing:
             async with send_lock:
                 await ws.send_str(json.dumps({"isFinal": True, "contextId": context_id}))

@@ -4,6 +4,7 @@ livekit openai plugins (the code paths the runtime uses)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -575,3 +576,41 @@ async def test_livekit_elevenlabs_plugin_speaks_over_http_and_websocket(
     ]
     assert recorded[1]["text"] == "Hello there. This reply is streamed in two parts."
     assert recorded[1]["response_format"] == encoding
+
+
+@pytest.mark.parametrize("encoding", ["mp3_22050_32", "opus_48000_32"])
+async def test_elevenlabs_context_is_one_decodable_stream_across_flushes(
+    providers: ProviderServer, encoding: str
+) -> None:
+    url = (
+        f"{providers.elevenlabs_base_url}/text-to-speech/voice-1/multi-stream-input"
+        f"?model_id=eleven_turbo_v2_5&output_format={encoding}&sync_alignment=true"
+    ).replace("http", "ws", 1)
+    received = bytearray()
+    alignments: list[dict[str, Any]] = []
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url, headers={"xi-api-key": "xi-key"}) as ws,
+    ):
+        await ws.send_json({"text": " ", "voice_settings": {}, "context_id": "c1"})
+        await ws.send_json({"text": "First sentence here. ", "context_id": "c1", "flush": True})
+        await ws.send_json({"text": "And a second one. ", "context_id": "c1", "flush": True})
+        await ws.send_json({"context_id": "c1", "close_context": True})
+        while True:
+            message = json.loads((await ws.receive(timeout=20)).data)
+            assert message["contextId"] == "c1"
+            if message.get("audio"):
+                received += base64.b64decode(message["audio"])
+            if message.get("alignment"):
+                alignments.append(message["alignment"])
+            if message.get("isFinal"):
+                break
+
+    # Two sentences, but one stream: a second header mid-stream would fail to decode.
+    speech = decode_audio(bytes(received))
+    spoken = [r["audio_seconds"] for r in providers.requests("tts")]
+    assert len(spoken) == 2
+    assert speech.duration == pytest.approx(sum(spoken), abs=0.15)
+    assert speech.rms > 0.02
+    # Alignment times keep counting up across the context.
+    assert alignments[1]["charStartTimesMs"][0] >= alignments[0]["charStartTimesMs"][-1]
