@@ -11,15 +11,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from kubernetes import client as k8s
 from livekit import api, rtc
 
+from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.infra import images, paths
 from e2e.infra import livekit as stack
-from e2e.infra import paths
 from e2e.infra.prometheus import PrometheusClient
 
 pytestmark = pytest.mark.integration
@@ -257,6 +260,25 @@ SAMPLE_RATE = 48000
 TONE_HZ = 440.0
 
 
+async def receive_tone(track: rtc.Track, seconds: float, within_s: float) -> np.ndarray:
+    """Non-silent samples received on `track`: `seconds` of them, or what came in `within_s`."""
+    received: list[np.ndarray] = []
+    stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+    deadline = time.monotonic() + within_s
+    try:
+        async for event in stream:
+            samples = np.frombuffer(event.frame.data, dtype=np.int16)
+            if np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 500:
+                received.append(samples)
+            if sum(len(s) for s in received) >= seconds * SAMPLE_RATE:
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        await stream.aclose()
+    return np.concatenate(received) if received else np.zeros(0, dtype=np.int16)
+
+
 async def test_two_participants_exchange_audio_over_webrtc(
     livekit: stack.LiveKitEndpoint,
 ) -> None:
@@ -301,19 +323,8 @@ async def test_two_participants_exchange_audio_over_webrtc(
 
         player = asyncio.create_task(play_tone())
         remote = await asyncio.wait_for(subscribed, timeout=20)
-        received: list[np.ndarray] = []
-        stream = rtc.AudioStream(remote, sample_rate=SAMPLE_RATE, num_channels=1)
-        deadline = time.monotonic() + 20
-        async for event in stream:
-            samples = np.frombuffer(event.frame.data, dtype=np.int16)
-            if np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 500:
-                received.append(samples)
-            if sum(len(s) for s in received) >= SAMPLE_RATE or time.monotonic() > deadline:
-                break
+        audio = await receive_tone(remote, seconds=1.0, within_s=20)
         player.cancel()
-        await stream.aclose()
-
-        audio = np.concatenate(received) if received else np.zeros(0)
         assert len(audio) >= SAMPLE_RATE, (
             f"listener got {len(audio) / SAMPLE_RATE:.2f} s of non-silent audio in 20 s"
         )
@@ -325,6 +336,107 @@ async def test_two_participants_exchange_audio_over_webrtc(
         assert stack.node_ip() in await addresses_carrying_media(listener)
     finally:
         await speaker.disconnect()
+        await listener.disconnect()
+
+
+# Runs inside the pod-like network namespace: joins the room and plays a 440 Hz tone.
+POD_SPEAKER = """
+import asyncio, sys
+import numpy as np
+from livekit import rtc
+
+async def main():
+    room = rtc.Room()
+    await room.connect(sys.argv[1], sys.argv[2])
+    source = rtc.AudioSource(48000, 1)
+    track = rtc.LocalAudioTrack.create_audio_track("tone", source)
+    options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+    await room.local_participant.publish_track(track, options)
+    t = 0
+    while True:
+        n = np.arange(t, t + 480)
+        wave = (0.3 * 32767 * np.sin(2 * np.pi * 440 * n / 48000)).astype(np.int16)
+        await source.capture_frame(rtc.AudioFrame(wave.tobytes(), 48000, 1, 480))
+        t += 480
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def pod_like_netns() -> Iterator[tuple[str, str]]:
+    """A network namespace wired to the host like a pod: (namespace, host address it uses)."""
+    tag = uuid.uuid4().hex[:6]
+    netns, host_if, pod_if = f"lkpod-{tag}", f"lkh{tag}", f"lkp{tag}"
+    subnet = f"10.254.{int(tag[:2], 16)}"
+    host_ip, pod_ip = f"{subnet}.1", f"{subnet}.2"
+    steps = [
+        ["ip", "netns", "add", netns],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", pod_if],
+        ["ip", "link", "set", pod_if, "netns", netns],
+        ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "-n", netns, "addr", "add", f"{pod_ip}/24", "dev", pod_if],
+        ["ip", "-n", netns, "link", "set", pod_if, "up"],
+        ["ip", "-n", netns, "link", "set", "lo", "up"],
+        ["ip", "-n", netns, "route", "add", "default", "via", host_ip],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, text=True)
+        yield netns, host_ip
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+async def test_participant_in_a_pod_network_reaches_livekit_media(
+    livekit: stack.LiveKitEndpoint, pod_like_netns: tuple[str, str]
+) -> None:
+    """A client in its own network namespace (as in a pod) signals through the host address
+    pods use and sends media to the ICE candidates livekit-server advertises."""
+    netns, host_ip = pod_like_netns
+    room_name = unique("pod-media")
+
+    def token(identity: str) -> str:
+        grants = api.VideoGrants(room_join=True, room=room_name)
+        return (
+            api.AccessToken(livekit.api_key, livekit.api_secret)
+            .with_identity(identity)
+            .with_grants(grants)
+            .to_jwt()
+        )
+
+    listener = rtc.Room()
+    subscribed: asyncio.Future[rtc.Track] = asyncio.get_running_loop().create_future()
+
+    @listener.on("track_subscribed")
+    def _on_track(track: rtc.Track, *_: object) -> None:
+        if not subscribed.done():
+            subscribed.set_result(track)
+
+    await listener.connect(livekit.url, token("host-listener"))
+    pod_url = f"ws://{host_ip}:{stack.LIVEKIT_PORT}"
+    speaker = await asyncio.create_subprocess_exec(
+        *("ip", "netns", "exec", netns, sys.executable, "-c", POD_SPEAKER),
+        *(pod_url, token("pod-speaker")),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        try:
+            remote = await asyncio.wait_for(subscribed, timeout=30)
+        except TimeoutError:
+            speaker.kill()
+            _, err = await speaker.communicate()
+            pytest.fail(f"no track from the pod-like client:\n{err.decode()[-2000:]}")
+        audio = await receive_tone(remote, seconds=1.0, within_s=20)
+        assert len(audio) >= SAMPLE_RATE, f"got {len(audio) / SAMPLE_RATE:.2f} s of audio"
+        assert abs(float(np.argmax(np.abs(np.fft.rfft(audio[:SAMPLE_RATE])))) - TONE_HZ) < 5
+        assert stack.node_ip() in await addresses_carrying_media(listener)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            speaker.kill()
+        await speaker.wait()
         await listener.disconnect()
 
 
@@ -374,3 +486,83 @@ def test_livekit_down_stops_every_process_and_up_restores_them(
     assert again.returncode == 0, again.stdout + again.stderr
     assert all(stack.status().values()), again.stdout
     print(f"livekit up after down: {time.monotonic() - began:.1f} s\n{again.stdout}")
+
+
+def _testserver_deployment(name: str, annotations: dict[str, str]) -> dict[str, Any]:
+    labels = {"app": name}
+    container = {
+        "name": "testserver",
+        "image": images.TESTSERVER_IMAGE,
+        "imagePullPolicy": "Never",
+        "ports": [{"containerPort": 8080}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": {"containers": [container]},
+            },
+        },
+    }
+
+
+def test_prometheus_discovers_annotated_pods_of_the_cluster(
+    cluster_with_node: ClusterHandle, prometheus: PrometheusClient
+) -> None:
+    # Typed as Any: the client's models are awkward for plain-dict manifests.
+    core: Any = k8s.CoreV1Api(cluster_with_node.api_client)
+    apps: Any = k8s.AppsV1Api(cluster_with_node.api_client)
+    namespace = unique("e2e-prom")
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        scraped = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "8080",
+            "prometheus.io/path": "/custom-metrics",
+        }
+        apps.create_namespaced_deployment(namespace, _testserver_deployment("scraped", scraped))
+        apps.create_namespaced_deployment(namespace, _testserver_deployment("ignored", {}))
+
+        def running_pods() -> dict[str, Any] | None:
+            pods = core.list_namespaced_pod(namespace).items
+            ready = {p.metadata.labels["app"]: p for p in pods if p.status.phase == "Running"}
+            return ready if len(ready) == 2 else None
+
+        pods = wait_for("both testserver pods Running", running_pods, timeout=180)
+        pod = pods["scraped"]
+
+        targets = prometheus.wait_for_targets(
+            "kubernetes-pods", {"namespace": namespace, "pod": pod.metadata.name}, timeout=90
+        )
+        # The port and path annotations are honoured, and Prometheus reaches the pod's IP.
+        assert targets[0]["scrapeUrl"] == f"http://{pod.status.pod_ip}:8080/custom-metrics"
+
+        def scraped_once() -> dict[str, Any] | None:
+            for target in prometheus.active_targets():
+                if (
+                    target["labels"].get("pod") == pod.metadata.name
+                    and target["health"] != "unknown"
+                ):
+                    return dict(target)
+            return None
+
+        target = wait_for("a first scrape of the annotated pod", scraped_once, timeout=30)
+        # testserver answers text that is not the exposition format: a parse error is expected,
+        # a network error would mean the host cannot reach the pod.
+        for network_error in ("connection refused", "no route", "i/o timeout", "deadline"):
+            assert network_error not in target["lastError"], target
+
+        ignored = pods["ignored"].metadata.name
+        listed = [t["labels"].get("pod") for t in prometheus.active_targets()]
+        assert ignored not in listed, "a pod without prometheus.io/scrape was scraped"
+    finally:
+        core.delete_namespace(namespace)
