@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 from livekit import api, rtc
 from livekit.agents import ToolError
@@ -24,8 +28,9 @@ from voicefleet_operator.telephony import (
 )
 from voicefleet_runtime.telephony import CallControls, PhoneCall
 
-from e2e.fixtures_livekit import livekit  # noqa: F401  (fixture)
-from e2e.infra.livekit import LiveKitEndpoint
+from e2e import sipcall
+from e2e.fixtures_livekit import livekit, sip  # noqa: F401  (fixtures)
+from e2e.infra.livekit import LiveKitEndpoint, SipEndpoint
 
 pytestmark = pytest.mark.integration
 
@@ -348,3 +353,167 @@ async def test_transfer_of_a_participant_that_is_not_a_sip_call_is_a_tool_error(
         assert controls.transfers == []
     finally:
         await caller.disconnect()
+
+
+# --- calls through livekit-sip: sipp dials a provisioned number ------------------------------
+
+
+class FakeAgent:
+    """Stands in for a worker: joins the call's room, plays a tone and measures what it hears."""
+
+    def __init__(self, livekit: LiveKitEndpoint, room_prefix: str) -> None:  # noqa: F811
+        self.livekit = livekit
+        self.room_prefix = room_prefix
+        self.room_name = ""
+        self.dispatched: list[tuple[str, str]] = []
+        self.caller: rtc.RemoteParticipant | None = None
+        self.heard_rms: list[float] = []
+        self.joined = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self) -> None:
+        async with self.livekit.api() as lkapi:
+            for _ in range(300):
+                listed = await lkapi.room.list_rooms(api.ListRoomsRequest())
+                names = [r.name for r in listed.rooms if r.name.startswith(self.room_prefix)]
+                if names:
+                    self.room_name = names[0]
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"no room starting with {self.room_prefix!r} appeared")
+            dispatches = await lkapi.agent_dispatch.list_dispatch(self.room_name)
+            self.dispatched = [(d.agent_name, d.metadata) for d in dispatches]
+        room = await _join(self.livekit, self.room_name, "fake-agent")
+        room.on("track_subscribed", self._on_track)
+        try:
+            for _ in range(100):
+                if room.remote_participants:
+                    break
+                await asyncio.sleep(0.05)
+            self.caller = next(iter(room.remote_participants.values()))
+            source = rtc.AudioSource(48000, 1)
+            track = rtc.LocalAudioTrack.create_audio_track("tone", source)
+            await room.local_participant.publish_track(track)
+            self.joined.set()
+            sent = 0
+            while not self._stop.is_set() and room.isconnected():
+                index = np.arange(sent, sent + 480)
+                tone = (0.3 * np.sin(2 * np.pi * 440 * index / 48000) * 32767).astype(np.int16)
+                await source.capture_frame(rtc.AudioFrame(tone.tobytes(), 48000, 1, 480))
+                sent += 480
+        finally:
+            await room.disconnect()
+
+    def _on_track(self, track: rtc.Track, *_: object) -> None:
+        async def consume() -> None:
+            async for event in rtc.AudioStream(track, sample_rate=16000, num_channels=1):
+                samples = np.frombuffer(event.frame.data, dtype=np.int16) / 32768.0
+                self.heard_rms.append(float(np.sqrt(np.mean(samples**2))))
+
+        self._tasks.append(asyncio.ensure_future(consume()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def test_a_call_to_a_provisioned_number_reaches_a_room_with_the_agent_dispatched(
+    livekit: LiveKitEndpoint,  # noqa: F811
+    sip: SipEndpoint,  # noqa: F811
+    provisioner: TelephonyProvisioner,
+    tenant: str,
+    tmp_path: Path,
+) -> None:
+    target = make_target(tenant)
+    number = target.numbers[0]
+    await provisioner.ensure(target, [target.claim])
+    agent = FakeAgent(livekit, telephony.room_prefix(tenant, "agent") + "_")
+    agent_task = asyncio.create_task(agent.run())
+    result = await asyncio.to_thread(
+        sipcall.place_call, "call.xml", number, tmp_path, caller="+15550001111", talk_seconds=5
+    )
+    agent.stop()
+    await agent_task
+
+    assert result.returncode == 0, result.describe()
+    assert result.capture.responses()[-1] == 200, result.describe()
+    # One room per call, named with the VoiceAgent's prefix, the agent dispatched with metadata.
+    assert agent.room_name.startswith(f"call_{tenant}_agent_+15550001111_")
+    assert [name for name, _ in agent.dispatched] == [target.dispatch_name]
+    assert json.loads(agent.dispatched[0][1])["voiceAgent"] == f"{tenant}/agent"
+    # The caller's leg carries both numbers for the runtime.
+    assert agent.caller is not None
+    call = PhoneCall.from_participant(agent.room_name, agent.caller)
+    assert call is not None
+    assert (call.caller_number, call.dialed_number) == ("+15550001111", number)
+    assert agent.caller.attributes["voicefleet.dev/voiceAgent"] == f"{tenant}/agent"
+    # Audio both ways: the caller's speech reached the room, the agent's tone reached the caller.
+    voiced_in_room = sum(1 for rms in agent.heard_rms if rms > sipcall.SILENCE_RMS)
+    assert voiced_in_room > 50, f"the room heard {voiced_in_room} voiced frames from the caller"
+    assert result.capture.voiced_seconds() > 2.0, result.describe()
+    # The caller hung up with a BYE that livekit-sip answered.
+    assert result.capture.sent("BYE"), result.describe()
+
+
+async def test_transfer_sends_the_caller_a_refer_to_the_target(
+    livekit: LiveKitEndpoint,  # noqa: F811
+    sip: SipEndpoint,  # noqa: F811
+    provisioner: TelephonyProvisioner,
+    tenant: str,
+    tmp_path: Path,
+) -> None:
+    target = make_target(tenant)
+    await provisioner.ensure(target, [target.claim])
+    agent = FakeAgent(livekit, telephony.room_prefix(tenant, "agent") + "_")
+    agent_task = asyncio.create_task(agent.run())
+    call_task = asyncio.create_task(
+        asyncio.to_thread(sipcall.place_call, "call_transfer.xml", target.numbers[0], tmp_path)
+    )
+    await asyncio.wait_for(agent.joined.wait(), timeout=30)
+    assert agent.caller is not None
+    # livekit-sip answers once the caller's leg subscribed to the agent's audio; a transfer
+    # needs an established call.
+    for _ in range(100):
+        if agent.caller.attributes.get("sip.callStatus") == "active":
+            break
+        await asyncio.sleep(0.1)
+    assert agent.caller.attributes.get("sip.callStatus") == "active"
+    call = PhoneCall.from_participant(agent.room_name, agent.caller)
+    controls = CallControls(agent.room_name, call, "+15559990000", api_factory=livekit.api)
+    response = await controls.transfer("the caller asked for a person")
+    result = await call_task
+    agent.stop()
+    await agent_task
+
+    refers = result.capture.received_requests("REFER")
+    assert len(refers) == 1, result.describe()
+    assert re.search(r"^Refer-To:\s*<?tel:\+15559990000>?", refers[0].text, re.M | re.I), refers[
+        0
+    ].text
+    assert controls.transfers == ["tel:+15559990000"]
+    # livekit-server 1.13 answers the transfer with an empty body: success is the REFER itself.
+    assert isinstance(response, api.TransferSIPParticipantResponse)
+    assert result.returncode == 0, result.describe()
+
+
+async def test_a_number_whose_voiceagent_is_gone_is_rejected(
+    sip: SipEndpoint,  # noqa: F811
+    provisioner: TelephonyProvisioner,
+    tenant: str,
+    tmp_path: Path,
+) -> None:
+    target = make_target(tenant)
+    await provisioner.ensure(target, [target.claim])
+    await provisioner.remove(tenant, "agent")
+    result = await asyncio.to_thread(
+        sipcall.place_call, "call.xml", target.numbers[0], tmp_path, answer_timeout=8
+    )
+    # livekit-server finds no trunk and no rule for the number: livekit-sip refuses the call,
+    # with a 404 or (its flood protection, livekit-server >= 1.9) by dropping it unanswered.
+    finals = [code for code in result.capture.responses() if code >= 200]
+    assert finals in ([], [404]), result.describe()
+    assert result.answered_at is None and not result.capture.pcmu_frames(), result.describe()
+    assert result.returncode != 0
