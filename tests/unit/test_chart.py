@@ -189,6 +189,8 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
         ("apps", "deployments"): ["create", "get", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "get", "patch"],
         ("networking.k8s.io", "networkpolicies"): ["create", "get", "patch"],
+        ("", "pods"): ["list", "patch"],
+        ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "get", "patch"],
         ("", "events"): ["create"],
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
     }
