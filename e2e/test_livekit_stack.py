@@ -462,7 +462,7 @@ def test_livekit_down_stops_every_process_and_up_restores_them(
 
     down = subprocess.run([*cli, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
-    survivors = {name: pid for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
+    survivors = {name: pid for name, pid in pids.items() if pid and stack.process_alive(pid)}
     assert survivors == {}, f"still running after `livekit down`: {survivors}"
     binaries = {
         str(paths.binary("livekit-server")),

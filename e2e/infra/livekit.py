@@ -365,7 +365,10 @@ def up(
     return result
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs; reaps it first if this process started it (fixtures do)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
@@ -383,7 +386,7 @@ def down(names: tuple[str, ...] = SERVICES, report: Callable[[str], None] | None
             continue
         pid = procs.pid_of(name)
         stopped = table[name].stop()
-        if pid is not None and _alive(pid):
+        if pid is not None and process_alive(pid):
             survivors.append(f"{name} (pid {pid})")
         if report:
             report(f"{name:15} {'stopped' if stopped else 'was not running'}")
