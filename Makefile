@@ -39,6 +39,15 @@ cluster-status:
 images: infra
 	$(INFRA) images
 
+# Redis, livekit-server (ws://127.0.0.1:7880, dev keys), livekit-sip (SIP 5060) and Prometheus
+# (http://127.0.0.1:9090) as host processes; see e2e/infra/livekit.py for ports and keys.
+.PHONY: livekit-up livekit-down
+livekit-up: infra
+	$(INFRA) livekit up
+
+livekit-down:
+	$(INFRA) livekit down
+
 # eval "$(make -s env)": KUBECONFIG, and kubectl/helm/kind/... on PATH.
 env:
 	@$(INFRA) env
