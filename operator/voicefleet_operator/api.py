@@ -395,46 +395,26 @@ class ScalingSpec(Model):
 SPEC_RULES: Final[list[JsonDict]] = [
     {
         "rule": "self.agents.exists(a, a.name == self.entry)",
-        "messageExpression": (
-            "'entry ' + self.entry + ' names no agent; use one of: '"
-            " + self.agents.map(a, a.name).join(', ')"
-        ),
+        "messageExpression": "'entry ' + self.entry + ' is not the name of any of spec.agents'",
         "fieldPath": ".entry",
-        "reason": "FieldValueInvalid",
     },
-    {
-        "rule": (
-            "self.agents.all(a, !has(a.handoffs) || "
-            "a.handoffs.all(h, self.agents.exists(b, b.name == h)))"
-        ),
-        "messageExpression": (
-            "'handoffs must name agents defined in spec.agents; check agent(s): ' + "
-            "self.agents.filter(a, has(a.handoffs) && "
-            "a.handoffs.exists(h, !self.agents.exists(b, b.name == h)))"
-            ".map(a, a.name).join(', ')"
-        ),
-        "fieldPath": ".agents",
-        "reason": "FieldValueInvalid",
-    },
+    cel(
+        "self.agents.all(a, !has(a.handoffs) || "
+        "a.handoffs.all(h, self.agents.exists(b, b.name == h)))",
+        "every name in an agent's handoffs must be the name of one of spec.agents",
+        ".agents",
+    ),
     cel(
         "self.agents.all(a, !has(a.handoffs) || !(a.name in a.handoffs))",
         "an agent must not list itself in its handoffs",
         ".agents",
     ),
-    {
-        "rule": (
-            "self.agents.all(a, !has(a.tools) || a.tools.all(t, "
-            "has(self.tools) && self.tools.exists(d, d.name == t)))"
-        ),
-        "messageExpression": (
-            "'tools must name tools defined in spec.tools; check agent(s): ' + "
-            "self.agents.filter(a, has(a.tools) && a.tools.exists(t, "
-            "!has(self.tools) || !self.tools.exists(d, d.name == t)))"
-            ".map(a, a.name).join(', ')"
-        ),
-        "fieldPath": ".agents",
-        "reason": "FieldValueInvalid",
-    },
+    cel(
+        "self.agents.all(a, !has(a.tools) || a.tools.all(t, "
+        "has(self.tools) && self.tools.exists(d, d.name == t)))",
+        "every name in an agent's tools must be the name of one of spec.tools",
+        ".agents",
+    ),
 ]
 
 
@@ -577,7 +557,7 @@ ROOT_RULES: Final[list[JsonDict]] = [
             f"metadata.name must be a DNS-1035 label of at most {NAME_MAX_LENGTH} characters "
             "(lowercase letters, digits and '-', starting with a letter)"
         ),
-        "fieldPath": ".metadata.name",
+        # No fieldPath: it may only name fields of the schema, and metadata's are implicit.
         "reason": "FieldValueInvalid",
     }
 ]

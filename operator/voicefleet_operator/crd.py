@@ -4,8 +4,9 @@ Pydantic writes JSON Schema (draft 2020-12); the API server wants a *structural*
 schema. The conversion inlines `$ref`s, turns `Optional[X]` (anyOf X | null) into an optional
 field, `const` into a one-value enum, numeric `exclusiveMinimum: n` into `minimum: n` plus
 `exclusiveMinimum: true`, free-form objects into `x-kubernetes-preserve-unknown-fields`, strips
-titles, and folds docstrings into one-line descriptions. Object-valued defaults become `{}` so
-the API server fills them from the nested defaults, which is the same object pydantic builds.
+titles, and folds docstrings into one-line descriptions. A model-valued default is written in
+full (minus nulls): the API server checks defaults against the CEL rules without applying the
+nested defaults first, so `{}` would not do.
 
     python -m voicefleet_operator.crd            # write crds/, the chart's copy and API.md
     python -m voicefleet_operator.crd --check    # exit 1 if either file is out of date
@@ -105,6 +106,13 @@ class SchemaError(ValueError):
     """The models produced a JSON schema construct the CRD cannot express."""
 
 
+def _without_nulls(value: Any) -> Any:
+    """A default as the API server stores it: unset optional fields are absent, not null."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -152,10 +160,8 @@ class _Converter:
                 out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
                 out[key] = True
             elif key == "default":
-                if value is None:
-                    continue
-                # A model-valued default: let the API server build it from the nested defaults.
-                out[key] = {} if "properties" in node and isinstance(value, dict) else value
+                if value is not None:
+                    out[key] = _without_nulls(value)
             elif key in ("required",) and not value:
                 continue
             else:
@@ -211,10 +217,8 @@ def openapi_schema() -> dict[str, Any]:
         "type": "string",
         "description": "Kind is the REST resource this object represents: VoiceAgent.",
     }
-    props["metadata"] = {
-        "type": "object",
-        "description": "Standard object metadata: name, namespace, labels, annotations.",
-    }
+    # metadata may carry nothing but its type: the API server knows ObjectMeta (and explains it).
+    props["metadata"] = {"type": "object"}
     # The per-agent reference lists are sets (AgentConfig is the runtime's model).
     agent = _find(schema, "spec", "agents", "[]")
     for name in api.AGENT_LIST_SETS:
@@ -317,7 +321,11 @@ def reference() -> str:
         required = set(node.get("required", []))
         for name, prop in node.get("properties", {}).items():
             field = f"{path}.{name}" if path else name
-            default = f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
+            default = ""
+            if isinstance(prop.get("default"), dict) and "properties" in prop:
+                default = "nested defaults"
+            elif "default" in prop:
+                default = f"`{json.dumps(prop['default'])}`"
             notes = _validation_notes(prop, name in required)
             items = prop.get("items")
             if isinstance(items, dict) and "properties" not in items:
@@ -362,8 +370,8 @@ DNS-1035 label of at most {name_max} characters so every child object's name sta
 ## Fields
 
 Lists marked "unique by name" are Kubernetes list maps (duplicates are rejected and server-side
-apply merges them item by item); "unique items" are sets. Object-valued defaults are `{{}}`, filled
-in from the nested defaults.
+apply merges them item by item); "unique items" are sets. "nested defaults" means that an omitted
+object is filled in with the defaults of its fields.
 
 | Field | Type | Default | Validation | Description |
 |---|---|---|---|---|

@@ -106,11 +106,13 @@ class AgentConfig(Model):
     greeting: Annotated[str | None, Field(max_length=2000)] = None
     """First sentence the agent says when it takes over the call; omit to let the LLM open."""
 
-    tools: Annotated[list[Annotated[str, Field(pattern=TOOL_NAME)]], Field(max_length=64)] = []
+    tools: Annotated[
+        list[Annotated[str, Field(pattern=TOOL_NAME, max_length=64)]], Field(max_length=64)
+    ] = []
     """Names of tools from `tools` this agent may call."""
 
     handoffs: Annotated[
-        list[Annotated[str, Field(pattern=DNS1123_LABEL)]], Field(max_length=32)
+        list[Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]], Field(max_length=32)
     ] = []
     """Names of agents this agent may hand the call to; the conversation and shared state are
     kept across a handoff."""
@@ -289,7 +291,7 @@ class HttpEndpoint(Model):
 class WebhookTool(Model):
     """A tenant webhook exposed to the LLM as a function tool."""
 
-    name: Annotated[str, Field(pattern=TOOL_NAME)]
+    name: Annotated[str, Field(pattern=TOOL_NAME, max_length=64)]
     """Function name the LLM sees (lowercase, digits, underscores)."""
     description: Annotated[str, Field(min_length=1, max_length=4096)]
     """What the tool does and when to call it; the LLM reads this."""
@@ -383,7 +385,7 @@ class AgentsSection(Model):
 
     agents: Annotated[list[AgentConfig], Field(min_length=1, max_length=16)]
     """The LLM agents; `entry` names the one that takes the call."""
-    entry: Annotated[str, Field(pattern=DNS1123_LABEL)]
+    entry: Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]
     """Name of the agent that answers the call."""
     pipeline: PipelineConfig = PipelineConfig()
     """STT, LLM, TTS, VAD and turn-taking."""

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 from voicefleet_operator import crd
+from voicefleet_operator.api import ScalingSpec, WorkerSpec
+from voicefleet_runtime.config import PipelineConfig
 
 
 @functools.cache
@@ -92,7 +94,7 @@ def test_every_property_has_a_description() -> None:
         f"{path}.{name}"
         for path, item in walk(schema())
         for name, prop in item.get("properties", {}).items()
-        if not prop.get("description", "").strip()
+        if not prop.get("description", "").strip() and f"{path}.{name}" != ".metadata"
     ]
     assert missing == []
     # Objects inside lists are described too (kubectl explain shows them).
@@ -140,9 +142,10 @@ def test_patterns_enums_defaults_and_bounds() -> None:
     assert node(".spec.worker.jobsPerWorker")["minimum"] == 1
     assert node(".spec.agents")["minItems"] == 1 and node(".spec.agents")["maxItems"] == 16
     assert node(".spec.agents[].instructions")["minLength"] == 1
-    # Model-valued defaults are `{}`; the nested defaults fill them in.
-    assert node(".spec.scaling")["default"] == {}
-    assert node(".spec.pipeline")["default"] == {}
+    # Model-valued defaults are written in full (the API server checks them against CEL as is).
+    assert node(".spec.scaling")["default"] == ScalingSpec().wire()
+    assert node(".spec.pipeline")["default"] == PipelineConfig().wire()
+    assert node(".spec.worker")["default"] == WorkerSpec().wire()
     assert node(".spec.scaling.minReplicas")["default"] == 1
     # Optional-with-a-default stays nullable, so it can still be turned off.
     assert node(".spec.pipeline.userAwayTimeoutSeconds")["nullable"] is True

@@ -1,0 +1,349 @@
+"""The generated CRD on a real kube-apiserver: accepted, applies defaults, rejects bad manifests.
+
+Every invalid manifest must be refused by the API server (HTTP 422) with the field's path in the
+message, and by the pydantic models too: the CEL rules and the validators are twins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+from voicefleet_operator import api, crd
+
+from e2e.fixtures_cluster import ClusterHandle, wait_for
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
+
+
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def _established(ext: k8s.ApiextensionsV1Api) -> bool:
+    current = ext.read_custom_resource_definition(crd.CRD_NAME)
+    assert current.status is not None
+    conditions = {c.type: c for c in (current.status.conditions or [])}
+    if "NamesAccepted" in conditions and conditions["NamesAccepted"].status == "False":
+        raise AssertionError(f"CRD names not accepted: {conditions['NamesAccepted'].message}")
+    return "Established" in conditions and conditions["Established"].status == "True"
+
+
+@pytest.fixture(scope="module")
+def installed_crd(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
+    """The checked-in CRD applied (replaced if an older one is there) and Established."""
+    ext = k8s.ApiextensionsV1Api(control_plane.api_client)
+    body = yaml.safe_load(crd.CRD_PATHS[0].read_text())
+    try:
+        existing = ext.read_custom_resource_definition(crd.CRD_NAME)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        existing = None
+    try:
+        if existing is None:
+            ext.create_custom_resource_definition(body, field_validation="Strict")
+        else:
+            assert existing.metadata is not None
+            body["metadata"]["resourceVersion"] = existing.metadata.resource_version
+            ext.replace_custom_resource_definition(crd.CRD_NAME, body, field_validation="Strict")
+    except ApiException as error:
+        pytest.fail(f"the API server refused the generated CRD:\n{error.body}", pytrace=False)
+    wait_for("the VoiceAgent CRD to be Established", lambda: _established(ext), timeout=60)
+    # Serving the new resource lags a moment behind Established.
+    objects = k8s.CustomObjectsApi(control_plane.api_client)
+    wait_for(
+        "voiceagents to be served",
+        lambda: objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL) is not None,
+        timeout=60,
+    )
+    yield control_plane
+
+
+@pytest.fixture(scope="module")
+def namespace(installed_crd: ClusterHandle) -> Iterator[str]:
+    core = k8s.CoreV1Api(installed_crd.api_client)
+    name = f"validation-{secrets.token_hex(3)}"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def objects(installed_crd: ClusterHandle) -> k8s.CustomObjectsApi:
+    return k8s.CustomObjectsApi(installed_crd.api_client)
+
+
+def create(objects: k8s.CustomObjectsApi, namespace: str, body: dict[str, Any]) -> Any:
+    return objects.create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body, field_validation="Strict"
+    )
+
+
+def delete(objects: k8s.CustomObjectsApi, namespace: str, name: str) -> None:
+    objects.delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+
+
+# --- accepted manifests ---------------------------------------------------------------------
+
+
+def test_example_is_accepted_and_stored_with_defaults(
+    objects: k8s.CustomObjectsApi, namespace: str
+) -> None:
+    document = example()
+    stored = create(objects, namespace, document)
+    try:
+        # What the API server stored (its defaults applied) is exactly what the operator's
+        # models make of the manifest (theirs applied): the two sets of defaults agree.
+        expected = api.VoiceAgent.model_validate(document).wire()["spec"]
+        assert stored["spec"] == expected
+        # Spot checks of defaults the manifest does not set.
+        assert stored["spec"]["pipeline"]["endpointing"] == {
+            "minDelaySeconds": 0.5,
+            "maxDelaySeconds": 3,
+        }
+        assert stored["spec"]["pipeline"]["userAwayTimeoutSeconds"] == 15
+        assert stored["spec"]["worker"]["healthPort"] == 8081
+        assert stored["spec"]["scaling"]["mode"] == "operator"
+        assert stored["spec"]["mcpServers"] == []
+    finally:
+        delete(objects, namespace, document["metadata"]["name"])
+
+
+def test_minimal_manifest_gets_every_default(objects: k8s.CustomObjectsApi, namespace: str) -> None:
+    document = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "minimal"},
+        "spec": {"agents": [{"name": "solo", "instructions": "Be brief."}], "entry": "solo"},
+    }
+    stored = create(objects, namespace, document)
+    try:
+        assert stored["spec"] == api.VoiceAgent.model_validate(document).wire()["spec"]
+        assert stored["spec"]["scaling"] == {
+            "mode": "operator",
+            "minReplicas": 1,
+            "maxReplicas": 10,
+            "targetLoad": 0.7,
+            "spareJobs": 2,
+            "scaleDownDelaySeconds": 300,
+        }
+    finally:
+        delete(objects, namespace, "minimal")
+
+
+def test_user_away_timeout_can_be_turned_off_with_null(
+    objects: k8s.CustomObjectsApi, namespace: str
+) -> None:
+    document = example()
+    document["metadata"]["name"] = "no-away-timeout"
+    document["spec"]["pipeline"]["userAwayTimeoutSeconds"] = None
+    stored = create(objects, namespace, document)
+    try:
+        assert stored["spec"]["pipeline"]["userAwayTimeoutSeconds"] is None
+        assert api.parse_spec(stored["spec"]).pipeline.user_away_timeout_seconds is None
+    finally:
+        delete(objects, namespace, "no-away-timeout")
+
+
+def test_status_subresource_and_printer_columns(
+    installed_crd: ClusterHandle, objects: k8s.CustomObjectsApi, namespace: str
+) -> None:
+    document = example()
+    name = document["metadata"]["name"] = "columns"
+    create(objects, namespace, document)
+    try:
+        status = api.VoiceAgentStatus(
+            phase="Ready",
+            conditions=[
+                api.Condition(
+                    type=api.CONDITION_READY,
+                    status="True",
+                    reason="WorkersAvailable",
+                    message="2 of 2 workers ready",
+                    observed_generation=1,
+                    last_transition_time="2025-01-02T03:04:05Z",
+                )
+            ],
+            replicas=2,
+            ready_replicas=2,
+            desired_replicas=2,
+            active_jobs=3,
+            load=0.15,
+            dispatch_name=f"{namespace}--{name}",
+            numbers="+15551230001",
+        )
+        patched: dict[str, Any] = objects.patch_namespaced_custom_object_status(  # type: ignore[assignment]
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status.wire()}
+        )
+        assert patched["status"]["conditions"][0]["type"] == "Ready"
+        # A spec change through the status subresource is ignored, as the subresource promises.
+        assert patched["spec"]["entry"] == "receptionist"
+
+        table = installed_crd.kubectl("get", "va", "-n", namespace, name).splitlines()
+        assert table[0].split() == ["NAME", "READY", "REPLICAS", "JOBS", "NUMBERS", "AGE"]
+        assert table[1].split()[:5] == [name, "True", "2", "3", "+15551230001"]
+        wide = installed_crd.kubectl("get", "va", "-n", namespace, name, "-o", "wide")
+        assert wide.splitlines()[0].split()[-5:] == ["PHASE", "DESIRED", "LOAD", "DISPATCH", "AGE"]
+        # Short name and category both find it.
+        assert name in installed_crd.kubectl("get", "voicefleet", "-n", namespace)
+    finally:
+        delete(objects, namespace, name)
+
+
+def test_kubectl_explain_reads_well(installed_crd: ClusterHandle) -> None:
+    def explain() -> str | None:
+        try:
+            return installed_crd.kubectl("explain", "voiceagent.spec.agents")
+        except AssertionError:  # the OpenAPI document is published a moment after Established
+            return None
+
+    text = wait_for("kubectl explain voiceagent.spec.agents", explain, timeout=60)
+    assert "The LLM agents; `entry` names the one that takes the call." in text
+    for field in ("name", "instructions", "greeting", "tools", "handoffs"):
+        assert f"  {field}\t" in text or f"  {field} " in text, text
+    assert "-required-" in text
+    scaling = installed_crd.kubectl("explain", "va.spec.scaling.minReplicas")
+    assert "Fewest worker pods when autoscaling" in scaling
+
+
+# --- rejected manifests ---------------------------------------------------------------------
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def set_path(path: str, value: Any) -> Mutation:
+    """Set `spec.a.0.b` (list indices as numbers) to value; a missing leaf is created."""
+
+    def mutate(document: dict[str, Any]) -> None:
+        parts = path.split(".")
+        node: Any = document
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+
+    return mutate
+
+
+def remove(path: str) -> Mutation:
+    def mutate(document: dict[str, Any]) -> None:
+        parts = path.split(".")
+        node: Any = document
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        del node[parts[-1]]
+
+    return mutate
+
+
+def agents(count: int) -> list[dict[str, str]]:
+    return [{"name": f"agent{i}", "instructions": "Be brief."} for i in range(count)]
+
+
+def both(*mutations: Mutation) -> Mutation:
+    def mutate(document: dict[str, Any]) -> None:
+        for mutation in mutations:
+            mutation(document)
+
+    return mutate
+
+
+# (case id, mutation of the example, text that must appear in the API server's message)
+INVALID: list[tuple[str, Mutation, str]] = [
+    ("bad-e164-number", set_path("spec.telephony.numbers", ["5551230001"]),
+     "spec.telephony.numbers[0]"),
+    ("duplicate-number", set_path("spec.telephony.numbers", ["+15551230001"] * 2),
+     "spec.telephony.numbers[1]: Duplicate value"),
+    ("bad-transfer-to", set_path("spec.telephony.transferTo", "555-HUMAN"),
+     "spec.telephony.transferTo"),
+    ("bad-allowed-address", set_path("spec.telephony.inbound.allowedAddresses", ["10.0.0.300"]),
+     "spec.telephony.inbound.allowedAddresses[0]"),
+    ("inbound-without-numbers", set_path("spec.telephony.numbers", []),
+     "spec.telephony.numbers"),
+    ("bad-agent-name", set_path("spec.agents.1.name", "Billing_Team"), "spec.agents[1].name"),
+    ("duplicate-agent-name", set_path("spec.agents.1.name", "receptionist"),
+     "spec.agents[1]: Duplicate value"),
+    ("empty-instructions", set_path("spec.agents.0.instructions", ""),
+     "spec.agents[0].instructions"),
+    ("missing-agents", remove("spec.agents"), "spec.agents: Required value"),
+    ("no-agents", set_path("spec.agents", []), "spec.agents"),
+    ("too-many-agents", both(set_path("spec.agents", agents(17)), set_path("spec.entry", "agent0")),
+     "spec.agents: Too many"),
+    ("entry-names-no-agent", set_path("spec.entry", "nobody"), "spec.entry"),
+    ("undefined-tool", set_path("spec.agents.0.tools", ["refund_order"]), "spec.agents"),
+    ("undefined-handoff", set_path("spec.agents.0.handoffs", ["sales"]), "spec.agents"),
+    ("self-handoff", set_path("spec.agents.1.handoffs", ["billing"]), "spec.agents"),
+    ("min-above-max-replicas", set_path("spec.scaling.minReplicas", 11),
+     "spec.scaling.minReplicas"),
+    ("hpa-scale-to-zero", both(set_path("spec.scaling.mode", "hpa"),
+                               set_path("spec.scaling.minReplicas", 0)),
+     "spec.scaling.minReplicas"),
+    ("unknown-scaling-mode", set_path("spec.scaling.mode", "keda"), "spec.scaling.mode"),
+    ("negative-spare-jobs", set_path("spec.scaling.spareJobs", -1), "spec.scaling.spareJobs"),
+    ("memory-warn-above-limit", set_path("spec.worker.jobMemoryWarnMB", 2000),
+     "spec.worker.jobMemoryWarnMB"),
+    ("zero-jobs-per-worker", set_path("spec.worker.jobsPerWorker", 0),
+     "spec.worker.jobsPerWorker"),
+    ("load-threshold-above-one", set_path("spec.worker.loadThreshold", 1.5),
+     "spec.worker.loadThreshold"),
+    ("same-health-and-metrics-port", set_path("spec.worker.metricsPort", 8081), "spec.worker"),
+    ("bad-memory-quantity", set_path("spec.worker.resources", {"limits": {"memory": "lots"}}),
+     "spec.worker.resources.limits.memory"),
+    ("unknown-stt-provider", set_path("spec.pipeline.stt.provider", "whisper"),
+     "spec.pipeline.stt.provider"),
+    ("unknown-turn-detection", set_path("spec.pipeline.turnDetection.mode", "smart"),
+     "spec.pipeline.turnDetection.mode"),
+    ("endpointing-min-above-max", set_path("spec.pipeline.endpointing",
+                                           {"minDelaySeconds": 5, "maxDelaySeconds": 1}),
+     "spec.pipeline.endpointing"),
+    ("bad-url-scheme", set_path("spec.tools.0.http.url", "ftp://orders.acme/lookup"),
+     "spec.tools[0].http.url"),
+    ("header-value-and-secret", set_path("spec.tools.0.http.headers.0.value", "Bearer abc"),
+     "spec.tools[0].http.headers[0]"),
+    ("tool-without-http", remove("spec.tools.0.http"), "spec.tools[0].http: Required value"),
+    ("bad-secret-ref-name", set_path("spec.secretRefs", [{"name": "Provider_Keys"}]),
+     "spec.secretRefs[0].name"),
+    # Strict field validation answers 400 Bad Request (not 422) for an unknown field.
+    ("unknown-field", set_path("spec.worker.jobsPerPod", 4),
+     'unknown field "spec.worker.jobsPerPod"'),
+    ("name-not-dns-1035", set_path("metadata.name", "9-support"), "metadata.name"),
+    ("name-too-long", set_path("metadata.name", "a" * 51), "metadata.name"),
+    ("missing-spec", remove("spec"), "spec: Required value"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mutation", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_manifest_is_rejected_naming_the_field(
+    objects: k8s.CustomObjectsApi, namespace: str, mutation: Mutation, field: str
+) -> None:
+    document = copy.deepcopy(example())
+    mutation(document)
+
+    with pytest.raises(ApiException) as raised:
+        create(objects, namespace, document)
+        delete(objects, namespace, document["metadata"]["name"])  # accepted: clean up, then fail
+    error = raised.value
+    expected_status = 400 if "unknown field" in field else 422
+    assert error.status == expected_status, f"got {error.status}: {error.body}"
+    message = json.loads(error.body or "{}")["message"]
+    assert field in message, f"{field!r} not in the API server's message: {message}"
+
+    # The operator's models refuse it too: the CEL rules and the validators agree.
+    with pytest.raises(ValidationError):
+        api.VoiceAgent.model_validate(document)
