@@ -18,6 +18,7 @@ handling (pid files with start times, process groups, log tails) is e2e/infra/pr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -55,10 +56,6 @@ SIP_METRICS_PORT = 6790
 SERVICES = ("redis", "livekit-server", "livekit-sip", "prometheus")
 
 
-# Failures carry the component's name and log tail; the CLI prints them without a traceback.
-StackError = ComponentError
-
-
 def config_dir() -> Path:
     return paths.state_dir() / "livekit"
 
@@ -67,10 +64,6 @@ def log_tail(name: str, lines: int = 40) -> str:
     return (
         f"--- last lines of {paths.log_file(name)} ---\n{procs.tail(paths.log_file(name), lines)}"
     )
-
-
-def running_pid(name: str) -> int | None:
-    return procs.pid_of(name)
 
 
 @dataclass
@@ -112,8 +105,11 @@ class Service:
             self.prepare()
         for path, text in self.configs().items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            path.chmod(0o600)  # configs carry the API secret
+            # Owner-only from the first byte: configs carry the API secret.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as config_file:
+                config_file.write(text)
+            path.chmod(0o600)
         config_dir().mkdir(parents=True, exist_ok=True)
         procs.start(self.name, self.argv, cwd=config_dir())
         try:
@@ -348,8 +344,27 @@ def up(
     `result` is filled as components start, so a caller can stop them when a later one fails.
     """
     result = result if result is not None else UpResult()
-    config_dir().mkdir(parents=True, exist_ok=True)
     table = services()
+    with _stack_lock():
+        _up_locked(names, table, result, report)
+    return result
+
+
+@contextlib.contextmanager
+def _stack_lock() -> Iterator[None]:
+    """Serialises up/down across processes (several pytest sessions may share the stack)."""
+    config_dir().mkdir(parents=True, exist_ok=True)
+    with (config_dir() / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _up_locked(
+    names: tuple[str, ...],
+    table: dict[str, Service],
+    result: UpResult,
+    report: Callable[[str], None] | None,
+) -> None:
     for name in SERVICES:
         if name not in names:
             continue
@@ -362,7 +377,6 @@ def up(
         if report:
             state = "started" if name in result.started else "already running"
             report(f"{name:15} {state:16} {result.seconds[name]:6.1f} s  {paths.log_file(name)}")
-    return result
 
 
 def process_alive(pid: int) -> bool:
@@ -381,28 +395,19 @@ def down(names: tuple[str, ...] = SERVICES, report: Callable[[str], None] | None
     and wait until each has exited."""
     table = services()
     survivors = []
-    for name in reversed(SERVICES):
-        if name not in names:
-            continue
-        pid = procs.pid_of(name)
-        stopped = table[name].stop()
-        if pid is not None and process_alive(pid):
-            survivors.append(f"{name} (pid {pid})")
-        if report:
-            report(f"{name:15} {'stopped' if stopped else 'was not running'}")
+    with _stack_lock():
+        for name in reversed(SERVICES):
+            if name not in names:
+                continue
+            pid = procs.pid_of(name)
+            stopped = table[name].stop()
+            if pid is not None and process_alive(pid):
+                survivors.append(f"{name} (pid {pid})")
+            if report:
+                report(f"{name:15} {'stopped' if stopped else 'was not running'}")
     if survivors:
         raise ComponentError("livekit stack", f"still running after SIGKILL: {survivors}")
 
 
-@contextlib.contextmanager
-def running(names: tuple[str, ...] = SERVICES) -> Iterator[UpResult]:
-    """Start what is not running; on exit stop only what this call started."""
-    result = UpResult()
-    try:
-        yield up(names, result=result)
-    finally:
-        down(tuple(result.started))
-
-
 def status() -> dict[str, int | None]:
-    return {name: running_pid(name) for name in SERVICES}
+    return {name: procs.pid_of(name) for name in SERVICES}
