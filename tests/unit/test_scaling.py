@@ -387,6 +387,43 @@ def test_hpa_scales_on_the_load_metric() -> None:
     assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
 
 
+@pytest.mark.parametrize(
+    ("scaling", "has_hpa"),
+    [
+        ({}, False),
+        ({"mode": "hpa"}, True),
+        ({"mode": "hpa", "replicas": 3}, False),  # a pin suspends the HPA as well
+    ],
+)
+def test_hpa_is_a_child_only_in_hpa_mode(scaling: dict[str, object], has_hpa: bool) -> None:
+    from voicefleet_operator import render
+    from voicefleet_operator.api import parse_spec
+    from voicefleet_operator.settings import PlatformSettings
+
+    spec = parse_spec(
+        {
+            "agents": [{"name": "front", "instructions": "Help."}],
+            "entry": "front",
+            "scaling": scaling,
+        }
+    )
+    ref = render.VoiceAgentRef(name="support", namespace="acme", uid="u-1")
+    settings = PlatformSettings(
+        livekit_url="ws://lk:7880", livekit_secret_namespace="vf", runtime_image="rt:1"
+    )
+    livekit = {"LIVEKIT_API_KEY": "a2V5", "LIVEKIT_API_SECRET": "c2VjcmV0"}  # base64, as stored
+    children = render.render_all(
+        ref, spec, settings, livekit_data=livekit, secrets_hash="h", replicas=1
+    ).children
+    kinds = [child["kind"] for child in children]
+    assert ("HorizontalPodAutoscaler" in kinds) is has_hpa
+    if has_hpa:
+        hpa = children[-1]
+        assert kinds[-2:] == ["Deployment", "HorizontalPodAutoscaler"]
+        assert hpa["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+        assert hpa["spec"]["scaleTargetRef"]["name"] == children[-2]["metadata"]["name"]
+
+
 def test_hpa_metric_is_the_runtime_load_gauge() -> None:
     from voicefleet_runtime import metrics
 
