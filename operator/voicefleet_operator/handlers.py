@@ -727,3 +727,9 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:
         await ctx.kube.close()
+
+    # Phone numbers: provisioning step, finalizer, drift timer (telephony_handlers imports this
+    # module, hence the import here).
+    from voicefleet_operator import telephony_handlers
+
+    telephony_handlers.register(registry, ctx)
