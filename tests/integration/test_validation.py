@@ -121,6 +121,28 @@ def test_example_is_accepted_and_stored_with_defaults(
         delete(objects, namespace, document["metadata"]["name"])
 
 
+def example_voiceagents() -> list[dict[str, Any]]:
+    return [
+        document
+        for path in sorted(EXAMPLE.parent.glob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+        if document and document.get("kind") == api.KIND
+    ]
+
+
+@pytest.mark.parametrize(
+    "document", example_voiceagents(), ids=lambda document: document["metadata"]["name"]
+)
+def test_every_example_is_accepted(
+    objects: k8s.CustomObjectsApi, namespace: str, document: dict[str, Any]
+) -> None:
+    stored = create(objects, namespace, document)
+    try:
+        assert stored["spec"] == api.VoiceAgent.model_validate(document).wire()["spec"]
+    finally:
+        delete(objects, namespace, document["metadata"]["name"])
+
+
 def test_minimal_manifest_gets_every_default(objects: k8s.CustomObjectsApi, namespace: str) -> None:
     document = {
         "apiVersion": api.API_VERSION,
