@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -41,6 +42,11 @@ FRAME_MS = 10
 MIC_LEAD_S = 0.1
 # A stretch counts as speech only when this long, so a click or a codec artefact does not.
 MIN_SPEECH_S = 0.06
+# livekit-agents publishes transcriptions as text streams on this topic, with these attributes.
+TRANSCRIPTION_TOPIC = "lk.transcription"
+SEGMENT_ID_ATTRIBUTE = "lk.segment_id"
+FINAL_ATTRIBUTE = "lk.transcription_final"
+TRACK_ID_ATTRIBUTE = "lk.transcribed_track_id"
 
 
 class ParticipantError(RuntimeError):
@@ -105,6 +111,18 @@ class SpeechSegment:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A transcription the agent published on `lk.transcription`: its own speech, or what its
+    STT heard from a caller (`speaker` is whose speech it is)."""
+
+    at: float
+    speaker: str
+    segment_id: str
+    text: str
+    final: bool
+
+
 @dataclass
 class SpokenPhrase:
     """Something the caller said; times are when its audio went into the track."""
@@ -131,6 +149,7 @@ class TestParticipant:
         self.room = rtc.Room()
         self.frames: list[ReceivedFrame] = []
         self.phrases: list[SpokenPhrase] = []
+        self.transcripts: list[TranscriptSegment] = []
         self.joined_at: float | None = None
         self.left_at: float | None = None
         self._source: rtc.AudioSource | None = None
@@ -161,6 +180,7 @@ class TestParticipant:
     async def join(self, *, timeout_s: float = 20.0) -> None:
         """Connect, publish the microphone and start recording remote audio."""
         self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.register_text_stream_handler(TRANSCRIPTION_TOPIC, self._on_transcription)
         self.room.on("disconnected", lambda *_: self._disconnected.set())
         try:
             async with asyncio.timeout(timeout_s):
@@ -291,6 +311,71 @@ class TestParticipant:
             return
         self._recorded_tracks.add(track.sid)
         self._spawn(self._record(track, participant.identity))
+
+    def _on_transcription(self, reader: rtc.TextStreamReader, speaker: str) -> None:
+        self._spawn(self._read_transcription(reader, speaker))
+
+    async def _read_transcription(self, reader: rtc.TextStreamReader, speaker: str) -> None:
+        raw = await reader.read_all()
+        attributes = reader.info.attributes or {}
+        # JSON TimedString lines when the agent sends timed transcripts, else plain text.
+        parts = []
+        for line in raw.splitlines() or [raw]:
+            try:
+                decoded = json.loads(line)
+                parts.append(decoded["text"] if isinstance(decoded, dict) else line)
+            except (json.JSONDecodeError, KeyError):
+                parts.append(line)
+        segment = TranscriptSegment(
+            at=time.monotonic(),
+            speaker=self._track_owner(attributes.get(TRACK_ID_ATTRIBUTE)) or speaker,
+            segment_id=attributes.get(SEGMENT_ID_ATTRIBUTE, reader.info.stream_id),
+            text="".join(parts).strip(),
+            final=attributes.get(FINAL_ATTRIBUTE) == "true",
+        )
+        self.transcripts.append(segment)
+        async with self._new_frame:
+            self._new_frame.notify_all()
+
+    def _track_owner(self, track_sid: str | None) -> str | None:
+        """Identity of whoever published `track_sid` (the speech a transcription is of)."""
+        if not track_sid:
+            return None
+        if track_sid in self.room.local_participant.track_publications:
+            return self.identity
+        for participant in self.room.remote_participants.values():
+            if track_sid in participant.track_publications:
+                return participant.identity
+        return None
+
+    def said(self, speaker: str | None = None) -> list[str]:
+        """What was said, per transcription segment (latest text of each), in order; by
+        `speaker` when given. Needs the agent to publish transcriptions (the default)."""
+        latest: dict[str, TranscriptSegment] = {}
+        for segment in self.transcripts:
+            if speaker is None or segment.speaker == speaker:
+                latest[segment.segment_id] = segment
+        return [s.text for s in sorted(latest.values(), key=lambda s: s.at) if s.text]
+
+    async def wait_for_transcript(
+        self, text: str, *, speaker: str | None = None, timeout_s: float = 30.0
+    ) -> TranscriptSegment:
+        """Wait until a transcription containing `text` (case-insensitive) arrives."""
+
+        def found() -> TranscriptSegment | None:
+            for segment in self.transcripts:
+                if (speaker is None or segment.speaker == speaker) and (
+                    text.lower() in segment.text.lower()
+                ):
+                    return segment
+            return None
+
+        await self._wait_until(
+            lambda: found() is not None, timeout_s, f"no transcription containing {text!r}"
+        )
+        segment = found()
+        assert segment is not None
+        return segment
 
     async def _record(self, track: rtc.Track, identity: str) -> None:
         stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1)
@@ -465,5 +550,6 @@ class TestParticipant:
         return (
             f"in the room: {self.remote_identities() or 'nobody'}; frames received: "
             f"{by_identity or 'none'}; speech segments: "
-            f"{[(s.identity, round(s.duration, 2)) for s in segments] or 'none'}"
+            f"{[(s.identity, round(s.duration, 2)) for s in segments] or 'none'}; "
+            f"transcripts: {[(t.speaker, t.text) for t in self.transcripts] or 'none'}"
         )

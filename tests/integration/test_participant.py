@@ -12,6 +12,7 @@ from livekit import api
 
 from e2e.infra.livekit import LiveKitEndpoint
 from e2e.participant import ParticipantError, TestParticipant, participant_token
+from e2e.providers import LLMReply, ProviderServer
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +104,110 @@ def test_token_carries_the_agent_dispatch(livekit: LiveKitEndpoint) -> None:
     assert claims.room_config is not None
     (dispatch,) = claims.room_config.agents
     assert (dispatch.agent_name, dispatch.metadata) == ("acme-support", '{"case": 7}')
+
+
+async def test_transcriptions_published_in_the_room_are_collected(
+    livekit: LiveKitEndpoint,
+) -> None:
+    room = _room()
+    async with (
+        TestParticipant(livekit.url, _token(livekit, room, "caller")) as caller,
+        TestParticipant(livekit.url, _token(livekit, room, "agent")) as agent,
+    ):
+        await agent.wait_for_participant(identity="caller", timeout_s=10)
+        publisher = agent.room.local_participant
+        # As livekit-agents publishes them: deltas in one stream, final flag on close...
+        writer = await publisher.stream_text(
+            topic="lk.transcription",
+            attributes={"lk.segment_id": "SG_1", "lk.transcription_final": "false"},
+        )
+        await writer.write("Hello, thanks ")
+        await writer.write("for calling.")
+        await writer.aclose(attributes={"lk.transcription_final": "true"})
+        # ...and JSON TimedString lines for what its STT heard on the caller's track.
+        (microphone,) = caller.room.local_participant.track_publications
+        heard = await publisher.stream_text(
+            topic="lk.transcription",
+            attributes={
+                "lk.segment_id": "SG_2",
+                "lk.transcription_final": "true",
+                "lk.transcribed_track_id": microphone,
+            },
+        )
+        await heard.write('{"text": "What are your opening hours?", "start_time": 0.1}\n')
+        await heard.aclose()
+
+        greeting = await caller.wait_for_transcript("thanks for calling", timeout_s=10)
+        question = await caller.wait_for_transcript("opening hours", timeout_s=10)
+
+    assert (greeting.speaker, greeting.final) == ("agent", True)
+    assert greeting.text == "Hello, thanks for calling."
+    assert question.speaker == "caller" and question.text == "What are your opening hours?"
+    assert caller.said("agent") == ["Hello, thanks for calling."]
+    assert caller.said() == ["Hello, thanks for calling.", "What are your opening hours?"]
+
+
+async def test_an_agent_session_on_the_provider_servers_answers_the_caller(
+    livekit: LiveKitEndpoint, providers: ProviderServer
+) -> None:
+    """The contract the runtime tests build on: a livekit-agents AgentSession whose plugins
+    point at the provider servers greets the participant, hears its question through STT,
+    and answers with the scripted LLM reply, all as real audio through livekit-server."""
+    from livekit import rtc
+    from livekit.agents import Agent, AgentSession
+    from livekit.plugins import openai as lk_openai
+    from livekit.plugins import silero
+
+    class Receptionist(Agent):
+        def __init__(self) -> None:
+            super().__init__(instructions="You are a receptionist.")
+
+        async def on_enter(self) -> None:
+            self.session.say("Hello, thanks for calling.")
+
+    providers.script_transcripts("What are your opening hours?")
+    providers.script_llm(LLMReply("We are open from nine to five.", match="opening hours"))
+    room = _room()
+    agent_room = rtc.Room()
+    agent_token = (
+        api.AccessToken(livekit.api_key, livekit.api_secret)
+        .with_identity("agent-under-test")
+        .with_kind("agent")
+        .with_grants(api.VideoGrants(room_join=True, room=room, agent=True))
+        .to_jwt()
+    )
+    session: AgentSession = AgentSession(
+        stt=lk_openai.STT(base_url=providers.base_url, api_key="test-key"),
+        llm=lk_openai.LLM(base_url=providers.base_url, api_key="test-key", model="gpt-4o-mini"),
+        tts=lk_openai.TTS(base_url=providers.base_url, api_key="test-key"),
+        vad=silero.VAD.load(),
+    )
+    async with TestParticipant(livekit.url, _token(livekit, room, "caller")) as caller:
+        await agent_room.connect(livekit.url, agent_token)
+        try:
+            started = time.monotonic()
+            await session.start(Receptionist(), room=agent_room)
+            greeting_at = await caller.wait_for_audio("agent-under-test", after=started)
+            await caller.wait_for_speech_end("agent-under-test", after=started, quiet_s=0.8)
+
+            question = await caller.say("What are your opening hours?")
+            reply_at = await caller.wait_for_audio("agent-under-test", after=question.ended_at)
+            await caller.wait_for_speech_end("agent-under-test", after=reply_at, quiet_s=0.8)
+            await caller.wait_for_transcript("nine to five", speaker="agent-under-test")
+        finally:
+            await session.aclose()
+            await agent_room.disconnect()
+
+    assert greeting_at - started < 5.0
+    assert reply_at - question.ended_at < 5.0
+    (heard,) = providers.requests("stt")
+    assert heard["transcript"] == "What are your opening hours?" and not heard["silent"]
+    # The caller's phrase, as the agent's VAD cut it: most of it, not a fragment.
+    assert heard["audio_seconds"] > 0.6 * question.duration
+    chat = providers.requests("chat")[-1]
+    assert chat["reply"]["text"] == "We are open from nine to five."
+    assert chat["body"]["messages"][-1]["content"] == "What are your opening hours?"
+    spoken = [r["text"] for r in providers.requests("tts")]
+    assert spoken == ["Hello, thanks for calling.", "We are open from nine to five."]
+    assert caller.said("agent-under-test") == spoken
+    assert caller.said("caller") == ["What are your opening hours?"]
