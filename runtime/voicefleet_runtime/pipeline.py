@@ -148,15 +148,18 @@ class TurnDetectionPlan:
         return self.requested != self.effective
 
 
-def missing_turn_detector_files(model_type: Literal["en", "multilingual"]) -> list[str]:
-    """Files of the turn-detector model revision that are not in the Hugging Face cache."""
+def missing_turn_detector_files(
+    model_type: Literal["en", "multilingual"], cache_dir: str | None = None
+) -> list[str]:
+    """Files of the turn-detector model revision that are not in the Hugging Face cache
+    (`cache_dir`, default: the cache the plugin reads, HF_HUB_CACHE / HF_HOME)."""
     from huggingface_hub import try_to_load_from_cache
     from livekit.plugins.turn_detector.models import HG_MODEL, MODEL_REVISIONS
 
     revision = MODEL_REVISIONS[model_type]
     missing = []
     for filename in TURN_DETECTOR_FILES:
-        found = try_to_load_from_cache(HG_MODEL, filename, revision=revision)
+        found = try_to_load_from_cache(HG_MODEL, filename, cache_dir=cache_dir, revision=revision)
         if not isinstance(found, str) or not os.path.isfile(found):
             missing.append(filename)
     return missing
@@ -170,13 +173,13 @@ def _import_turn_detector() -> None:
         import livekit.plugins.turn_detector  # noqa: F401
 
 
-def plan_turn_detection(config: PipelineConfig) -> TurnDetectionPlan:
+def plan_turn_detection(config: PipelineConfig, cache_dir: str | None = None) -> TurnDetectionPlan:
     """Decide the turn detection mode this worker can actually run (main process, at start)."""
     requested: TurnMode = config.turn_detection.mode
     if requested not in MODEL_TYPES:
         return TurnDetectionPlan(requested, requested)
     _import_turn_detector()
-    missing = missing_turn_detector_files(MODEL_TYPES[requested])
+    missing = missing_turn_detector_files(MODEL_TYPES[requested], cache_dir)
     if missing:
         reason = (
             f"turn-detector model files for {requested!r} are not in the Hugging Face cache "
