@@ -29,7 +29,6 @@ from voicefleet_operator.telephony import (
 from voicefleet_runtime.telephony import CallControls, PhoneCall
 
 from e2e import sipcall
-from e2e.fixtures_livekit import livekit, sip  # noqa: F401  (fixtures)
 from e2e.infra.livekit import LiveKitEndpoint, SipEndpoint
 
 pytestmark = pytest.mark.integration
@@ -52,7 +51,7 @@ def make_target(namespace: str, name: str = "agent", **overrides: object) -> Tel
 
 
 @pytest.fixture
-async def lkapi(livekit: LiveKitEndpoint) -> AsyncIterator[api.LiveKitAPI]:  # noqa: F811
+async def lkapi(livekit: LiveKitEndpoint) -> AsyncIterator[api.LiveKitAPI]:
     async with livekit.api() as client:
         yield client
 
@@ -152,7 +151,7 @@ async def test_create_update_in_place_and_delete(
 
 
 async def test_a_restarted_operator_finds_its_objects_again(
-    livekit: LiveKitEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
     provisioner: TelephonyProvisioner,
     tenant: str,
 ) -> None:
@@ -293,7 +292,7 @@ async def test_unreachable_livekit_is_a_telephony_error_with_the_cause(tenant: s
 
 
 async def test_rejected_credentials_are_a_telephony_error(
-    livekit: LiveKitEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
     tenant: str,
 ) -> None:
     async with api.LiveKitAPI(livekit.url, livekit.api_key, "x" * 40) as wrong_secret:
@@ -305,7 +304,7 @@ async def test_rejected_credentials_are_a_telephony_error(
 # --- runtime side: hang-up and transfer through livekit-api ---------------------------------
 
 
-async def _join(livekit: LiveKitEndpoint, room_name: str, identity: str) -> rtc.Room:  # noqa: F811
+async def _join(livekit: LiveKitEndpoint, room_name: str, identity: str) -> rtc.Room:
     token = (
         api.AccessToken(livekit.api_key, livekit.api_secret)
         .with_identity(identity)
@@ -318,7 +317,7 @@ async def _join(livekit: LiveKitEndpoint, room_name: str, identity: str) -> rtc.
 
 
 async def test_hang_up_deletes_the_room_and_disconnects_the_caller(
-    livekit: LiveKitEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
     lkapi: api.LiveKitAPI,
 ) -> None:
     room_name = f"call_it_{secrets.token_hex(4)}"
@@ -339,7 +338,7 @@ async def test_hang_up_deletes_the_room_and_disconnects_the_caller(
 
 
 async def test_transfer_of_a_participant_that_is_not_a_sip_call_is_a_tool_error(
-    livekit: LiveKitEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
 ) -> None:
     room_name = f"call_it_{secrets.token_hex(4)}"
     caller = await _join(livekit, room_name, "web-caller")
@@ -361,7 +360,7 @@ async def test_transfer_of_a_participant_that_is_not_a_sip_call_is_a_tool_error(
 class FakeAgent:
     """Stands in for a worker: joins the call's room, plays a tone and measures what it hears."""
 
-    def __init__(self, livekit: LiveKitEndpoint, room_prefix: str) -> None:  # noqa: F811
+    def __init__(self, livekit: LiveKitEndpoint, room_prefix: str) -> None:
         self.livekit = livekit
         self.room_prefix = room_prefix
         self.room_name = ""
@@ -421,8 +420,8 @@ class FakeAgent:
 
 
 async def test_a_call_to_a_provisioned_number_reaches_a_room_with_the_agent_dispatched(
-    livekit: LiveKitEndpoint,  # noqa: F811
-    sip: SipEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
     provisioner: TelephonyProvisioner,
     tenant: str,
     tmp_path: Path,
@@ -459,8 +458,8 @@ async def test_a_call_to_a_provisioned_number_reaches_a_room_with_the_agent_disp
 
 
 async def test_transfer_sends_the_caller_a_refer_to_the_target(
-    livekit: LiveKitEndpoint,  # noqa: F811
-    sip: SipEndpoint,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
     provisioner: TelephonyProvisioner,
     tenant: str,
     tmp_path: Path,
@@ -500,7 +499,7 @@ async def test_transfer_sends_the_caller_a_refer_to_the_target(
 
 
 async def test_a_number_whose_voiceagent_is_gone_is_rejected(
-    sip: SipEndpoint,  # noqa: F811
+    sip: SipEndpoint,
     provisioner: TelephonyProvisioner,
     tenant: str,
     tmp_path: Path,

@@ -1,0 +1,311 @@
+"""The operator's telephony against a real kube-apiserver and a real livekit-server.
+
+The operator runs in-process (kopf) with the platform Secret holding the LiveKit stack's dev
+credentials; VoiceAgents with numbers get a SIP trunk and dispatch rule that livekit-api lists,
+TelephonyReady and status.telephony say so; conflicts, drift, deletion through the finalizer and
+an operator killed while provisioning are exercised end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+from livekit import api
+from voicefleet_operator import telephony, telephony_handlers
+
+from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.infra.livekit import LiveKitEndpoint
+from tests.integration.test_operator import (
+    CRD,
+    GROUP,
+    PLURAL,
+    VERSION,
+    OperatorProcess,
+    OperatorThread,
+    _create_namespace,
+    _create_secret,
+    condition,
+    create_agent,
+    custom,
+    events_of,
+    example_spec,
+    get_agent,
+    patch_spec,
+    settings_for,
+    wait_condition,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def fresh_number() -> str:
+    return "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ClusterHandle) -> ClusterHandle:
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/voiceagents.voicefleet.dev"
+    )
+    return control_plane
+
+
+@pytest.fixture(scope="module")
+def platform(cluster: ClusterHandle, livekit: LiveKitEndpoint) -> Iterator[str]:
+    """The operator's namespace with the real LiveKit stack's credentials."""
+    namespace = _create_namespace(cluster, "vf-platform")
+    _create_secret(
+        cluster,
+        namespace,
+        "voicefleet-livekit",
+        {"LIVEKIT_API_KEY": livekit.api_key, "LIVEKIT_API_SECRET": livekit.api_secret},
+    )
+    yield namespace
+    k8s.CoreV1Api(cluster.api_client).delete_namespace(namespace)
+
+
+@pytest.fixture
+def tenants(cluster: ClusterHandle) -> Iterator[tuple[str, str]]:
+    """Two tenant namespaces with provider keys."""
+    created = []
+    for prefix in ("tel-a", "tel-b"):
+        namespace = _create_namespace(cluster, prefix)
+        _create_secret(
+            cluster,
+            namespace,
+            "provider-keys",
+            {"OPENAI_API_KEY": "sk-x", "DEEPGRAM_API_KEY": "dg-x", "ELEVEN_API_KEY": "el-x"},
+        )
+        _create_secret(cluster, namespace, "acme-orders-api", {"authorization": "Bearer t0ken"})
+        created.append(namespace)
+    yield created[0], created[1]
+    for namespace in created:
+        k8s.CoreV1Api(cluster.api_client).delete_namespace(namespace)
+
+
+@pytest.fixture
+def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The drift timer runs every 30 s in production; the tests cannot wait that long.
+    monkeypatch.setattr(telephony_handlers, "TELEPHONY_CHECK_SECONDS", 2.0)
+
+
+def phone_spec(*numbers: str, **telephony_fields: Any) -> dict[str, Any]:
+    spec = example_spec()
+    spec["telephony"] = {"numbers": list(numbers), **telephony_fields}
+    return spec
+
+
+def livekit_objects(
+    livekit: LiveKitEndpoint, namespace: str, name: str
+) -> tuple[list[api.SIPInboundTrunkInfo], list[api.SIPDispatchRuleInfo]]:
+    async def fetch() -> tuple[list[api.SIPInboundTrunkInfo], list[api.SIPDispatchRuleInfo]]:
+        wanted = telephony.object_name(namespace, name)
+        async with livekit.api() as lkapi:
+            trunks = await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())
+            rules = await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())
+        return (
+            [t for t in trunks.items if t.name == wanted],
+            [r for r in rules.items if r.name == wanted],
+        )
+
+    return asyncio.run(fetch())
+
+
+def delete_agent(cluster: ClusterHandle, namespace: str, name: str) -> None:
+    custom(cluster).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def agent_gone(cluster: ClusterHandle, namespace: str, name: str) -> bool:
+    try:
+        get_agent(cluster, namespace, name)
+    except k8s.ApiException as error:
+        return error.status == 404
+    return False
+
+
+def test_numbers_are_provisioned_updated_contested_and_removed(
+    cluster: ClusterHandle,
+    platform: str,
+    tenants: tuple[str, str],
+    livekit: LiveKitEndpoint,
+    fast_checks: None,
+) -> None:
+    first_tenant, second_tenant = tenants
+    number, other = fresh_number(), fresh_number()
+    _create_secret(cluster, first_tenant, "sip-auth", {"username": "carrier", "password": "pw-1"})
+    operator = OperatorThread(settings_for(platform, tenants), cluster.kubeconfig).start()
+    try:
+        applied_at = time.monotonic()
+        create_agent(
+            cluster,
+            first_tenant,
+            "support",
+            phone_spec(
+                number,
+                inbound={"allowedAddresses": ["127.0.0.1"], "authSecretRef": {"name": "sip-auth"}},
+                transferTo="+15559990000",
+            ),
+        )
+        agent = wait_condition(cluster, first_tenant, "support", "TelephonyReady", "True")
+        ready_after = time.monotonic() - applied_at
+        print(f"\nkubectl apply -> TelephonyReady=True: {ready_after:.2f}s")
+        status = agent["status"]
+        trunks, rules = livekit_objects(livekit, first_tenant, "support")
+        assert [t.sip_trunk_id for t in trunks] == [status["telephony"]["trunkID"]]
+        assert [r.sip_dispatch_rule_id for r in rules] == [status["telephony"]["dispatchRuleID"]]
+        assert status["telephony"]["numbers"] == [number]
+        assert status["numbers"] == number  # the Numbers printer column
+        assert list(trunks[0].numbers) == [number]
+        assert list(trunks[0].allowed_addresses) == ["127.0.0.1"]
+        assert (trunks[0].auth_username, trunks[0].auth_password) == ("carrier", "pw-1")
+        assert [a.agent_name for a in rules[0].room_config.agents] == [f"{first_tenant}.support"]
+        # The password is nowhere in the status or the Events.
+        assert "pw-1" not in str(agent)
+        assert not [e for e in events_of(cluster, first_tenant, "support") if "pw-1" in e.message]
+        assert any(
+            e.reason == "TelephonyProvisioned" for e in events_of(cluster, first_tenant, "support")
+        )
+
+        # A new number and a rotated password update the same trunk in place.
+        k8s.CoreV1Api(cluster.api_client).patch_namespaced_secret(
+            "sip-auth", first_tenant, {"stringData": {"password": "pw-2"}}
+        )
+        patch_spec(cluster, first_tenant, "support", {"telephony": {"numbers": [number, other]}})
+
+        def updated() -> bool:
+            found, _ = livekit_objects(livekit, first_tenant, "support")
+            return (
+                bool(found)
+                and list(found[0].numbers) == [number, other]
+                and (found[0].auth_password == "pw-2")
+            )
+
+        wait_for("trunk updated in place", updated, timeout=30)
+        trunks, rules = livekit_objects(livekit, first_tenant, "support")
+        assert [t.sip_trunk_id for t in trunks] == [status["telephony"]["trunkID"]]
+        wait_for(
+            "status numbers",
+            lambda: (
+                get_agent(cluster, first_tenant, "support")["status"].get("numbers")
+                == f"{number}, {other}"
+            ),
+            timeout=30,
+        )
+
+        # Another tenant claims the number: it does not get it.
+        create_agent(cluster, second_tenant, "sales", phone_spec(number))
+        contested = wait_condition(cluster, second_tenant, "sales", "TelephonyReady", "False")
+        found = condition(contested, "TelephonyReady")
+        assert found is not None and found["reason"] == "NumberConflict"
+        assert number in found["message"] and f"{first_tenant}/support" in found["message"]
+        wait_for(
+            "NumberConflict event",
+            lambda: any(
+                e.reason == "NumberConflict" and number in e.message
+                for e in events_of(cluster, second_tenant, "sales")
+            ),
+            timeout=30,
+        )
+        assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
+        assert contested["status"].get("numbers") is None
+        trunks, _ = livekit_objects(livekit, first_tenant, "support")
+        assert number in trunks[0].numbers
+
+        # Drift: the trunk deleted behind the operator's back comes back.
+        async def delete_trunk(trunk_id: str) -> None:
+            async with livekit.api() as lkapi:
+                await lkapi.sip.delete_trunk(api.DeleteSIPTrunkRequest(sip_trunk_id=trunk_id))
+
+        asyncio.run(delete_trunk(trunks[0].sip_trunk_id))
+
+        def recreated() -> bool:
+            found, rules = livekit_objects(livekit, first_tenant, "support")
+            return (
+                len(found) == 1
+                and len(rules) == 1
+                and list(rules[0].trunk_ids) == [found[0].sip_trunk_id]
+            )
+
+        wait_for("trunk re-created", recreated, timeout=30)
+
+        # Deleting the holder removes its trunk and rule (finalizer), and the number moves on.
+        delete_agent(cluster, first_tenant, "support")
+        wait_for("support deleted", lambda: agent_gone(cluster, first_tenant, "support"), 30)
+        assert livekit_objects(livekit, first_tenant, "support") == ([], [])
+        taken = wait_condition(cluster, second_tenant, "sales", "TelephonyReady", "True")
+        assert taken["status"]["telephony"]["numbers"] == [number]
+        delete_agent(cluster, second_tenant, "sales")
+        wait_for("sales deleted", lambda: agent_gone(cluster, second_tenant, "sales"), 30)
+        assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
+    finally:
+        operator.stop()
+
+
+def test_livekit_unreachable_is_a_condition_with_retries_not_a_crash(
+    cluster: ClusterHandle, platform: str, tenants: tuple[str, str], livekit: LiveKitEndpoint
+) -> None:
+    tenant = tenants[0]
+    # Port 9 is closed: every LiveKit call fails at once.
+    settings = settings_for(platform, (tenant,), livekit_url="ws://127.0.0.1:9")
+    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    try:
+        create_agent(cluster, tenant, "support", phone_spec(fresh_number()))
+        agent = wait_condition(cluster, tenant, "support", "TelephonyReady", "False")
+        found = condition(agent, "TelephonyReady")
+        assert found is not None and found["reason"] == "LiveKitError"
+        assert "list SIP inbound trunks failed" in found["message"]
+        assert "retrying in" in found["message"]
+        # Deleting waits for LiveKit (the finalizer stays) rather than leaking the trunk.
+        delete_agent(cluster, tenant, "support")
+        time.sleep(2)
+        assert get_agent(cluster, tenant, "support")["metadata"].get("deletionTimestamp")
+    finally:
+        operator.stop()
+    # A working operator finishes the deletion.
+    operator = OperatorThread(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
+    try:
+        wait_for("support deleted", lambda: agent_gone(cluster, tenant, "support"), 60)
+    finally:
+        operator.stop()
+
+
+def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
+    cluster: ClusterHandle,
+    platform: str,
+    tenants: tuple[str, str],
+    livekit: LiveKitEndpoint,
+    tmp_path: Path,
+) -> None:
+    tenant = tenants[0]
+    settings = settings_for(platform, (tenant,))
+    number = fresh_number()
+    # Kill the operator at several points of its first provisioning, each time restarting it.
+    for attempt, delay in enumerate((0.5, 1.0, 1.5, 2.5)):
+        process = OperatorProcess(settings, cluster.kubeconfig, tmp_path / f"op-{attempt}.log")
+        try:
+            if attempt == 0:
+                time.sleep(1.0)
+                create_agent(cluster, tenant, "support", phone_spec(number))
+            time.sleep(delay)
+        finally:
+            process.kill()
+    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    try:
+        agent = wait_condition(cluster, tenant, "support", "TelephonyReady", "True", timeout=60)
+        trunks, rules = livekit_objects(livekit, tenant, "support")
+        assert (len(trunks), len(rules)) == (1, 1)
+        assert agent["status"]["telephony"]["trunkID"] == trunks[0].sip_trunk_id
+        assert agent["status"]["telephony"]["dispatchRuleID"] == rules[0].sip_dispatch_rule_id
+        delete_agent(cluster, tenant, "support")
+        wait_for("support deleted", lambda: agent_gone(cluster, tenant, "support"), 30)
+        assert livekit_objects(livekit, tenant, "support") == ([], [])
+    finally:
+        operator.stop()
