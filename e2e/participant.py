@@ -37,7 +37,7 @@ from e2e.providers.audio import SILENCE_RMS, PcmAudio, rms, synthesize
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 48000
-FRAME_MS = 10
+FRAME_MS = 20  # 50 frames a second each way keeps several callers cheap on 2 cores
 # How far the microphone pump may run ahead of real time (the native source buffers it).
 MIC_LEAD_S = 0.1
 # A stretch counts as speech only when this long, so a click or a codec artefact does not.
@@ -378,7 +378,9 @@ class TestParticipant:
         return segment
 
     async def _record(self, track: rtc.Track, identity: str) -> None:
-        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1)
+        stream = rtc.AudioStream.from_track(
+            track=track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=FRAME_MS
+        )
         try:
             async for event in stream:
                 samples = np.frombuffer(event.frame.data, dtype=np.int16).copy()
