@@ -1,0 +1,154 @@
+"""voicefleet_* metrics: naming, labels, multiprocess collection, and per-call accounting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+from livekit.agents import AgentSession, CloseEvent, ConversationItemAddedEvent
+from livekit.agents.llm import ChatMessage
+from livekit.agents.metrics import AgentSessionUsage, LLMModelUsage, STTModelUsage, TTSModelUsage
+from livekit.agents.voice.events import CloseReason, SessionUsageUpdatedEvent
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from voicefleet_runtime import metrics
+from voicefleet_runtime.telemetry import CallTelemetry
+
+
+def test_names_and_labels_follow_prometheus_conventions() -> None:
+    for metric in metrics.ALL_METRICS:
+        name = metric._name
+        assert name.startswith("voicefleet_"), name
+        assert {"tenant", "agent"} <= set(metric._labelnames), name
+        if isinstance(metric, Histogram):
+            assert name.endswith("_seconds"), name
+        if isinstance(metric, Counter):
+            # prometheus_client exposes counters as <name>_total.
+            assert not name.endswith("_total"), name
+        if isinstance(metric, Gauge):
+            assert not name.endswith(("_total", "_count")), name
+    exposed = {
+        sample_name
+        for family in REGISTRY.collect()
+        for sample_name in (s.name for s in family.samples)
+        if sample_name.startswith("voicefleet_")
+    }
+    assert all(not n.endswith("_total_total") for n in exposed)
+
+
+def test_job_process_metrics_reach_the_main_process(tmp_path: Path) -> None:
+    """In multiprocess mode, a job process's counters outlive it; its live gauges go away
+    once the main process reaps it."""
+    script = textwrap.dedent(
+        """
+        import json, multiprocessing, sys
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from voicefleet_runtime import metrics
+
+        LABELS = {"tenant": "acme", "agent": "support"}
+
+        def job():
+            metrics.CALLS_STARTED.labels(**LABELS).inc()
+            metrics.ACTIVE_JOBS.labels(**LABELS).inc()
+
+        def collect():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return {
+                name: registry.get_sample_value(name, LABELS)
+                for name in ("voicefleet_calls_started_total", "voicefleet_active_jobs")
+            }
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(target=job)
+            process.start()
+            process.join()
+            before = collect()
+            reaped = metrics.reap_dead_processes()
+            print(json.dumps({"before": before, "after": collect(),
+                              "reaped": reaped == [process.pid]}))
+        """
+    )
+    (tmp_path / "job.py").write_text(script)
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    result = subprocess.run(
+        [sys.executable, "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == (
+        '{"before": {"voicefleet_calls_started_total": 1.0, "voicefleet_active_jobs": 1.0}, '
+        '"after": {"voicefleet_calls_started_total": 1.0, "voicefleet_active_jobs": null}, '
+        '"reaped": true}'
+    )
+
+
+def usage_event(
+    prompt: int, completion: int, characters: int, audio: float
+) -> SessionUsageUpdatedEvent:
+    return SessionUsageUpdatedEvent(
+        usage=AgentSessionUsage(
+            model_usage=[
+                LLMModelUsage(
+                    provider="127.0.0.1:8300",
+                    model="gpt-4o-mini",
+                    input_tokens=prompt,
+                    output_tokens=completion,
+                ),
+                TTSModelUsage(provider="x", model="tts-1", characters_count=characters),
+                STTModelUsage(provider="x", model="whisper-1", audio_duration=audio),
+            ]
+        )
+    )
+
+
+async def test_call_telemetry_turns_cumulative_usage_into_counters() -> None:
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    labels = {"tenant": tenant, "agent": "support"}
+    providers = {"llm_usage": "openai", "tts_usage": "openai", "stt_usage": "deepgram"}
+    telemetry = CallTelemetry(labels, providers)
+    session: AgentSession[None] = AgentSession()
+    current = ["receptionist"]
+    telemetry.attach(session, current_agent=lambda: current[0])
+    assert REGISTRY.get_sample_value("voicefleet_active_jobs", labels) == 1
+
+    session.emit("session_usage_updated", usage_event(100, 10, 40, 2.5))
+    current[0] = "billing"
+    # Usage totals are per session: only the growth counts, and goes to the current agent.
+    session.emit("session_usage_updated", usage_event(250, 30, 40, 4.0))
+
+    def value(name: str, agent: str, provider: str, model: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            name, {**labels, "llm_agent": agent, "provider": provider, "model": model}
+        )
+
+    prompt = "voicefleet_llm_prompt_tokens_total"
+    assert value(prompt, "receptionist", "openai", "gpt-4o-mini") == 100
+    assert value(prompt, "billing", "openai", "gpt-4o-mini") == 150
+    completion = "voicefleet_llm_completion_tokens_total"
+    assert value(completion, "billing", "openai", "gpt-4o-mini") == 20
+    assert value("voicefleet_tts_characters_total", "receptionist", "openai", "tts-1") == 40
+    assert value("voicefleet_tts_characters_total", "billing", "openai", "tts-1") is None
+    stt = "voicefleet_stt_audio_seconds_total"
+    assert value(stt, "billing", "deepgram", "whisper-1") == 1.5
+
+    reply = ChatMessage(role="assistant", content=["Hi"])
+    reply.metrics = {"llm_node_ttft": 0.2, "tts_node_ttfb": 0.1, "e2e_latency": 0.7}
+    session.emit("conversation_item_added", ConversationItemAddedEvent(item=reply))
+    turn = {**labels, "llm_agent": "billing"}
+    assert REGISTRY.get_sample_value("voicefleet_turn_latency_seconds_count", turn) == 1
+    assert REGISTRY.get_sample_value("voicefleet_turn_latency_seconds_sum", turn) == 0.7
+    assert REGISTRY.get_sample_value("voicefleet_llm_ttft_seconds_sum", turn) == 0.2
+
+    session.emit("close", CloseEvent(reason=CloseReason.PARTICIPANT_DISCONNECTED))
+    telemetry.end("job_shutdown")  # counted once
+    ended = {**labels, "reason": "participant_disconnected"}
+    assert REGISTRY.get_sample_value("voicefleet_calls_ended_total", ended) == 1
+    assert REGISTRY.get_sample_value("voicefleet_active_jobs", labels) == 0
+    seconds = REGISTRY.get_sample_value("voicefleet_call_seconds_total", labels)
+    assert seconds is not None and seconds > 0

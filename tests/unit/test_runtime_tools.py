@@ -1,0 +1,194 @@
+"""Webhook tools: schema as the LLM sees it, secrets from the environment, and every way a
+webhook can fail turning into a ToolError the agent can speak (against a real HTTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from livekit.agents import ToolError
+from livekit.agents.llm import RawFunctionTool
+from livekit.agents.llm.mcp import MCPServerHTTP
+from voicefleet_runtime import tools
+from voicefleet_runtime.config import HttpHeader, McpServerConfig, WebhookTool
+
+LABELS = {"tenant": "acme", "agent": "support"}
+SCHEMA = {
+    "type": "object",
+    "properties": {"order_id": {"type": "string", "description": "The order id"}},
+    "required": ["order_id"],
+}
+
+
+def webhook(url: str, **http: Any) -> WebhookTool:
+    return WebhookTool.model_validate(
+        {
+            "name": "lookup_order",
+            "description": "Look up an order.",
+            "parameters": SCHEMA,
+            "http": {"url": url, **http},
+        }
+    )
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        self.seen.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "body": body,
+                "authorization": request.headers.get("Authorization"),
+            }
+        )
+        if request.path == "/slow":
+            await asyncio.sleep(2)
+        if request.path == "/fail":
+            return web.json_response({"error": "boom"}, status=503)
+        if request.path == "/text":
+            return web.Response(text="plain answer")
+        return web.json_response({"status": "shipped", "echo": body or dict(request.query)})
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[tuple[str, Hooks]]:
+    hooks = Hooks()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hooks.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}", hooks
+    await runner.cleanup()
+
+
+def test_raw_schema_is_the_tenants_json_schema() -> None:
+    tool = webhook("https://example.com/orders")
+    assert tools.raw_schema(tool) == {
+        "name": "lookup_order",
+        "description": "Look up an order.",
+        "parameters": SCHEMA,
+    }
+    box = tools.ToolBox([tool], {}, LABELS)
+    [function] = box.function_tools(["lookup_order"])
+    assert isinstance(function, RawFunctionTool)
+    assert function.info.name == "lookup_order"
+    assert function.info.raw_schema["parameters"] == SCHEMA
+
+
+def test_schema_without_properties_gets_an_empty_object() -> None:
+    tool = WebhookTool.model_validate(
+        {
+            "name": "ping",
+            "description": "Ping.",
+            "parameters": {"type": "object"},
+            "http": {"url": "https://example.com/ping"},
+        }
+    )
+    assert tools.raw_schema(tool)["parameters"] == {"type": "object", "properties": {}}
+
+
+def test_headers_come_from_literal_values_and_the_environment() -> None:
+    headers = [
+        HttpHeader(name="X-Tenant", value="acme"),
+        HttpHeader(name="Authorization", value_from_env="ORDERS_TOKEN"),
+    ]
+    assert tools.resolve_headers(headers, {"ORDERS_TOKEN": "Bearer s3cret"}) == {
+        "X-Tenant": "acme",
+        "Authorization": "Bearer s3cret",
+    }
+    with pytest.raises(tools.MissingSecretError, match="ORDERS_TOKEN") as error:
+        tools.resolve_headers(headers, {})
+    assert "s3cret" not in str(error.value)
+
+
+async def test_post_sends_the_arguments_as_json_with_the_secret(
+    server: tuple[str, Hooks],
+) -> None:
+    url, hooks = server
+    header = {"name": "Authorization", "valueFromEnv": "ORDERS_TOKEN"}
+    box = tools.ToolBox(
+        [webhook(f"{url}/orders", headers=[header])], {"ORDERS_TOKEN": "Bearer t0k"}, LABELS
+    )
+    try:
+        result = await box.callers["lookup_order"]({"order_id": "A-1"})
+    finally:
+        await box.aclose()
+    assert hooks.seen == [
+        {
+            "method": "POST",
+            "path": "/orders",
+            "query": {},
+            "body": {"order_id": "A-1"},
+            "authorization": "Bearer t0k",
+        }
+    ]
+    assert result == '{"status": "shipped", "echo": {"order_id": "A-1"}}'
+
+
+async def test_get_sends_the_arguments_as_query_string(server: tuple[str, Hooks]) -> None:
+    url, hooks = server
+    box = tools.ToolBox([webhook(f"{url}/text", method="GET")], {}, LABELS)
+    try:
+        result = await box.callers["lookup_order"]({"order_id": "A-2", "limit": 3})
+    finally:
+        await box.aclose()
+    assert hooks.seen[0]["query"] == {"order_id": "A-2", "limit": "3"}
+    assert result == "plain answer"
+
+
+async def test_non_2xx_is_a_tool_error_the_agent_can_speak(server: tuple[str, Hooks]) -> None:
+    url, _ = server
+    box = tools.ToolBox([webhook(f"{url}/fail")], {}, LABELS)
+    try:
+        with pytest.raises(ToolError, match=r"HTTP 503.*Apologise"):
+            await box.callers["lookup_order"]({"order_id": "A-3"})
+    finally:
+        await box.aclose()
+
+
+async def test_timeout_is_a_tool_error(server: tuple[str, Hooks]) -> None:
+    url, _ = server
+    box = tools.ToolBox([webhook(f"{url}/slow", timeoutSeconds=0.3)], {}, LABELS)
+    started = asyncio.get_running_loop().time()
+    try:
+        with pytest.raises(ToolError, match="did not answer in time"):
+            await box.callers["lookup_order"]({"order_id": "A-4"})
+    finally:
+        await box.aclose()
+    assert asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_unreachable_webhook_is_a_tool_error() -> None:
+    box = tools.ToolBox([webhook("http://127.0.0.1:9/unreachable")], {}, LABELS)
+    try:
+        with pytest.raises(ToolError, match="could not be reached"):
+            await box.callers["lookup_order"]({"order_id": "A-5"})
+    finally:
+        await box.aclose()
+
+
+def test_mcp_servers_get_url_headers_and_timeout() -> None:
+    config = McpServerConfig.model_validate(
+        {
+            "name": "crm",
+            "url": "https://mcp.example.com/mcp",
+            "timeoutSeconds": 7,
+            "headers": [{"name": "Authorization", "valueFromEnv": "CRM_TOKEN"}],
+        }
+    )
+    [server] = tools.build_mcp_servers([config], {"CRM_TOKEN": "Bearer c"})
+    assert isinstance(server, MCPServerHTTP)
+    assert server.url == "https://mcp.example.com/mcp"
+    assert server._headers == {"Authorization": "Bearer c"}
+    assert server._timeout == 7
