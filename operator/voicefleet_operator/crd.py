@@ -166,6 +166,10 @@ class _Converter:
                 continue
             else:
                 out[key] = copy.deepcopy(value)
+        default = out.get("default")
+        if "description" in out and default is not None and not isinstance(default, dict | list):
+            # kubectl explain shows descriptions but not defaults.
+            out["description"] += f" Defaults to {json.dumps(default)}."
         if "anyOf" in out:
             for branch in out["anyOf"]:
                 if set(branch) - {"type"} or branch.get("type") not in ("integer", "string"):
