@@ -1,7 +1,9 @@
 """Session fixtures for a real cluster: `control_plane` and `cluster_with_node`.
 
-They start what is not running (provider auto: kind where Docker can pull, else local), stop
-only what they started, and fail (never skip) with the tail of the failing component's log.
+They start what is not running (provider auto: kind where Docker can pull, else local), and
+fail (never skip) with the tail of the failing component's log. Several test sessions may share
+the cluster: each holds a lease (<state>/leases/<pid>), and what a test session started is
+stopped by the last session to finish; a cluster started with `make cluster-up` keeps running.
 Register them with a plain import in a conftest.py:
 
     from e2e.fixtures_cluster import cluster_with_node, control_plane  # noqa: F401
@@ -9,6 +11,7 @@ Register them with a plain import in a conftest.py:
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -84,31 +87,73 @@ def _handle(info: cluster.ClusterInfo) -> ClusterHandle:
     return ClusterHandle(kubeconfig=kubeconfig, api_client=api_client, info=info)
 
 
+def _leases_dir() -> Path:
+    return paths.state_dir() / "leases"
+
+
+def _other_sessions() -> list[int]:
+    """Pids of other live test sessions using the cluster (each holds a lease file)."""
+    others = []
+    for lease in _leases_dir().glob("*"):
+        pid = int(lease.name) if lease.name.isdigit() else 0
+        if pid == os.getpid():
+            continue
+        if pid and Path(f"/proc/{pid}").exists():
+            others.append(pid)
+        else:
+            lease.unlink(missing_ok=True)  # a session that died without cleaning up
+    return others
+
+
+def wait_for_other_sessions(timeout: float) -> None:
+    """Wait until no other test session uses the cluster (before taking it down)."""
+    wait_for(
+        "other test sessions to finish with the cluster (their pids hold leases in "
+        f"{_leases_dir()})",
+        lambda: not _other_sessions(),
+        timeout=timeout,
+        interval=2,
+    )
+
+
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ClusterHandle]:
     """A control plane (etcd, kube-apiserver, controller-manager, scheduler); may have a node
-    if one was already running. Stopped at the end only if this fixture started it."""
-    running = cluster.provider().running()
-    info = running if running is not None else _up(with_node=False)
+    if one was already running. Stopped at the end by the last test session using it, if a
+    test session started it (a cluster from `make cluster-up` is left running)."""
+    _leases_dir().mkdir(parents=True, exist_ok=True)
+    lease = _leases_dir() / str(os.getpid())
+    lease.touch()
+    if cluster.provider().running() is None:
+        _up(with_node=False)
+        cluster.record_starter("startedBy", os.getpid())
+    info = cluster.read_info()
+    assert info is not None
     handle = _handle(info)
     try:
         yield handle
     finally:
         handle.api_client.close()
-        if running is None:
+        lease.unlink(missing_ok=True)
+        current = cluster.read_info()
+        if current is not None and current.startedBy is not None and not _other_sessions():
             cluster.down()
 
 
 @pytest.fixture(scope="session")
 def cluster_with_node(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
     """The cluster with its node (containerd, kubelet, kube-proxy) Ready; the locally built
-    sandbox and test images (and any built project image) are imported into the node."""
-    had_node = control_plane.info.has_node
+    sandbox and test images (and any built project image) are imported into the node. A node
+    a test session added is stopped by the last session using the cluster."""
+    before = cluster.read_info()
     info = _up(with_node=True)
+    if before is None or not before.has_node:
+        cluster.record_starter("nodeStartedBy", os.getpid())
     handle = _handle(info)
     try:
         yield handle
     finally:
         handle.api_client.close()
-        if not had_node:
+        current = cluster.read_info()
+        if current is not None and current.nodeStartedBy is not None and not _other_sessions():
             cluster.down(node_only=True)

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.fixtures_cluster import ClusterHandle, wait_for, wait_for_other_sessions
 from e2e.infra import cluster, images
 
 pytestmark = pytest.mark.e2e
@@ -258,6 +258,8 @@ def test_resource_quota_is_enforced(control_plane: ClusterHandle) -> None:
 
 def test_cluster_down_leaves_nothing_behind(cluster_with_node: ClusterHandle) -> None:
     """Runs last in this module: stop, check, stop again (idempotent), restart as it was."""
+    # Other test sessions on this machine may share the cluster; never pull it from under them.
+    wait_for_other_sessions(timeout=900)
     info = cluster.read_info()
     assert info is not None
     cluster.down()
@@ -265,7 +267,12 @@ def test_cluster_down_leaves_nothing_behind(cluster_with_node: ClusterHandle) ->
     assert left == {"processes": [], "mounts": [], "interfaces": [], "rules": [], "cgroups": []}
     assert not cluster.provider(info.provider).running()
     cluster.down()  # a second down is harmless
+    assert cluster.leftovers() == left
+
     restarted = cluster.up(with_node=info.has_node, provider_name=info.provider)
     assert restarted.has_node == info.has_node
+    # Whoever was to stop the cluster at the end of the session still does.
+    cluster.record_starter("startedBy", info.startedBy)
+    cluster.record_starter("nodeStartedBy", info.nodeStartedBy)
     nodes: Any = k8s.CoreV1Api(cluster_with_node.api_client).list_node()
     assert [n.metadata.name for n in nodes.items] == [info.nodeName]

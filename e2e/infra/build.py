@@ -35,6 +35,7 @@ class GoRecipe:
     # Build inside the downloaded module itself (its own go.mod, replaces and go.sum apply).
     in_module_dir: bool = False
     tags: tuple[str, ...] = ()
+    trimpath: bool = False
 
 
 def _kubernetes_ldflags(version: str) -> str:
@@ -79,6 +80,7 @@ def recipes() -> list[GoRecipe]:
             {"prometheus": go["prometheus"]["package"]},
             in_module_dir=True,
             tags=tuple(go["prometheus"].get("tags", ())),
+            trimpath=True,
         ),
         GoRecipe("helm", {"helm": "helm.sh/helm/v4/cmd/helm"}, ldflags=_helm_ldflags),
         GoRecipe("kind", {"kind": "sigs.k8s.io/kind"}),
@@ -156,7 +158,8 @@ def _stream_go(argv: list[str], *, cwd: Path | None, env: dict[str, str], label:
     code = proc.wait()
     progress.done()
     if code != 0:
-        raise ComponentError(label, f"`{' '.join(argv)}` failed (exit {code})", _go_errors(output))
+        how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        raise ComponentError(label, f"`{' '.join(argv)}` failed ({how})", _go_errors(output))
 
 
 def _go_errors(output: list[str]) -> str:
@@ -239,7 +242,9 @@ def build_go(recipe: GoRecipe, force: bool = False) -> Row:
     print(f"==> building {recipe.component} {version} ({module})", file=sys.stderr, flush=True)
     started = time.monotonic()
     env = _go_env(recipe.cgo)
-    ldflags = ["-ldflags", recipe.ldflags(version)] if recipe.ldflags else []
+    flags = ["-ldflags", recipe.ldflags(version)] if recipe.ldflags else []
+    if recipe.trimpath:
+        flags.insert(0, "-trimpath")
     bin_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="build-", dir=bin_dir.parent))
     try:
@@ -252,7 +257,7 @@ def build_go(recipe: GoRecipe, force: bool = False) -> Row:
                     "build",
                     "-v",
                     *tags,
-                    *ldflags,
+                    *flags,
                     "-o",
                     f"{staging}/",
                     *recipe.binaries.values(),
@@ -270,7 +275,7 @@ def build_go(recipe: GoRecipe, force: bool = False) -> Row:
                     "-v",
                     "-tags",
                     "tools",
-                    *ldflags,
+                    *flags,
                     "-o",
                     f"{staging}/",
                     *recipe.binaries.values(),
@@ -286,7 +291,7 @@ def build_go(recipe: GoRecipe, force: bool = False) -> Row:
                     "go",
                     "install",
                     "-v",
-                    *ldflags,
+                    *flags,
                     *[f"{pkg}@{version}" for pkg in recipe.binaries.values()],
                 ],
                 cwd=None,
@@ -367,7 +372,7 @@ def install_debian() -> list[Row]:
             raise ComponentError(pkg, "apt-get did not install it")
         rows.append(
             Row(
-                pkg,
+                f"{pkg} (deb)",
                 installed[pkg],
                 _DEBIAN_PATHS.get(pkg, "(library, apt)"),
                 "installed" if pkg in missing else "cached",

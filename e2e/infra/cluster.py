@@ -22,6 +22,7 @@ kubeconfigs stay valid across restarts) and containerd's image store (so imports
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -30,6 +31,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +79,10 @@ class ClusterInfo:
     podCIDR: str | None = None
     serviceCIDR: str | None = None
     savedSysctls: dict[str, str] | None = None
+    # Pid of the pytest session whose fixture started the control plane / the node (None when
+    # started from the command line): such a cluster is stopped by the last session using it.
+    startedBy: int | None = None
+    nodeStartedBy: int | None = None
 
     @property
     def has_node(self) -> bool:
@@ -232,6 +238,8 @@ class LocalProvider:
             apiServer=f"https://127.0.0.1:{APISERVER_PORT}",
             serviceCIDR=SERVICE_CIDR,
             savedSysctls=saved,
+            startedBy=previous.startedBy if previous else None,
+            nodeStartedBy=previous.nodeStartedBy if previous else None,
         )
         _write_info(info)  # written early so `down` can restore sysctls even if `up` fails
         self._prepare_pki()
@@ -253,7 +261,7 @@ class LocalProvider:
             if info is not None and info.provider == self.name:
                 info.mode = "control-plane"
                 info.hostAddressFromPods = info.nodeName = info.containerdSocket = None
-                info.podCIDR = None
+                info.podCIDR = info.nodeStartedBy = None
                 _write_info(info)
             return
         for component in reversed(CONTROL_PLANE):
@@ -465,6 +473,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{SANDBOX_IMAGE}"
   enable_selinux = false
+  # Without CAP_SYS_RESOURCE (this host) runc cannot set the negative oom_score_adj kubelet
+  # asks for sandboxes (-998) and Guaranteed pods; clamp it at containerd's own value instead.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -534,6 +545,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             },
             "imageGCHighThresholdPercent": 99,
             "imageGCLowThresholdPercent": 98,
+            "oomScoreAdj": 0,  # -999 (the default) needs CAP_SYS_RESOURCE
             "rotateCertificates": False,
             "serverTLSBootstrap": False,
             "maxPods": 110,
@@ -552,6 +564,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "healthzBindAddress": "127.0.0.1:10256",
             "metricsBindAddress": "127.0.0.1:10249",
             "nodePortAddresses": [f"{GATEWAY_IP}/32"],
+            "oomScoreAdj": 0,  # -999 (the default) needs CAP_SYS_RESOURCE
             # Leave the host's conntrack sysctls alone (they may be read-only here anyway).
             "conntrack": {
                 "maxPerCore": 0,
@@ -632,6 +645,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             procs.stop(component)
         self._stop_containers()
         procs.stop("containerd")
+        for socket in (paths.containerd_socket(), Path(f"{paths.containerd_socket()}.ttrpc")):
+            socket.unlink(missing_ok=True)
         # Shims and container processes outlive containerd; kill what is left of them.
         shims = procs.pids_matching(
             lambda argv: "containerd-shim" in argv[0] and str(paths.containerd_socket()) in argv
@@ -667,13 +682,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             run([*ctr, "containers", "rm", *containers], check=False, timeout=30)
 
     def _delete_pod_netns(self) -> None:
-        netns_dir = Path("/run/netns")
-        for ns in netns_dir.glob("cni-*"):
-            # Kill anything still running inside, unmount the namespace file, delete it.
-            run(["ip", "netns", "pids", ns.name], check=False)
-            run(["umount", str(ns)], check=False)
-            with contextlib.suppress(OSError):
-                ns.unlink()
+        """Network namespaces containerd made for pods (/run/netns/cni-*), with their veths."""
+        for ns in Path("/run/netns").glob("cni-*"):
+            inside = run(["ip", "netns", "pids", ns.name], check=False).stdout.split()
+            procs.terminate_pids([int(pid) for pid in inside if pid.isdigit()], timeout=5)
+            if run(["ip", "netns", "delete", ns.name], check=False).returncode != 0:
+                run(["umount", "-l", str(ns)], check=False)
+                with contextlib.suppress(OSError):
+                    ns.unlink()
 
     def _kill_strays(self) -> None:
         """Any process still running one of our binaries or using our state dir."""
@@ -869,12 +885,33 @@ def provider(name: str = "auto") -> Provider:
     raise ValueError(f"unknown cluster provider {name!r}: use local, kind or auto")
 
 
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """Serialise up/down between processes (several test sessions may share one cluster)."""
+    lock = paths.state_dir() / "cluster.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def up(with_node: bool = True, provider_name: str = "auto") -> ClusterInfo:
-    return provider(provider_name).up(with_node)
+    with _exclusive():
+        return provider(provider_name).up(with_node)
 
 
 def down(node_only: bool = False, provider_name: str = "auto") -> None:
-    provider(provider_name).down(node_only)
+    with _exclusive():
+        provider(provider_name).down(node_only)
+
+
+def record_starter(field: str, pid: int | None) -> None:
+    """Note which test session started the control plane ("startedBy") or node."""
+    with _exclusive():
+        info = read_info()
+        if info is not None:
+            setattr(info, field, pid)
+            _write_info(info)
 
 
 def leftovers() -> dict[str, list[str]]:

@@ -194,6 +194,57 @@ def ensure_base_image() -> ImageResult:
 
 # ---------------------------------------------------------------- project images
 
+WHEELHOUSE = paths.REPO_ROOT / "build" / "wheelhouse"
+
+
+def prepare_wheelhouse() -> None:
+    """build/wheelhouse: the project's wheel plus wheels of every locked dependency of its
+    extras, so Dockerfiles install with `pip install --no-index` and need no network (RUN steps
+    here reach PyPI only through a TLS-intercepting proxy whose CA the images do not trust)."""
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    requirements = WHEELHOUSE / "requirements.txt"
+    _log("preparing build/wheelhouse (uv export + pip wheel)")
+    try:
+        run(
+            [
+                "uv",
+                "export",
+                "--frozen",
+                "--no-dev",
+                "--no-hashes",
+                "--no-emit-project",
+                "--extra",
+                "operator",
+                "--extra",
+                "runtime",
+                "-o",
+                str(requirements),
+            ],
+            cwd=paths.REPO_ROOT,
+            timeout=300,
+        )
+        run(["uv", "build", "--wheel", "-o", str(WHEELHOUSE)], cwd=paths.REPO_ROOT, timeout=300)
+        # pip wheel also turns sdist-only dependencies into wheels for this Python (3.11).
+        run(
+            [
+                "python3.11",
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "-r",
+                str(requirements),
+                "-w",
+                str(WHEELHOUSE),
+                "--find-links",
+                str(WHEELHOUSE),
+            ],
+            cwd=paths.REPO_ROOT,
+            timeout=3600,
+        )
+    except procs.CommandError as exc:
+        raise ComponentError("wheelhouse", "preparing build/wheelhouse failed", exc.output) from exc
+
 
 def project_dockerfiles() -> dict[str, Path]:
     found = {}
@@ -207,7 +258,7 @@ def project_dockerfiles() -> dict[str, Path]:
 def _project_sources() -> list[Path]:
     """Files whose change requires rebuilding the project images (git's view of the repo)."""
     listed = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=paths.REPO_ROOT).stdout
-    roots = ("operator/", "runtime/", "pyproject.toml", "uv.lock", "wheelhouse/")
+    roots = ("operator/", "runtime/", "pyproject.toml", "uv.lock", "README.md")
     return [
         paths.REPO_ROOT / f
         for f in listed.splitlines()
@@ -221,10 +272,13 @@ def build_project_images() -> list[ImageResult]:
     if not dockerfiles:
         return results
     results.append(ensure_base_image())
+    prepare_wheelhouse()
     sources = _project_sources()
+    # Wheel names (not bytes: the project's wheel is rebuilt each time) pin the dependencies.
+    wheels = " ".join(sorted(w.name for w in WHEELHOUSE.glob("*.whl")))
     for name, dockerfile in dockerfiles.items():
         image = PROJECT_IMAGES[name]
-        source_hash = _hash_files([*sources, dockerfile], extra=BASE_IMAGE)
+        source_hash = _hash_files([*sources, dockerfile], extra=f"{BASE_IMAGE} {wheels}")
         if podman_label(image, SOURCE_LABEL) == source_hash:
             results.append(ImageResult(image, "cached", 0.0))
             continue

@@ -26,7 +26,7 @@ class ComponentError(RuntimeError):
         self.log_tail = log_tail
         text = f"{component}: {message}"
         if log_tail:
-            text += f"\n--- last lines of {component}'s log ---\n{log_tail}"
+            text += f"\n--- {component}: last lines of its output ---\n{log_tail}"
         super().__init__(text)
 
 
