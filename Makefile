@@ -7,7 +7,8 @@ INFRA := $(PYTHON) -m e2e.infra
 # ---------------------------------------------------------------- code generation
 
 .PHONY: generate
-# CRDs (crds/ and the chart's copy) from the API models in operator/voicefleet_operator/api.py.
+# From the API models (operator/voicefleet_operator/api.py): the CRD in crds/ and its copy in
+# the chart, and the field reference operator/API.md. A unit test fails when they are stale.
 generate:
 	PYTHONPATH=operator:runtime $(PYTHON) -m voicefleet_operator.crd
 
