@@ -327,7 +327,7 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     resource = (GROUP, VERSION, PLURAL)
     clients = LiveKitClients(ctx)
 
-    @kopf.index(*resource, registry=registry)
+    @kopf.index(*resource, id="number_claims", registry=registry)
     def number_claims(body: kopf.Body, **_: Any) -> dict[str, Claim] | None:
         claim = claim_of(body)
         return {"claims": claim} if claim is not None else None
