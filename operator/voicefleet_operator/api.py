@@ -32,7 +32,6 @@ from pydantic import (
 )
 from pydantic.config import ConfigDict, JsonDict
 from voicefleet_runtime.config import (
-    DNS1123_LABEL,
     AgentsSection,
     HttpEndpoint,
     McpServerConfig,
@@ -606,21 +605,3 @@ def parse_spec(spec: Mapping[str, Any]) -> VoiceAgentSpec:
 def parse_status(status: Mapping[str, Any] | None) -> VoiceAgentStatus:
     """Read the status subresource (empty when the operator has not written it yet)."""
     return VoiceAgentStatus.model_validate(status or {})
-
-
-__all__ = [
-    "DNS1123_LABEL",
-    "Condition",
-    "HttpHeaderSpec",
-    "ScalingSpec",
-    "SecretReference",
-    "SpecError",
-    "TelephonySpec",
-    "TelephonyStatus",
-    "VoiceAgent",
-    "VoiceAgentSpec",
-    "VoiceAgentStatus",
-    "WorkerSpec",
-    "parse_spec",
-    "parse_status",
-]
