@@ -54,15 +54,36 @@ def _ulaw_table() -> npt.NDArray[np.float64]:
 ULAW = _ulaw_table()
 
 
-def caller_audio(path: Path, text: str) -> Path:
-    """Speech for the caller, raw 8 kHz mono u-law as sipp's rtp_stream plays it."""
+def caller_audio(
+    path: Path, text: str, lead_seconds: float = 0.0, tail_seconds: float = 1.5
+) -> Path:
+    """Speech for the caller, raw 8 kHz mono u-law as sipp's rtp_stream plays it.
+
+    `lead_seconds` of silence first (the caller listens to the greeting before speaking),
+    `tail_seconds` after (so a looped stream has pauses that end the caller's turn).
+    """
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed; `make infra` installs it (Debian)")
     wav = path.with_suffix(".wav")
     subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
     subprocess.run(
-        ["sox", str(wav), "-t", "raw", "-e", "u-law", "-r", "8000", "-c", "1", str(path)],
+        [
+            "sox",
+            str(wav),
+            "-t",
+            "raw",
+            "-e",
+            "u-law",
+            "-r",
+            "8000",
+            "-c",
+            "1",
+            str(path),
+            "pad",
+            str(lead_seconds),
+            str(tail_seconds),
+        ],
         check=True,
         capture_output=True,
     )
@@ -244,6 +265,7 @@ def place_call(
     caller: str = "+15550001111",
     talk_seconds: float = 8.0,
     speech: str = "Hello. I would like to know where my order is. It was placed last Tuesday.",
+    speech_delay: float = 0.0,
     timeout: float = 90.0,
     answer_timeout: float = 30.0,
 ) -> CallResult:
@@ -253,7 +275,7 @@ def place_call(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SIPP_DIR / scenario, workdir / scenario)
-    caller_audio(workdir / "caller.ul", speech)
+    caller_audio(workdir / "caller.ul", speech, lead_seconds=speech_delay)
     local_port = free_udp_port()
     media_port = free_udp_port(even=True)
     messages = workdir / "messages.log"

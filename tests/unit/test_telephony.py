@@ -6,7 +6,7 @@ import json
 
 import pytest
 from livekit.protocol.sip import SIPInboundTrunkInfo
-from voicefleet_operator import telephony
+from voicefleet_operator import telephony, telephony_handlers
 from voicefleet_operator.telephony import (
     Claim,
     NumberConflict,
@@ -300,3 +300,39 @@ def test_auth_secret_errors_name_the_missing_key() -> None:
     assert auth == SipAuth("u", "p")
     with pytest.raises(ValueError, match=r"authSecretRef: Secret 'sip-auth' has no .*'password'"):
         telephony.read_auth_secret({"username": "u"}, "sip-auth")
+
+
+# --- what the kopf glue decides from a VoiceAgent body --------------------------------------
+
+
+def body(spec: dict[str, object], status: dict[str, object] | None = None, **meta: object) -> dict:
+    metadata = {
+        "namespace": "tenant-a",
+        "name": "support",
+        "creationTimestamp": "2025-01-02T03:04:05Z",
+        **meta,
+    }
+    return {"metadata": metadata, "spec": spec, "status": status or {}}
+
+
+def test_claim_of_a_voiceagent_with_numbers() -> None:
+    claim = telephony_handlers.claim_of(body({"telephony": {"numbers": [NUMBER_A, NUMBER_B]}}))
+    assert claim == Claim("tenant-a", "support", "2025-01-02T03:04:05Z", (NUMBER_A, NUMBER_B))
+
+
+def test_no_claim_without_numbers_or_while_deleting() -> None:
+    assert telephony_handlers.claim_of(body({})) is None
+    assert telephony_handlers.claim_of(body({"telephony": {"numbers": []}})) is None
+    deleting = body(
+        {"telephony": {"numbers": [NUMBER_A]}}, deletionTimestamp="2025-02-01T00:00:00Z"
+    )
+    assert telephony_handlers.claim_of(deleting) is None
+
+
+def test_finalizer_needed_while_numbers_are_asked_for_or_still_provisioned() -> None:
+    assert telephony_handlers.has_telephony(body({"telephony": {"numbers": [NUMBER_A]}}))
+    # Numbers removed from the spec, trunk not yet deleted: the finalizer must stay.
+    leftover = body({}, {"telephony": {"trunkID": "ST_1", "dispatchRuleID": None, "numbers": []}})
+    assert telephony_handlers.has_telephony(leftover)
+    assert not telephony_handlers.has_telephony(body({}))
+    assert not telephony_handlers.has_telephony(body({}, {"telephony": None}))
