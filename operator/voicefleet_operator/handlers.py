@@ -274,6 +274,7 @@ async def write_status(
     result = await retry_on_conflict(5, attempt)
     if result is not None:
         body, old, new = result
+        metrics.observe_status(namespace, name, new)
         for type, reason, message in condition_events(old, new):
             post_event(body, type, reason, message)
     return result
@@ -321,10 +322,12 @@ class Outcome:
 async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> Outcome:
     """Bring VoiceAgent `namespace/name`'s children in line with its spec (see module doc)."""
     async with ctx.lock(namespace, name):
-        body = await ctx.kube.get("VoiceAgent", namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return Outcome(False, "Gone")  # the garbage collector removes the children
-        return await _reconcile(ctx, body)
+        with metrics.observe_reconcile(namespace, name) as record:
+            body = await ctx.kube.get("VoiceAgent", namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                # The garbage collector removes the children.
+                return record.done(Outcome(False, "Gone"))
+            return record.done(await _reconcile(ctx, body))
 
 
 async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
@@ -482,6 +485,7 @@ async def _not_reconciled(
 ) -> Outcome:
     """Children could not all be applied: say why and keep whatever already runs."""
     log.warning("%s/%s: not reconciled (%s): %s", ref.namespace, ref.name, reason, message)
+    metrics.RECONCILE_ERRORS.labels(ref.namespace, ref.name, reason).inc()
     deployment = await _owned(ctx, ref, "Deployment", render.ChildNames.of(ref.name).deployment)
     await write_status(
         ctx,

@@ -3,10 +3,23 @@
 `REGISTRY` is what the operator's metrics endpoint serves; every module of the operator defines
 its metrics here, against that registry, so the endpoint exposes them all and tests can read
 them without the process-wide default registry. Names are `voicefleet_operator_*`, labelled by
-the VoiceAgent's `namespace` and `voiceagent`.
+the VoiceAgent's `namespace` and `voiceagent` (the namespace is the tenant).
+
+What sets them: the reconcile (`observe_reconcile`, `RECONCILE_ERRORS`), every status write
+(`observe_status`: phase, conditions and replicas as the VoiceAgent's status says), the
+autoscaler (`SCALING_*`, observed load) and the telephony step (`TELEPHONY_ERRORS`).
+Phase and conditions are exported kube-state-metrics style, one series per possible value with
+1 for the current one, so `sum by (phase)` counts VoiceAgents and a missing series means the
+operator has not seen the VoiceAgent (never that it is fine).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -67,13 +80,152 @@ WORKER_READ_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+
+# --- reconcile ------------------------------------------------------------------------------
+
+RECONCILES = Counter(
+    "voicefleet_operator_reconciles_total",
+    "Reconciles of a VoiceAgent, by result: Applied, a configuration problem (InvalidSpec, "
+    "SecretNotFound, ...), a failure (ApiError, ApplyFailed, NameConflict, "
+    "LiveKitSecretMissing, Exception) or Gone.",
+    (*VOICEAGENT_LABELS, "result"),
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "voicefleet_operator_reconcile_errors_total",
+    "Reconciles that could not apply the children for a reason on the platform's side (API "
+    "errors, a missing platform Secret, name conflicts, exceptions), by reason. A tenant's "
+    "invalid configuration is not counted here (see ConfigValid).",
+    (*VOICEAGENT_LABELS, "reason"),
+    registry=REGISTRY,
+)
+RECONCILE_DURATION = Histogram(
+    "voicefleet_operator_reconcile_duration_seconds",
+    "Time one reconcile took (reads, validation, server-side apply, status), per namespace.",
+    ("namespace",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+
+# --- status ---------------------------------------------------------------------------------
+
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+CONDITION_STATUSES = ("True", "False", "Unknown")
+
+VOICEAGENT_PHASE = Gauge(
+    "voicefleet_operator_voiceagent_phase",
+    "1 for the VoiceAgent's current status.phase, 0 for the other phases.",
+    (*VOICEAGENT_LABELS, "phase"),
+    registry=REGISTRY,
+)
+VOICEAGENT_CONDITION = Gauge(
+    "voicefleet_operator_voiceagent_condition",
+    "1 for the current status of each condition in the VoiceAgent's status (Ready, ConfigValid, "
+    "Reconciled, WorkersAvailable, TelephonyReady, ScalingActive), 0 for the other statuses.",
+    (*VOICEAGENT_LABELS, "condition", "status"),
+    registry=REGISTRY,
+)
+WORKER_REPLICAS = Gauge(
+    "voicefleet_operator_worker_replicas",
+    "Worker pods of the VoiceAgent's Deployment (status.replicas).",
+    VOICEAGENT_LABELS,
+    registry=REGISTRY,
+)
+WORKER_READY_REPLICAS = Gauge(
+    "voicefleet_operator_worker_ready_replicas",
+    "Ready worker pods of the VoiceAgent's Deployment (status.readyReplicas).",
+    VOICEAGENT_LABELS,
+    registry=REGISTRY,
+)
+
+# --- telephony ------------------------------------------------------------------------------
+
+TELEPHONY_ERRORS = Counter(
+    "voicefleet_operator_telephony_errors_total",
+    "Failed provisioning steps of a VoiceAgent's SIP trunk and dispatch rule, by reason "
+    "(LiveKitError, AuthSecretInvalid); each is retried with backoff.",
+    (*VOICEAGENT_LABELS, "reason"),
+    registry=REGISTRY,
+)
+
 _PER_VOICEAGENT = (
     DESIRED_REPLICAS,
     OBSERVED_ACTIVE_JOBS,
     OBSERVED_LOAD,
     UNREACHABLE_WORKERS,
     WORKER_READ_SECONDS,
+    WORKER_REPLICAS,
+    WORKER_READY_REPLICAS,
 )
+
+# Condition types last exported per VoiceAgent: a condition removed from the status (e.g.
+# TelephonyReady once the numbers are gone) must lose its series too.
+_exported_conditions: dict[tuple[str, str], set[str]] = {}
+
+
+class _HasReason(Protocol):
+    @property
+    def reason(self) -> str: ...
+
+
+OutcomeT = TypeVar("OutcomeT", bound=_HasReason)
+
+
+@dataclass
+class ReconcileRecord:
+    """What `observe_reconcile` counts: set by `done()`, "Exception" if the block raised."""
+
+    result: str = "Unknown"
+
+    def done(self, outcome: OutcomeT) -> OutcomeT:
+        self.result = outcome.reason or "Unknown"
+        return outcome
+
+
+@contextmanager
+def observe_reconcile(namespace: str, name: str) -> Iterator[ReconcileRecord]:
+    """Time one reconcile and count it by result (an exception counts as an error too)."""
+    record = ReconcileRecord()
+    started = time.perf_counter()
+    try:
+        yield record
+    except Exception:
+        record.result = "Exception"
+        RECONCILE_ERRORS.labels(namespace, name, "Exception").inc()
+        raise
+    finally:
+        RECONCILE_DURATION.labels(namespace).observe(time.perf_counter() - started)
+        RECONCILES.labels(namespace, name, record.result).inc()
+
+
+def observe_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    """Export a VoiceAgent's phase, conditions and replicas as its status now says."""
+    phase = status.get("phase")
+    for candidate in PHASES:
+        VOICEAGENT_PHASE.labels(namespace, name, candidate).set(1 if candidate == phase else 0)
+    current: set[str] = set()
+    for condition in status.get("conditions") or []:
+        kind = str(condition.get("type"))
+        current.add(kind)
+        for value in CONDITION_STATUSES:
+            series = VOICEAGENT_CONDITION.labels(namespace, name, kind, value)
+            series.set(1 if condition.get("status") == value else 0)
+    key = (namespace, name)
+    for kind in _exported_conditions.get(key, set()) - current:
+        _remove_condition(namespace, name, kind)
+    _exported_conditions[key] = current
+    if "replicas" in status:
+        WORKER_REPLICAS.labels(namespace, name).set(float(status["replicas"]))
+    if "readyReplicas" in status:
+        WORKER_READY_REPLICAS.labels(namespace, name).set(float(status["readyReplicas"]))
+
+
+def _remove_condition(namespace: str, name: str, kind: str) -> None:
+    for value in CONDITION_STATUSES:
+        try:
+            VOICEAGENT_CONDITION.remove(namespace, name, kind, value)
+        except KeyError:
+            pass
 
 
 def forget_voiceagent(namespace: str, name: str) -> None:
@@ -84,3 +236,10 @@ def forget_voiceagent(namespace: str, name: str) -> None:
             metric.remove(namespace, name)
         except KeyError:
             pass
+    for phase in PHASES:
+        try:
+            VOICEAGENT_PHASE.remove(namespace, name, phase)
+        except KeyError:
+            pass
+    for kind in _exported_conditions.pop((namespace, name), set()):
+        _remove_condition(namespace, name, kind)

@@ -30,7 +30,7 @@ from typing import Any
 import kopf
 from livekit import api as livekit_api
 
-from voicefleet_operator import telephony
+from voicefleet_operator import metrics, telephony
 from voicefleet_operator.api import (
     CONDITION_TELEPHONY_READY,
     GROUP,
@@ -159,6 +159,7 @@ async def sync(
                 return await _without_numbers(ctx, clients, body, uid)
             auth = await _auth(ctx, namespace, spec.telephony)
         except _AuthSecretProblem as problem:
+            metrics.TELEPHONY_ERRORS.labels(namespace, name, telephony.REASON_SECRET_INVALID).inc()
             await _write(
                 ctx,
                 body,
@@ -251,6 +252,8 @@ async def _failed(
 ) -> SyncOutcome:
     delay = telephony.retry_delay(retry)
     condition = telephony.error_condition(error, delay)
+    metadata = body["metadata"]
+    metrics.TELEPHONY_ERRORS.labels(metadata["namespace"], metadata["name"], condition.reason).inc()
     log.warning(
         "%s/%s: telephony: %s", body["metadata"]["namespace"], body["metadata"]["name"], error
     )
