@@ -2,8 +2,10 @@
 
 `REGISTRY` is what the operator's metrics endpoint serves; every module of the operator defines
 its metrics here, against that registry, so the endpoint exposes them all and tests can read
-them without the process-wide default registry. Names are `voicefleet_operator_*`, labelled by
-the VoiceAgent's `namespace` and `voiceagent` (the namespace is the tenant).
+them without the process-wide default registry. Names are `voicefleet_operator_*`, labelled like the
+runtime's series: `tenant` (the VoiceAgent's namespace) and `agent` (its name), so the two join
+in one query. (Not `namespace`: Prometheus sets that target label to the operator pod's own
+namespace, and the scraped label would be renamed to `exported_namespace`.)
 
 What sets them: the reconcile (`observe_reconcile`, `RECONCILE_ERRORS`), every status write
 (`observe_status`: phase, conditions and replicas as the VoiceAgent's status says), the
@@ -25,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-VOICEAGENT_LABELS = ("namespace", "voiceagent")
+VOICEAGENT_LABELS = ("tenant", "agent")
 
 # --- autoscaler -----------------------------------------------------------------------------
 
@@ -101,8 +103,8 @@ RECONCILE_ERRORS = Counter(
 )
 RECONCILE_DURATION = Histogram(
     "voicefleet_operator_reconcile_duration_seconds",
-    "Time one reconcile took (reads, validation, server-side apply, status), per namespace.",
-    ("namespace",),
+    "Time one reconcile took (reads, validation, server-side apply, status), per tenant.",
+    ("tenant",),
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY,
 )
