@@ -47,6 +47,11 @@ def config_file() -> Path:
     return data_dir() / "prometheus.yml"
 
 
+def rules_dir() -> Path:
+    """Alerting/recording rule files (*.yml) Prometheus loads; see PrometheusClient.load_rules."""
+    return data_dir() / "rules"
+
+
 def _loaded_kubeconfig_record() -> Path:
     return data_dir() / "kubeconfig.loaded"
 
@@ -100,6 +105,7 @@ def pod_scrape_job() -> dict[str, Any]:
 def config_text() -> str:
     config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": [str(rules_dir() / "*.yml")],
         "scrape_configs": [
             {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{PORT}"]}]},
             *(
@@ -126,6 +132,7 @@ def argv() -> list[str]:
 
 def prepare() -> None:
     (data_dir() / "data").mkdir(parents=True, exist_ok=True)
+    rules_dir().mkdir(parents=True, exist_ok=True)
     _loaded_kubeconfig_record().write_text(kubeconfig_fingerprint())
 
 
@@ -176,6 +183,36 @@ class PrometheusClient:
         return [
             Sample(labels=item["metric"], value=float(item["value"][1])) for item in data["result"]
         ]
+
+    def query_range(
+        self, expr: str, start: float, end: float, step: float
+    ) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        """Range query: (labels, [(unix time, value)]) per series of the resulting matrix."""
+        params = {"query": expr, "start": str(start), "end": str(end), "step": str(step)}
+        data = self._get("/api/v1/query_range", params)
+        return [
+            (item["metric"], [(float(t), float(v)) for t, v in item["values"]])
+            for item in data["result"]
+        ]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts (labels, annotations, state, activeAt, value)."""
+        return list(self._get("/api/v1/alerts")["alerts"])
+
+    def load_rules(self, name: str, text: str) -> list[str]:
+        """Write rule file `name`.yml (Prometheus rule-file YAML) and reload; returns the names
+        of the rule groups Prometheus then has. A Prometheus started from an older config
+        without rule_files gets the current config first."""
+        rules_dir().mkdir(parents=True, exist_ok=True)
+        (rules_dir() / f"{name}.yml").write_text(text)
+        if config_file().read_text() != config_text():
+            config_file().write_text(config_text())
+        self.reload()
+        return [group["name"] for group in self._get("/api/v1/rules")["groups"]]
+
+    def remove_rules(self, name: str) -> None:
+        (rules_dir() / f"{name}.yml").unlink(missing_ok=True)
+        self.reload()
 
     def active_targets(self) -> list[dict[str, Any]]:
         """Active scrape targets as the /api/v1/targets API lists them (labels, health...)."""
