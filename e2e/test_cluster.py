@@ -206,14 +206,26 @@ def test_deployment_of_local_image_runs_and_is_reachable(
     # The pod reaches the host, from its own IP.
     wait_for("the pod to call the host", lambda: pod_ip in host_server.seen_from, timeout=30)
 
-    def logs() -> str | None:
-        text = cluster_with_node.kubectl("logs", "-n", namespace, pod.metadata.name)
-        wanted = ("listening on :8080", "request GET /from-host", '"gitVersion"')
-        return text if all(w in text for w in wanted) else None
+    # kubectl logs shows the container's output: its start, the host's request, and the
+    # answers it got from the host and from the kubernetes Service (through kube-proxy).
+    wanted = (
+        "listening on :8080",
+        "request GET /from-host",
+        f'probe http://{host}:{port}/from-pod: status 200 body "host-says-hello"',
+        f"probe https://{cluster.KUBERNETES_SERVICE_IP}:443/version: status 200",
+    )
+    log_text = ""
 
-    # kubectl logs shows the container's output, including the kubernetes Service's answer.
-    log_text = wait_for("the expected lines in kubectl logs", logs, timeout=30)
-    assert 'body "host-says-hello"' in log_text
+    def all_lines_logged() -> bool:
+        nonlocal log_text
+        log_text = cluster_with_node.kubectl("logs", "-n", namespace, pod.metadata.name)
+        return all(w in log_text for w in wanted)
+
+    try:
+        wait_for("the expected lines in kubectl logs", all_lines_logged, timeout=30)
+    except AssertionError:
+        missing = [w for w in wanted if w not in log_text]
+        raise AssertionError(f"kubectl logs lacks {missing}; it shows:\n{log_text}") from None
 
 
 def test_pod_security_admission_rejects_privileged_pod(

@@ -36,8 +36,14 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         started = time.monotonic()
-        info = cluster.up(with_node=not args.control_plane_only, provider_name=args.provider)
-        print(f"cluster up ({info.provider}, {info.mode}) in {time.monotonic() - started:.1f}s")
+        chosen = cluster.provider(args.provider)
+        with cluster.exclusive():
+            info = chosen.up(with_node=not args.control_plane_only)
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in getattr(chosen, "timings", {}).items())
+        print(
+            f"cluster up ({info.provider}, {info.mode}) in {time.monotonic() - started:.1f}s"
+            + (f" ({phases})" if phases else "")
+        )
         print(f"  kubeconfig  {info.kubeconfig}")
         print(f"  API server  {info.apiServer}")
         if info.hostAddressFromPods:

@@ -205,6 +205,9 @@ class LocalProvider:
 
     name = "local"
 
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
     # ---- public API
 
     def running(self) -> ClusterInfo | None:
@@ -244,9 +247,13 @@ class LocalProvider:
         _write_info(info)  # written early so `down` can restore sysctls even if `up` fails
         self._prepare_pki()
         self._ensure_bridge()
+        began = time.monotonic()
         self._start_control_plane()
+        self.timings["control plane ready"] = time.monotonic() - began
         if info.has_node:
+            began = time.monotonic()
             self._start_node()
+            self.timings["node Ready"] = time.monotonic() - began
             info.hostAddressFromPods = GATEWAY_IP
             info.nodeName = NODE_NAME
             info.containerdSocket = str(paths.containerd_socket())
@@ -886,7 +893,7 @@ def provider(name: str = "auto") -> Provider:
 
 
 @contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
+def exclusive() -> Iterator[None]:
     """Serialise up/down between processes (several test sessions may share one cluster)."""
     lock = paths.state_dir() / "cluster.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -896,18 +903,18 @@ def _exclusive() -> Iterator[None]:
 
 
 def up(with_node: bool = True, provider_name: str = "auto") -> ClusterInfo:
-    with _exclusive():
+    with exclusive():
         return provider(provider_name).up(with_node)
 
 
 def down(node_only: bool = False, provider_name: str = "auto") -> None:
-    with _exclusive():
+    with exclusive():
         provider(provider_name).down(node_only)
 
 
 def record_starter(field: str, pid: int | None) -> None:
     """Note which test session started the control plane ("startedBy") or node."""
-    with _exclusive():
+    with exclusive():
         info = read_info()
         if info is not None:
             setattr(info, field, pid)
