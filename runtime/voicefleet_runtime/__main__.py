@@ -87,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     from voicefleet_runtime.worker import build_server
 
     server = build_server(config)
+    if args.command == "console":
+        # The console runs the job in a thread; plugins register themselves on import, which
+        # livekit-agents allows on the main thread only.
+        import importlib
+
+        from voicefleet_runtime.pipeline import plugin_modules
+
+        for module in plugin_modules(config.pipeline):
+            importlib.import_module(module)
     # livekit-agents' CLI does the rest: logging, signals, drain on SIGTERM.
     sys.argv = [sys.argv[0], args.command, *passthrough]
     cli.run_app(server)
