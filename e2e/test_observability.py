@@ -1,0 +1,414 @@
+"""Dashboards and alerts against the real Prometheus of the local stack.
+
+`helm install` of the chart (operator pod with scrape annotations, dashboards enabled) serving one
+tenant namespace, whose VoiceAgents' worker pods carry the operator's scrape annotations; the
+local Prometheus discovers both through the cluster and loads the chart's PrometheusRule groups
+(rendered with short `for:` durations). Then, in that tenant:
+
+  quality  a healthy agent taking a few calls with several turns each (turn latency, usage);
+  full     a deliberately broken setup: 1 job per worker, at most 1 worker, 5 spare jobs wanted,
+           2 idle processes; three calls arrive at once (one is taken and held; with two idle
+           processes livekit-agents lets a second request through to the worker's capacity
+           gate, which refuses it), so the agent is at capacity;
+  broken   a VoiceAgent whose ConfigMap name is taken by a foreign object (reconcile error) and
+           whose SIP auth Secret does not exist (telephony provisioning error).
+
+Every dashboard panel's query must then return at least one series (a real number for the
+quantiles), the capacity alert must fire for `full` and not for `quality`, and the reconcile and
+telephony alerts must fire for `broken`. The plot command draws the run to
+<state>/logs/observability-e2e.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from voicefleet_operator.render import ChildNames, dispatch_name
+
+from e2e import observability, plot
+from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.infra import images, paths
+from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
+from e2e.infra.prometheus import PrometheusClient
+from e2e.participant import TestParticipant, participant_token
+from e2e.providers import ProviderServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+RELEASE = "vf-observability"
+HEALTH_PORT = 8081
+RULES_NAME = "voicefleet-e2e"
+# Short `for:` so the test need not wait minutes; the expressions are the chart's own.
+RULE_OVERRIDES = (
+    "--set", "monitoring.prometheusRule.noSpareCapacity.for=15s",
+    "--set", "monitoring.prometheusRule.reconcileErrors.for=15s",
+    "--set", "monitoring.prometheusRule.telephonyNotReady.for=15s",
+)  # fmt: skip
+TURNS_PER_CALL = 3
+PLOT_FILE = paths.logs_dir() / "observability-e2e.png"
+RESULTS_FILE = paths.logs_dir() / "observability-e2e.json"
+
+
+# --- the stack --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
+    missing = [n for n in ("operator", "runtime") if n not in images.project_dockerfiles()]
+    if missing:
+        pytest.fail(f"no Dockerfile for {missing}: the images cannot be built", pytrace=False)
+    results = images.build_all(import_into_node=True)
+    on_node = images.containerd_images()
+    for name in ("operator", "runtime"):
+        if images.PROJECT_IMAGES[name] not in on_node:
+            pytest.fail(f"{images.PROJECT_IMAGES[name]} is not on the node: {results}")
+    return images.PROJECT_IMAGES
+
+
+@pytest.fixture(scope="module")
+def namespaces(cluster_with_node: ClusterHandle) -> Iterator[tuple[str, str]]:
+    """(platform namespace, tenant namespace)."""
+    suffix = secrets.token_hex(3)
+    platform, tenant = f"vf-obs-system-{suffix}", f"obs-{suffix}"
+    for namespace in (platform, tenant):
+        cluster_with_node.kubectl("create", "namespace", namespace)
+    yield platform, tenant
+    for namespace in (tenant, platform):
+        with contextlib.suppress(AssertionError):
+            cluster_with_node.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def _kubectl_json(cluster: ClusterHandle, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json"))
+
+
+def _apply(cluster: ClusterHandle, obj: dict[str, Any]) -> None:
+    manifest = paths.state_dir() / f"observability-e2e-{obj['kind']}-{obj['metadata']['name']}.json"
+    manifest.write_text(json.dumps(obj))
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
+    finally:
+        manifest.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def release(
+    cluster_with_node: ClusterHandle,
+    livekit: LiveKitEndpoint,
+    project_images: dict[str, str],
+    namespaces: tuple[str, str],
+) -> Iterator[str]:
+    """The chart installed with dashboards on; the operator serves only the tenant namespace."""
+    platform, tenant = namespaces
+    operator_repo, operator_tag = project_images["operator"].rsplit(":", 1)
+    runtime_repo, runtime_tag = project_images["runtime"].rsplit(":", 1)
+    values = {
+        "livekit": {
+            "url": livekit.url_for_pods,
+            "apiUrl": f"http://{cluster_with_node.host_address_from_pods}:{LIVEKIT_PORT}",
+            "apiKey": livekit.api_key,
+            "apiSecret": livekit.api_secret,
+        },
+        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "Never"},
+        "runtime": {
+            "image": {"repository": runtime_repo, "tag": runtime_tag, "pullPolicy": "Never"}
+        },
+        "watchNamespaces": [tenant],
+        "monitoring": {"dashboards": {"enabled": True}},
+    }
+    values_file = paths.state_dir() / f"observability-e2e-values-{platform}.json"
+    values_file.write_text(json.dumps(values))
+    helm = str(observability.helm())
+    kubeconfig = f"--kubeconfig={cluster_with_node.kubeconfig}"
+    install = subprocess.run(
+        [helm, "install", RELEASE, str(observability.CHART), kubeconfig, "--namespace", platform,
+         "--values", str(values_file), "--wait", "--timeout", "5m"],
+        capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    if install.returncode != 0:
+        events = cluster_with_node.kubectl("-n", platform, "get", "events")
+        pytest.fail(f"helm install failed:\n{install.stderr}{install.stdout}\n{events}")
+    try:
+        yield platform
+    finally:
+        subprocess.run(
+            [helm, "uninstall", RELEASE, kubeconfig, "--namespace", platform, "--wait"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        values_file.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def alert_rules(prometheus: PrometheusClient) -> Iterator[list[str]]:
+    """The chart's PrometheusRule groups, loaded into the local Prometheus."""
+    groups = observability.alert_rule_groups(*RULE_OVERRIDES)
+    loaded = prometheus.load_rules(RULES_NAME, observability.rule_file_text(groups))
+    missing = {g["name"] for g in groups} - set(loaded)
+    assert not missing, f"Prometheus did not load rule groups {missing}; it has {loaded}"
+    yield loaded
+    prometheus.remove_rules(RULES_NAME)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
+    """The fake OpenAI servers, on the host address pods reach."""
+    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
+        yield server
+
+
+def voiceagent(
+    tenant: str, name: str, providers: ProviderServer, *, worker: dict[str, Any],
+    scaling: dict[str, Any], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    openai = {"provider": "openai", "baseUrl": providers.base_url}
+    return {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "metadata": {"name": name, "namespace": tenant},
+        "spec": {
+            "agents": [
+                {
+                    "name": "front",
+                    "instructions": "You answer calls for the observability test.",
+                    "greeting": "Hello, this is the observability test.",
+                }
+            ],
+            "entry": "front",
+            "pipeline": {
+                "stt": {**openai, "model": "whisper-1", "language": "en"},
+                "llm": {**openai, "model": "gpt-4o-mini"},
+                "tts": {**openai, "model": "tts-1", "voice": "alloy"},
+                "vad": {"provider": "silero"},
+                "turnDetection": {"mode": "vad"},
+            },
+            "secretRefs": [{"name": "provider-keys"}],
+            "worker": {"healthPort": HEALTH_PORT, **worker},
+            "scaling": scaling,
+            **(extra or {}),
+        },
+    }
+
+
+def _condition(agent: dict[str, Any], kind: str) -> str | None:
+    for condition in (agent.get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            return str(condition["status"])
+    return None
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+
+async def _call(livekit: LiveKitEndpoint, tenant: str, agent: str, index: int) -> TestParticipant:
+    room = f"obs-{agent}-{index}-{int(time.time())}"
+    token = participant_token(
+        livekit.api_key,
+        livekit.api_secret,
+        room,
+        identity=f"caller-{agent}-{index}",
+        dispatch_agent=dispatch_name(tenant, agent),
+    )
+    caller = TestParticipant(livekit.url, token)
+    await caller.join()
+    return caller
+
+
+async def _conversation(livekit: LiveKitEndpoint, tenant: str, agent: str, index: int) -> int:
+    """One call: the greeting, then TURNS_PER_CALL questions each answered; returns turns."""
+    caller = await _call(livekit, tenant, agent, index)
+    try:
+        await caller.wait_for_participant(agent=True, timeout_s=60)
+        greeting = await caller.wait_for_audio(timeout_s=60)
+        await caller.wait_for_speech_end(after=greeting - 0.1, timeout_s=60)
+        for turn in range(TURNS_PER_CALL):
+            phrase = await caller.say(f"Question number {turn + 1}: are you open on Sunday?")
+            assert phrase.ended_at is not None
+            reply = await caller.wait_for_audio(after=phrase.ended_at, timeout_s=60)
+            await caller.wait_for_speech_end(after=reply - 0.1, timeout_s=60)
+        return TURNS_PER_CALL
+    finally:
+        await caller.leave()
+
+
+# --- the test ---------------------------------------------------------------------------------
+
+
+def _series_of(prometheus: PrometheusClient, query: observability.PanelQuery) -> list[Any]:
+    samples = prometheus.query(query.promql(rate_interval="5m", time_range="1h"))
+    if "histogram_quantile" in query.expr:
+        # A quantile of buckets that did not grow is NaN: a series, but no answer.
+        return [s for s in samples if not math.isnan(s.value)]
+    return samples
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
+    cluster_with_node: ClusterHandle,
+    livekit: LiveKitEndpoint,
+    prometheus: PrometheusClient,
+    release: str,
+    namespaces: tuple[str, str],
+    alert_rules: list[str],
+    pod_providers: ProviderServer,
+) -> None:
+    cluster = cluster_with_node
+    platform, tenant = namespaces
+    started = time.time()
+    results: dict[str, Any] = {"tenant": tenant, "platform": platform}
+
+    # Dashboards reached the cluster as ConfigMaps for the Grafana sidecar.
+    maps = _kubectl_json(cluster, "-n", platform, "get", "configmaps", "-l", "grafana_dashboard=1")
+    assert len(maps["items"]) == len(observability.dashboards())
+
+    _apply(cluster, {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "provider-keys", "namespace": tenant},
+        "stringData": {"OPENAI_API_KEY": "sk-local-test-key"},
+    })  # fmt: skip
+    healthy = voiceagent(
+        tenant, "quality", pod_providers,
+        worker={"jobsPerWorker": 4, "idleProcesses": 2},
+        scaling={"minReplicas": 1, "maxReplicas": 1, "spareJobs": 0},
+    )  # fmt: skip
+    full = voiceagent(
+        tenant, "full", pod_providers,
+        worker={"jobsPerWorker": 1, "idleProcesses": 2, "loadThreshold": 0.7},
+        scaling={"minReplicas": 1, "maxReplicas": 1, "spareJobs": 5},
+    )  # fmt: skip
+    # Broken twice over: a foreign ConfigMap holds its child's name, the SIP auth Secret is
+    # missing. It never gets workers; the operator reports both.
+    number = "+1555" + "".join(str(secrets.randbelow(10)) for _ in range(7))
+    broken = voiceagent(
+        tenant, "broken", pod_providers,
+        worker={"jobsPerWorker": 1}, scaling={"minReplicas": 1, "maxReplicas": 1},
+        extra={"telephony": {"numbers": [number],
+                             "inbound": {"authSecretRef": {"name": "missing-sip-auth"}}}},
+    )  # fmt: skip
+    _apply(cluster, {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ChildNames.of("broken").config_map, "namespace": tenant},
+        "data": {"owner": "someone else"},
+    })  # fmt: skip
+    for agent in (healthy, full, broken):
+        _apply(cluster, agent)
+
+    def ready(name: str) -> bool:
+        return (
+            _condition(_kubectl_json(cluster, "-n", tenant, "get", "va", name), "Ready") == "True"
+        )
+
+    for name in ("quality", "full"):
+        wait_for(f"VoiceAgent {name} to be Ready", lambda n=name: ready(n), timeout=400, interval=3)
+
+    # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).
+    operator_targets = await asyncio.to_thread(
+        prometheus.wait_for_targets, "kubernetes-pods", {"namespace": platform}, 120
+    )
+    worker_pods = {
+        pod["metadata"]["name"]
+        for pod in _kubectl_json(
+            cluster, "-n", tenant, "get", "pods", "-l", "app.kubernetes.io/component=worker"
+        )["items"]
+    }
+
+    def all_workers_scraped() -> set[str] | None:
+        prometheus.sync_discovery()
+        up = {
+            t["labels"].get("pod")
+            for t in prometheus.active_targets()
+            if t["labels"].get("namespace") == tenant and t["health"] == "up"
+        }
+        return up if worker_pods <= up else None
+
+    wait_for("every worker pod scraped", all_workers_scraped, timeout=120, interval=2)
+    assert all(t["health"] == "up" for t in operator_targets), operator_targets
+    results["worker_pods"] = sorted(worker_pods)
+
+    # A few calls with several turns each on the healthy agent: two at once, then one more.
+    turns = await asyncio.gather(*(_conversation(livekit, tenant, "quality", i) for i in (0, 1)))
+    turns.append(await _conversation(livekit, tenant, "quality", 2))
+    results["turns"] = sum(turns)
+
+    # The broken setup: three calls at once on a worker with one slot.
+    callers = await asyncio.gather(*(_call(livekit, tenant, "full", i) for i in range(3)))
+    try:
+        answered = await asyncio.wait_for(_first_answered(callers), timeout=60)
+        results["full_answered"] = answered.identity
+
+        # Every panel's query has data (Prometheus scrapes every 5 s; rates need two samples).
+        pending = observability.all_queries()
+        deadline = time.monotonic() + 180
+        empty: list[str] = []
+        while time.monotonic() < deadline:
+            empty = [str(q) for q in pending if not _series_of(prometheus, q)]
+            if not empty:
+                break
+            await asyncio.sleep(5)
+        results["empty_queries"] = empty
+        assert not empty, "queries without a series:\n" + "\n".join(empty)
+
+        # The capacity alert fires for the full agent, and only for it.
+        def capacity_alert() -> list[dict[str, Any]] | None:
+            firing = [
+                a for a in prometheus.alerts()
+                if a["labels"]["alertname"] == "VoiceFleetNoSpareCapacity"
+                and a["state"] == "firing" and a["labels"].get("tenant") == tenant
+            ]  # fmt: skip
+            return firing or None
+
+        firing = await asyncio.to_thread(
+            wait_for, "VoiceFleetNoSpareCapacity to fire", capacity_alert, 120, 2
+        )
+        assert {a["labels"]["agent"] for a in firing} == {"full"}, firing
+        alert = firing[0]
+        assert alert["annotations"]["runbook_url"].endswith("#voicefleetnosparecapacity")
+        assert f"{tenant}/full" in alert["annotations"]["summary"]
+        results["capacity_alert"] = alert
+    finally:
+        for caller in callers:
+            with contextlib.suppress(Exception):
+                await caller.leave()
+
+    # The operator's reconcile and telephony errors reach their alerts too.
+    def firing_for(name: str) -> list[dict[str, Any]] | None:
+        found = [
+            a for a in prometheus.alerts()
+            if a["labels"]["alertname"] == name and a["state"] == "firing"
+            and a["labels"].get("tenant") == tenant
+        ]  # fmt: skip
+        return found or None
+
+    for name in ("VoiceFleetReconcileErrors", "VoiceFleetTelephonyNotReady"):
+        found = await asyncio.to_thread(
+            wait_for, f"{name} to fire", lambda n=name: firing_for(n), 120, 2
+        )
+        assert {a["labels"]["agent"] for a in found} == {"broken"}, found
+        results[name] = found[0]["labels"]
+
+    # The plot of this run, from the same Prometheus.
+    output, lines = plot.plot(PLOT_FILE, start=started - 60, end=time.time(), tenant=tenant)
+    assert output.stat().st_size > 10_000
+    assert any(line.label.startswith(f"{tenant}/quality") for line in lines["latency"])
+    assert any(line.label == f"{tenant}/full" for line in lines["calls"])
+    results["plot"] = str(output)
+    RESULTS_FILE.write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
+
+
+async def _first_answered(callers: list[TestParticipant]) -> TestParticipant:
+    """The caller whose room an agent joined first (one worker slot: only one is answered)."""
+    while True:
+        for caller in callers:
+            if caller.remote_identities(agents_only=True):
+                return caller
+        await asyncio.sleep(0.2)
