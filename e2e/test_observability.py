@@ -29,6 +29,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -308,7 +309,7 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         )
 
     for name in ("quality", "full"):
-        wait_for(f"VoiceAgent {name} to be Ready", lambda n=name: ready(n), timeout=400, interval=3)
+        wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), timeout=400, interval=3)
 
     # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).
     operator_targets = await asyncio.to_thread(
