@@ -3,13 +3,57 @@
 
 PYTHON ?= .venv/bin/python
 INFRA := $(PYTHON) -m e2e.infra
+PYTEST := $(PYTHON) -m pytest
+# uv is pinned here and installed by `make setup` when missing; it installs from uv.lock exactly.
+UV_VERSION := 0.13.8
+UV := python3 -m uv
+
+# ---------------------------------------------------------------- development
+
+.PHONY: setup check lint typecheck unit test integration e2e format
+# Virtualenv .venv with every extra, exactly as locked in uv.lock.
+setup: .venv/.synced
+.venv/.synced: pyproject.toml uv.lock
+	python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --all-extras --frozen
+	touch $@
+
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: setup
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+typecheck: setup
+	$(PYTHON) -m mypy
+
+unit: setup
+	$(PYTEST) tests/unit
+
+# Lint, types and unit tests: fast, needs no infrastructure.
+check: lint typecheck unit
+
+# Integration tests (real kube-apiserver, real livekit-server) and the full-stack e2e tests; the
+# fixtures start what is not running and stop what they started.
+integration: setup infra
+	$(PYTEST) tests/integration
+
+e2e: setup infra
+	$(PYTEST) e2e
+
+# Everything CI runs (README's test command): checks, then every integration and e2e test in one
+# pytest session so the cluster and LiveKit stack are started once.
+test: check infra
+	$(PYTEST) tests/integration e2e
 
 # ---------------------------------------------------------------- code generation
 
 .PHONY: generate
 # From the API models (operator/voicefleet_operator/api.py): the CRD in crds/ and its copy in
 # the chart, and the field reference operator/API.md. A unit test fails when they are stale.
-generate:
+generate: setup
 	PYTHONPATH=operator:runtime $(PYTHON) -m voicefleet_operator.crd
 
 # ---------------------------------------------------------------- local infrastructure
@@ -52,3 +96,27 @@ livekit-down:
 # eval "$(make -s env)": KUBECONFIG, and kubectl/helm/kind/... on PATH.
 env:
 	@$(INFRA) env
+
+# ---------------------------------------------------------------- demo and benchmarks
+
+.PHONY: demo demo-down bench
+# The main job: local cluster + LiveKit stack + images + chart + examples/voiceagent.yaml (pointed
+# at the local provider server), then a test call (and a sipp phone call) that must be answered.
+demo:
+	$(PYTHON) -m e2e.demo up
+
+# Stop the demo's provider server, the LiveKit stack and the cluster. FORCE=1 even while test
+# sessions use the cluster.
+demo-down:
+	$(PYTHON) -m e2e.demo down $(if $(FORCE),--force)
+
+# Memory per worker and per call, dispatch-to-greeting latency and reconcile time, each as a
+# ratio against a baseline measured in the same run; JSON and a table in <state>/logs/.
+bench:
+	$(PYTHON) -m e2e.bench
+
+# Turn latency and active calls over the last MINUTES (default 30) from the local Prometheus, as
+# a PNG: <state>/logs/voicefleet-calls.png (OUTPUT=path to choose).
+.PHONY: plot
+plot:
+	$(PYTHON) -m e2e.plot --minutes $(or $(MINUTES),30) $(if $(OUTPUT),--output $(OUTPUT))
