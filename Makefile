@@ -61,7 +61,7 @@ generate: setup
 .PHONY: infra cluster-up cluster-up-control-plane cluster-down cluster-status images env
 
 # Build/install the pinned upstream components (e2e/versions.toml) into ~/.cache/voicefleet.
-infra:
+infra: setup
 	$(INFRA) build
 
 # Cluster (provider auto: kind where Docker can pull, else local); kubeconfig at

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 48000
 FRAME_MS = 20  # 50 frames a second each way keeps several callers cheap on 2 cores
-# How far the microphone pump may run ahead of real time (the native source buffers it).
-MIC_LEAD_S = 0.1
+# How far the microphone pump runs ahead of real time (the native source buffers it), so a
+# busy event loop (an agent in the same process, a loaded CI box) does not cut gaps into speech
+# that the agent's VAD would take for the end of a turn.
+MIC_LEAD_S = 0.3
 # A stretch counts as speech only when this long, so a click or a codec artefact does not.
 MIN_SPEECH_S = 0.06
 # livekit-agents publishes transcriptions as text streams on this topic, with these attributes.
@@ -116,7 +118,7 @@ class TranscriptSegment:
     """A transcription the agent published on `lk.transcription`: its own speech, or what its
     STT heard from a caller (`speaker` is whose speech it is)."""
 
-    at: float
+    at: float  # when the stream opened: segments sort in the order they were sent
     speaker: str
     segment_id: str
     text: str
@@ -191,7 +193,7 @@ class TestParticipant:
                 "livekit-server running (make livekit-up) and the token's key/secret its own?"
             ) from error
         self.joined_at = time.monotonic()
-        self._source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=200)
+        self._source = rtc.AudioSource(SAMPLE_RATE, 1, queue_size_ms=int(MIC_LEAD_S * 2000))
         track = rtc.LocalAudioTrack.create_audio_track("microphone", self._source)
         options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         await self.room.local_participant.publish_track(track, options)
@@ -313,9 +315,11 @@ class TestParticipant:
         self._spawn(self._record(track, participant.identity))
 
     def _on_transcription(self, reader: rtc.TextStreamReader, speaker: str) -> None:
-        self._spawn(self._read_transcription(reader, speaker))
+        self._spawn(self._read_transcription(reader, speaker, time.monotonic()))
 
-    async def _read_transcription(self, reader: rtc.TextStreamReader, speaker: str) -> None:
+    async def _read_transcription(
+        self, reader: rtc.TextStreamReader, speaker: str, opened_at: float
+    ) -> None:
         raw = await reader.read_all()
         attributes = reader.info.attributes or {}
         # JSON TimedString lines when the agent sends timed transcripts, else plain text.
@@ -327,7 +331,7 @@ class TestParticipant:
             except (json.JSONDecodeError, KeyError):
                 parts.append(line)
         segment = TranscriptSegment(
-            at=time.monotonic(),
+            at=opened_at,
             speaker=self._track_owner(attributes.get(TRACK_ID_ATTRIBUTE)) or speaker,
             segment_id=attributes.get(SEGMENT_ID_ATTRIBUTE, reader.info.stream_id),
             text="".join(parts).strip(),
@@ -421,6 +425,33 @@ class TestParticipant:
             f"no {'participant ' + repr(identity) if identity else 'agent' if agent else 'one'} "
             f"joined within {timeout_s}s; in the room: {self.remote_identities() or 'nobody'}"
         )
+
+    async def wait_for_media(self, identity: str, *, timeout_s: float = 20.0) -> int:
+        """Wait until RTP packets of `identity`'s audio actually arrive; returns the count.
+
+        A subscribed track yields frames (silence) even before its transport is up, so only
+        the packet counter tells that the path works; speak after this, or speech is lost.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            participant = self.room.remote_participants.get(identity)
+            tracks = [
+                publication.track
+                for publication in (participant.track_publications.values() if participant else [])
+                if publication.track is not None and publication.kind == rtc.TrackKind.KIND_AUDIO
+            ]
+            for track in tracks:
+                for stats in await track.get_stats():
+                    if stats.WhichOneof("stats") == "inbound_rtp":
+                        received = int(stats.inbound_rtp.received.packets_received)
+                        if received > 0:
+                            return received
+            if time.monotonic() > deadline:
+                raise ParticipantError(
+                    f"no audio packets from {identity!r} within {timeout_s}s "
+                    f"({len(tracks)} audio track(s) subscribed); {self._summary()}"
+                )
+            await asyncio.sleep(0.1)
 
     def _frames(self, identity: str | None, after: float | None) -> list[ReceivedFrame]:
         return [

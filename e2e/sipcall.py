@@ -268,10 +268,12 @@ def place_call(
     speech_delay: float = 0.0,
     timeout: float = 90.0,
     answer_timeout: float = 30.0,
+    auth: tuple[str, str] | None = None,
 ) -> CallResult:
     """Run one sipp call with `scenario` (a file in e2e/sipp/) to `number`; wait for its end.
 
     `answer_timeout` bounds each wait for a message (the answer, a REFER, the BYE's 200).
+    `auth` (username, password) answers digest challenges (scenario call_auth.xml).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SIPP_DIR / scenario, workdir / scenario)
@@ -291,6 +293,8 @@ def place_call(
         *("-trace_err", "-error_file", str(errors)),
         "-nostdin",
     ]
+    if auth is not None:
+        argv += ["-au", auth[0], "-ap", auth[1]]
     with WireCapture(local_port, media_port) as capture:
         done = subprocess.run(
             argv, cwd=workdir, capture_output=True, text=True, timeout=timeout + 30

@@ -145,7 +145,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return openai_error(400, "you must provide a model parameter", param="model")
 
     state = request.app[STATE_KEY]
-    reply = state.next_llm_reply(messages)
+    reply = state.next_llm_reply(messages, body.get("tools"))
     entry = state.record(
         "chat",
         {

@@ -49,8 +49,9 @@ class LLMReply:
 
     `text` and/or `tool_calls`. `match` (case-insensitive substring of the last user message)
     and `after` (role of the last message: user or tool) restrict which request consumes it;
-    the first queued reply that fits is used. `delay` holds back the first chunk (time to first
-    token); `error_status` answers with an OpenAI-style HTTP error instead.
+    the first queued reply that fits is used. `repeat` keeps it in the queue as a standing
+    rule (use with `match`). `delay` holds back the first chunk (time to first token);
+    `error_status` answers with an OpenAI-style HTTP error instead.
     """
 
     text: str = ""
@@ -59,6 +60,7 @@ class LLMReply:
     after: LastRole = "any"
     delay: float = 0.0
     error_status: int | None = None
+    repeat: bool = False
     scripted: bool = True
 
     @classmethod
@@ -67,7 +69,8 @@ class LLMReply:
             return cls(text=value)
         if not isinstance(value, dict):
             raise ScriptError(f"llm reply must be a string or an object, got {value!r}")
-        unknown = set(value) - {"text", "tool_calls", "match", "after", "delay", "error_status"}
+        known = {"text", "tool_calls", "match", "after", "delay", "error_status", "repeat"}
+        unknown = set(value) - known
         if unknown:
             raise ScriptError(f"llm reply has unknown field(s) {sorted(unknown)}")
         calls = []
@@ -88,6 +91,7 @@ class LLMReply:
             after=after,
             delay=float(value.get("delay", 0.0)),
             error_status=value.get("error_status"),
+            repeat=bool(value.get("repeat", False)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -173,6 +177,10 @@ class ProviderState:
     def __init__(self, *, default_transcript: str = DEFAULT_TRANSCRIPT) -> None:
         self.default_transcript = default_transcript
         self._llm_replies: list[LLMReply] = []
+        # Replies already given, by conversation: the same conversation sent again (a retry,
+        # or livekit-agents re-running a preemptive generation) gets the same answer instead
+        # of consuming the next scripted one, as a deterministic model would.
+        self._answered: dict[str, LLMReply] = {}
         self._transcripts: deque[Transcript] = deque()
         self._requests: list[dict[str, Any]] = []
 
@@ -195,6 +203,7 @@ class ProviderState:
 
     def reset(self) -> None:
         self._llm_replies.clear()
+        self._answered.clear()
         self._transcripts.clear()
         self._requests.clear()
         self.default_transcript = DEFAULT_TRANSCRIPT
@@ -202,11 +211,20 @@ class ProviderState:
     def pending(self) -> dict[str, int]:
         return {"llm": len(self._llm_replies), "transcripts": len(self._transcripts)}
 
-    def next_llm_reply(self, messages: list[dict[str, Any]]) -> LLMReply:
-        for index, reply in enumerate(self._llm_replies):
-            if reply.fits(messages):
-                return self._llm_replies.pop(index)
-        return default_reply(messages)
+    def next_llm_reply(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None = None
+    ) -> LLMReply:
+        key = hashlib.sha256(json.dumps([messages, tools], sort_keys=True).encode()).hexdigest()
+        if key in self._answered:
+            return self._answered[key]
+        reply = next((r for r in self._llm_replies if r.fits(messages)), None)
+        if reply is None:
+            reply = default_reply(messages)
+        elif not reply.repeat:
+            self._llm_replies.remove(reply)
+        if reply.error_status is None:  # a retry after a scripted failure moves on
+            self._answered[key] = reply
+        return reply
 
     def next_transcript(self) -> tuple[Transcript, bool]:
         """The next scripted transcript (and True), or the default (and False)."""

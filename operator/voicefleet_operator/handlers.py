@@ -405,7 +405,11 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
 
     # 4. render
     replicas = replicas_for(spec, existing.get("Deployment"))
-    secrets_data = {**secrets, "livekit": {k: livekit_data[k] for k in LIVEKIT_SECRET_KEYS}}
+    # "platform/livekit" cannot clash with a tenant Secret: names have no slash.
+    secrets_data = {
+        **secrets,
+        "platform/livekit": {k: livekit_data[k] for k in LIVEKIT_SECRET_KEYS},
+    }
     rendered = render.render_all(
         ref,
         spec,
@@ -646,10 +650,22 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, platform: PlatformSetti
     kopf_settings.networking.request_timeout = 60
 
 
-def _needs_recheck(status: Mapping[str, Any], **_: Any) -> bool:
+def _needs_recheck(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> bool:
+    """Invalid, not applied, or a generation not acted on yet.
+
+    The last case is the level-based safety net behind kopf's update handlers: kopf keeps one
+    progress record per handler and cause, so a change that arrives while another handler of
+    an earlier change is still pending (or in an operator killed at that moment) is merged into
+    that cause, and a handler that already succeeded for it is not run again. A reconcile that
+    has not seen the current generation is therefore re-run from here.
+    """
     conditions = status.get("conditions") or []
-    return is_false(conditions, CONDITION_CONFIG_VALID) or is_false(
-        conditions, CONDITION_RECONCILED
+    observed = status.get("observedGeneration")
+    return (
+        is_false(conditions, CONDITION_CONFIG_VALID)
+        or is_false(conditions, CONDITION_RECONCILED)
+        or observed is None
+        or observed < int(meta.get("generation") or 0)
     )
 
 
@@ -663,7 +679,8 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     @kopf.on.update(*resource, registry=registry)
     async def reconcile_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
         # Never raises for a bad spec or an API hiccup: those are in the status, and the
-        # recheck timer retries while ConfigValid or Reconciled is False.
+        # recheck timer retries while ConfigValid or Reconciled is False (or the generation
+        # was not acted on).
         await reconcile(ctx, str(namespace), name)
 
     @kopf.timer(

@@ -31,6 +31,7 @@ import yaml
 from kubernetes import client as k8s
 from voicefleet_operator import render
 from voicefleet_operator.__main__ import run_operator
+from voicefleet_operator.api import VoiceAgentStatus
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.config import parse_config
 
@@ -127,7 +128,10 @@ def settings_for(platform: str, namespaces: tuple[str, ...], **overrides: Any) -
     values: dict[str, Any] = {
         "livekit_url": "ws://127.0.0.1:7880",
         "livekit_secret_namespace": platform,
-        "runtime_image": "localhost/voicefleet/runtime:dev",
+        # An image no node has, never pulled: the worker pods never start, whether or not the
+        # cluster has a node, so readiness and replica counts are deterministic here.
+        "runtime_image": "localhost/voicefleet/absent-runtime:never",
+        "runtime_image_pull_policy": "Never",
         "watch_namespaces": namespaces,
         "recheck_invalid_seconds": 1.0,
         "resync_seconds": 3600.0,  # drift repair is tested through the watchers, not the timer
@@ -176,11 +180,31 @@ class OperatorThread:
             raise AssertionError(f"the operator failed: {self.error!r}") from self.error
 
 
+def delete_agents(cluster: ClusterHandle, namespace: str) -> None:
+    """Delete the namespace's VoiceAgents and wait until they are gone, while an operator still
+    runs to release its finalizer (else the namespace could never be deleted)."""
+    api = k8s.CustomObjectsApi(cluster.api_client)
+    listed: Any = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    for item in listed["items"]:
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"]
+        )
+
+    def gone() -> bool:
+        remaining: Any = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return not remaining["items"]
+
+    wait_for(f"the VoiceAgents in {namespace} to be deleted", gone, timeout=60)
+
+
 @pytest.fixture
 def operator(cluster: ClusterHandle, platform: str, tenant: str) -> Iterator[OperatorThread]:
     running = OperatorThread(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
-    yield running
-    running.stop()
+    try:
+        yield running
+        delete_agents(cluster, tenant)
+    finally:
+        running.stop()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -195,6 +219,9 @@ def example_spec() -> dict[str, Any]:
     spec["worker"]["idleProcesses"] = 0
     spec["worker"]["jobMemoryWarnMB"] = 100
     spec["worker"]["jobMemoryLimitMB"] = 200
+    # Pinned: the pods never start here (see settings_for), and these tests are about the reconcile,
+    # not the autoscaler (tested in test_autoscaler.py).
+    spec["scaling"]["replicas"] = 2
     return dict(spec)
 
 
@@ -323,7 +350,7 @@ def test_create_gives_owned_children_and_true_status(
     deployment = children["Deployment"]
     template_hash = deployment.spec.template.metadata.annotations[render.ANNOTATION_CONFIG_HASH]
     assert status["configHash"] == template_hash
-    assert status["desiredReplicas"] == deployment.spec.replicas == 1
+    assert status["desiredReplicas"] == deployment.spec.replicas == 2  # the pin
 
     # The runtime config is valid for the runtime and holds no secret values.
     text = children["ConfigMap"].data[render.CONFIG_KEY]
@@ -336,11 +363,11 @@ def test_create_gives_owned_children_and_true_status(
     assert base64.b64decode(copied["LIVEKIT_API_SECRET"]).decode() == LIVEKIT_SECRET
     assert children["ServiceAccount"].automount_service_account_token is False
 
-    # The ReplicaSet controller created the pod under the restricted Pod Security Standard
-    # (no node here, so it stays Pending); the watcher copied the counts into the status.
+    # The ReplicaSet controller created the pods under the restricted Pod Security Standard
+    # (they never start: see settings_for); the watcher copied the counts into the status.
     agent = wait_for(
         "status.replicas from the Deployment",
-        lambda: (a := get_agent(cluster, tenant, "support"))["status"].get("replicas") == 1 and a,
+        lambda: (a := get_agent(cluster, tenant, "support"))["status"].get("replicas") == 2 and a,
         timeout=60,
     )
     workers = condition(agent, "WorkersAvailable")
@@ -355,12 +382,9 @@ def test_create_gives_owned_children_and_true_status(
 
     # Kopf's bookkeeping is under voicefleet.dev/, never kopf's default prefix nor the status.
     annotations = agent["metadata"].get("annotations") or {}
-    assert not [key for key in annotations if "kopf" in key]
-    assert any(key.startswith("voicefleet.dev/") for key in annotations)
-    assert set(agent["status"]) <= {
-        "phase", "conditions", "observedGeneration", "replicas", "readyReplicas",
-        "desiredReplicas", "dispatchName", "configHash",
-    }  # fmt: skip
+    assert not [key for key in annotations if "zalando" in key or key.startswith("kopf")]
+    assert "voicefleet.dev/last-handled-configuration" in annotations
+    VoiceAgentStatus.model_validate(agent["status"])  # only typed fields (extra: forbid)
 
     # Applying again changes nothing: server-side apply of the same children is a no-op.
     versions = {k: c.metadata.resource_version for k, c in children.items() if k != "Deployment"}
@@ -566,10 +590,12 @@ class OperatorProcess:
             "VOICEFLEET_LIVEKIT_URL": settings.livekit_url,
             "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": settings.livekit_secret_namespace,
             "VOICEFLEET_RUNTIME_IMAGE": settings.runtime_image,
+            "VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY": settings.runtime_image_pull_policy,
             "VOICEFLEET_WATCH_NAMESPACES": ",".join(settings.watch_namespaces),
             "VOICEFLEET_RECHECK_INVALID_SECONDS": "1",
             "VOICEFLEET_RESYNC_SECONDS": "3600",
             "VOICEFLEET_METRICS_PORT": "0",
+            "VOICEFLEET_LOG_LEVEL": os.environ.get("VOICEFLEET_LOG_LEVEL", "INFO"),
             "VOICEFLEET_LIVENESS_PORT": str(_free_port()),
         }
         self.log = log
@@ -668,7 +694,8 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
             owners = replica_set.metadata.owner_references or []
             assert [o.uid for o in owners] == [deployment_uid]
         annotations = agent["metadata"].get("annotations") or {}
-        assert not [key for key in annotations if "kopf" in key]
+        assert not [key for key in annotations if "zalando" in key or key.startswith("kopf")]
+        delete_agents(cluster, tenant)
     finally:
         restarted.stop()
 
@@ -697,7 +724,11 @@ def _helm_rbac(namespace: str) -> list[dict[str, Any]]:
 
 
 def test_operator_runs_with_exactly_the_charts_rbac(
-    cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
+    cluster: ClusterHandle,
+    platform: str,
+    tenant: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The operator as the chart's ServiceAccount: everything it does is allowed by the
     ClusterRole (a missing verb fails this test with the API's 403 in the status)."""
@@ -741,11 +772,26 @@ def test_operator_runs_with_exactly_the_charts_rbac(
             assert_children_owned_once(cluster, tenant, agent)
             wait_for(
                 "status.replicas through the Deployment watch",
-                lambda: get_agent(cluster, tenant, "support")["status"].get("replicas") == 1,
+                lambda: get_agent(cluster, tenant, "support")["status"].get("replicas") == 2,
                 timeout=60,
             )
             wait_event(cluster, tenant, "support", "Created")  # events: create
+            # The autoscaler ran too (pods: list, patch); a refusal anywhere is logged.
+            agent = wait_for(
+                "the autoscaler's ScalingActive condition",
+                lambda: (
+                    condition(a := get_agent(cluster, tenant, "support"), "ScalingActive") and a
+                ),
+                timeout=60,
+            )
+            delete_agents(cluster, tenant)
         finally:
             running.stop()
     finally:
         cluster.kubectl("delete", "--ignore-not-found", "-f", str(manifest))
+    refused = [
+        r.getMessage()
+        for r in caplog.records
+        if "forbidden" in r.getMessage().lower() or " 403" in r.getMessage()
+    ]
+    assert not refused, "the chart's ClusterRole refused the operator:\n" + "\n".join(refused)

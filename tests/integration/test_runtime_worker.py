@@ -364,10 +364,14 @@ def memory_mb(process: psutil.Process) -> dict[str, Any]:
     pages copy-on-write, so their RSS counts shared libraries and models many times)."""
     info = process.memory_full_info()
     command = " ".join(process.cmdline())
-    role = next(
-        (r for r in ("forkserver", "resource_tracker") if r in command),
-        "main" if "voicefleet_runtime" in command else "job process",
-    )
+    if "voicefleet_runtime" in command:
+        role = "main"
+    elif "resource_tracker" in command:
+        role = "resource_tracker"
+    elif process.children():
+        role = "forkserver"  # job processes are forked from it and keep its command line
+    else:
+        role = "job process"
     return {"role": role, "rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
 
 

@@ -167,9 +167,9 @@ async def test_non_streamed_completion(providers: ProviderServer) -> None:
     providers.script_llm(
         "Hello there.", LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "Z"})])
     )
-    messages = [{"role": "user", "content": "hi"}]
-    first = await client(providers).chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
-    second = await client(providers).chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    completions = client(providers).chat.completions
+    first = await completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    second = await completions.create(model="m", messages=[{"role": "user", "content": "Z?"}])
 
     assert first.choices[0].message.content == "Hello there."
     assert first.choices[0].finish_reason == "stop"
@@ -225,6 +225,33 @@ async def test_scripted_replies_can_wait_for_a_matching_turn(providers: Provider
         "The billing team can help."
     )
     assert providers.state.pending()["llm"] == 1
+
+
+async def test_the_same_conversation_gets_the_same_reply_and_rules_can_repeat(
+    providers: ProviderServer,
+) -> None:
+    async def reply(text: str) -> str:
+        chunks = await stream_chat(providers, [{"role": "user", "content": text}])
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    providers.script_llm("First answer.", "Second answer.")
+    providers.script_llm(LLMReply("Nine to five.", match="hours", repeat=True))
+    # A retry or a re-run preemptive generation sends the same conversation again.
+    assert await reply("Hello") == "First answer."
+    assert await reply("Hello") == "First answer."
+    assert await reply("Hello again") == "Second answer."
+    assert await reply("Your hours?") == "Nine to five."
+    assert await reply("Your hours, please?") == "Nine to five."
+    assert providers.state.pending()["llm"] == 1  # the standing rule stays
+
+
+async def test_a_retry_after_a_scripted_failure_moves_on(providers: ProviderServer) -> None:
+    providers.script_llm(LLMReply(error_status=500), "Recovered.")
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.InternalServerError):
+        await stream_chat(providers, messages)
+    chunks = await stream_chat(providers, messages)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Recovered."
 
 
 async def test_scripted_error_and_missing_key_answer_like_openai(

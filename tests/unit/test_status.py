@@ -381,3 +381,19 @@ def test_validate_spec_names_the_field() -> None:
     long_name["metadata"]["name"] = "a" * 60
     _, problems = handlers.validate_spec(long_name)
     assert problems[0].reason == "InvalidName" and problems[0].message.startswith("metadata.name")
+
+
+@pytest.mark.parametrize(
+    ("status", "generation", "recheck"),
+    [
+        ({}, 1, True),  # never acted on
+        ({"observedGeneration": 1, "conditions": all_true()}, 1, False),
+        ({"observedGeneration": 1, "conditions": all_true()}, 2, True),  # a change kopf merged
+        ({"observedGeneration": 2, "conditions": conditions_with(INVALID)}, 2, True),
+        ({"observedGeneration": 2, "conditions": conditions_with(VALID, NOT_APPLIED)}, 2, True),
+    ],
+)
+def test_recheck_while_invalid_unapplied_or_behind(
+    status: dict[str, Any], generation: int, recheck: bool
+) -> None:
+    assert handlers._needs_recheck(status=status, meta={"generation": generation}) is recheck
