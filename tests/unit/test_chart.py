@@ -175,6 +175,13 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
+    pairs = [
+        (group, resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    ]
+    assert len(pairs) == len(set(pairs)), "a resource is granted by two rules"
     for (group, resource), verbs in granted.items():
         assert "*" not in verbs and resource != "*" and group != "*"
     # Each line is a use in the code (see operator/README.md, "RBAC").
