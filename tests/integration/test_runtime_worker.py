@@ -359,20 +359,25 @@ async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> 
         await asyncio.sleep(0.2)
 
 
-def memory_mb(process: psutil.Process) -> dict[str, Any]:
-    """RSS and USS (memory only this process holds; job processes share the forkserver's
-    pages copy-on-write, so their RSS counts shared libraries and models many times)."""
-    info = process.memory_full_info()
-    command = " ".join(process.cmdline())
-    if "voicefleet_runtime" in command:
-        role = "main"
-    elif "resource_tracker" in command:
-        role = "resource_tracker"
-    elif process.children():
-        role = "forkserver"  # job processes are forked from it and keep its command line
-    else:
-        role = "job process"
-    return {"role": role, "rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
+def worker_memory(main: psutil.Process) -> list[dict[str, Any]]:
+    """RSS and USS per process of a worker. USS is memory only that process holds: job
+    processes share the forkserver's pages copy-on-write, so their RSS counts shared libraries
+    and models many times over."""
+    rows = []
+    for process in [main, *main.children(recursive=True)]:
+        if process.pid == main.pid:
+            role = "main"
+        elif "resource_tracker" in " ".join(process.cmdline()):
+            role = "resource_tracker"
+        elif process.children():
+            role = "forkserver"  # job processes are forked from it, with its command line
+        else:
+            role = "job process"
+        info = process.memory_full_info()
+        rows.append(
+            {"role": role, "rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
+        )
+    return rows
 
 
 def histogram_sum(worker: RuntimeWorker, name: str) -> float:
@@ -401,8 +406,8 @@ async def test_call_greets_hears_the_question_and_replies(
     fresh_providers: ProviderServer,
     record_property: Callable[[str, object], None],
 ) -> None:
-    main, children = worker.processes()
-    idle = [memory_mb(main), *(memory_mb(child) for child in children)]
+    main, _ = worker.processes()
+    idle = worker_memory(main)
     greeting_sum = histogram_sum(worker, "voicefleet_dispatch_to_greeting_seconds")
 
     fresh_providers.script_transcripts("What are your opening hours?")
@@ -412,7 +417,7 @@ async def test_call_greets_hears_the_question_and_replies(
         assert call.caller.received_audio(call.agent_identity).rms > 0.01
         assert spoken(fresh_providers) == GREETING
 
-        active = [memory_mb(main), *(memory_mb(child) for child in main.children(recursive=True))]
+        active = worker_memory(main)
 
         reply_at = await call.ask("What are your opening hours?")
         stt = fresh_providers.requests("stt")
