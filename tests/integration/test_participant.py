@@ -204,8 +204,10 @@ async def test_an_agent_session_on_the_provider_servers_answers_the_caller(
             await session.aclose()
             await agent_room.disconnect()
 
-    assert greeting_at - started < 5.0
-    assert reply_at - question.ended_at < 5.0
+    # Loose bounds: the agent runs in this process and its VAD is slow on a busy machine;
+    # latency targets belong to the runtime tests, which run agents in their own processes.
+    assert greeting_at - started < 20.0
+    assert reply_at - question.ended_at < 20.0
     # The question reached STT as most of the phrase (the agent's VAD may, on a loaded machine,
     # cut a turn in two; what follows a cut is not this test's concern).
     heard = providers.requests("stt")[0]
