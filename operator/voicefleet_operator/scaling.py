@@ -293,9 +293,14 @@ def deletion_cost_updates(
     current_annotations: Mapping[str, Mapping[str, str]],
     jobs_per_worker: int,
 ) -> dict[str, int]:
-    """Pods whose deletion cost must change, with the new cost (unchanged pods are left out)."""
+    """Pods whose deletion cost must change, with the new cost (unchanged pods are left out).
+
+    Starting pods are never stamped: the annotation marks a pod that has reported (see
+    WorkerPod.reported_before), and a stamped pod that is still booting would count as full."""
     updates: dict[str, int] = {}
     for reading in readings:
+        if reading.state is WorkerState.STARTING:
+            continue
         cost = deletion_cost(reading, jobs_per_worker)
         annotations = current_annotations.get(reading.pod, {})
         if annotations.get(DELETION_COST_ANNOTATION) != str(cost):

@@ -347,6 +347,13 @@ def test_deletion_cost_updates_only_changed_pods() -> None:
     assert deletion_cost_updates(workers, annotations, 2) == {"fell": 0, "new": 100}
 
 
+def test_deletion_cost_updates_leave_starting_pods_unstamped() -> None:
+    # A stamped pod counts as having reported: were a booting (or unschedulable) pod stamped,
+    # the next read would count it as full and scale up for demand that does not exist.
+    workers = [reading(WorkerState.STARTING, 0, "booting"), reading(WorkerState.REPORTING, 0, "up")]
+    assert deletion_cost_updates(workers, {}, 2) == {"up": 0}
+
+
 # --- HPA mode -------------------------------------------------------------------------------
 
 
