@@ -224,6 +224,9 @@ def prepare_wheelhouse() -> None:
             timeout=300,
         )
         run(["uv", "build", "--wheel", "-o", str(WHEELHOUSE)], cwd=paths.REPO_ROOT, timeout=300)
+        stamp = WHEELHOUSE / "requirements.done"
+        if stamp.exists() and stamp.read_text() == requirements.read_text():
+            return  # every locked dependency is already there
         # pip wheel also turns sdist-only dependencies into wheels for this Python (3.11).
         run(
             [
@@ -242,6 +245,7 @@ def prepare_wheelhouse() -> None:
             cwd=paths.REPO_ROOT,
             timeout=3600,
         )
+        stamp.write_text(requirements.read_text())
     except procs.CommandError as exc:
         raise ComponentError("wheelhouse", "preparing build/wheelhouse failed", exc.output) from exc
 
