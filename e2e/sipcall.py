@@ -313,3 +313,44 @@ def place_call(
         answered_at=answered[0].at if answered else None,
         bye_sent_at=bye[0].at if bye else None,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m e2e.sipcall NUMBER`: place one call through livekit-sip (for `make demo`)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m e2e.sipcall", description=main.__doc__)
+    parser.add_argument("number", help="the dialled number, e.g. +15551230001")
+    parser.add_argument("--caller", default="+15550001111")
+    parser.add_argument("--seconds", type=float, default=10.0, help="talk time before the BYE")
+    parser.add_argument("--sip", default="127.0.0.1:5060", help="livekit-sip host:port")
+    args = parser.parse_args(argv)
+    host, _, port = args.sip.partition(":")
+    with tempfile.TemporaryDirectory(prefix="voicefleet-call-") as workdir:
+        result = place_call(
+            "call.xml",
+            args.number,
+            Path(workdir),
+            sip_host=host,
+            sip_port=int(port or 5060),
+            caller=args.caller,
+            talk_seconds=args.seconds,
+            speech_delay=4.0,
+        )
+    answered = result.answered_at is not None
+    latency = result.invite_to_first_audio
+    print(
+        f"call to {args.number}: {'answered' if answered else 'NOT answered'}; "
+        f"SIP responses {result.capture.responses()}; "
+        f"{result.capture.voiced_seconds():.1f}s of agent audio heard"
+        + (f"; first audio {latency:.2f}s after the INVITE" if latency is not None else "")
+    )
+    if not answered or result.capture.voiced_seconds() <= 0:
+        print(result.describe())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
