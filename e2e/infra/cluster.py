@@ -173,6 +173,22 @@ def _write_sysctl(key: str, value: str) -> None:
         (Path("/proc/sys") / key).write_text(value)
 
 
+def _sysctls_file() -> Path:
+    return paths.state_dir() / "sysctls-before-cluster.json"
+
+
+def _original_sysctls() -> dict[str, str]:
+    """The host's values before any cluster changed them: recorded by the first `up` and kept
+    until a full `down` restores them (cluster.json alone would lose them to a crashed run)."""
+    target = _sysctls_file()
+    if target.exists():
+        return dict(json.loads(target.read_text()))
+    values = {k: v for k in _SYSCTLS if (v := _read_sysctl(k)) is not None}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(values, indent=2) + "\n")
+    return values
+
+
 def _mounts_under(prefixes: tuple[str, ...]) -> list[str]:
     """Mount points below any of `prefixes`, deepest first."""
     found = []
@@ -229,9 +245,7 @@ class LocalProvider:
             # Nothing of ours runs: clear whatever a crashed run left, then start fresh.
             self.down()
             previous = None
-        saved = previous.savedSysctls if previous else None
-        if saved is None:
-            saved = {k: v for k in _SYSCTLS if (v := _read_sysctl(k)) is not None}
+        saved = _original_sysctls()
         info = ClusterInfo(
             provider=self.name,
             mode="node"
@@ -244,7 +258,7 @@ class LocalProvider:
             startedBy=previous.startedBy if previous else None,
             nodeStartedBy=previous.nodeStartedBy if previous else None,
         )
-        _write_info(info)  # written early so `down` can restore sysctls even if `up` fails
+        _write_info(info)  # written early so a failed `up` is still cleaned by `down`
         self._prepare_pki()
         self._ensure_bridge()
         began = time.monotonic()
@@ -276,9 +290,11 @@ class LocalProvider:
         self._kill_strays()
         if _link_exists(BRIDGE):
             run(["ip", "link", "delete", BRIDGE], check=False)
-        if info is not None and info.savedSysctls:
-            for key, value in info.savedSysctls.items():
+        originals = _sysctls_file()
+        if originals.exists():
+            for key, value in json.loads(originals.read_text()).items():
                 _write_sysctl(key, value)
+            originals.unlink()
         base = paths.cluster_dir()
         for transient in ("etcd", "kubelet", "pod-logs", "cni", "configs", "containerd/run"):
             shutil.rmtree(base / transient, ignore_errors=True)
