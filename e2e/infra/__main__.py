@@ -60,7 +60,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         if current is None:
             print("no cluster")
             return 1
-        print(json.dumps({k: v for k, v in vars(current).items() if k != "savedSysctls"}, indent=2))
+        print(json.dumps(vars(current), indent=2))
         if current.provider == "local":
             for component in cluster.CONTROL_PLANE + cluster.NODE:
                 pid = procs.pid_of(component)

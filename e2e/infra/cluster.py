@@ -78,7 +78,6 @@ class ClusterInfo:
     containerdSocket: str | None = None
     podCIDR: str | None = None
     serviceCIDR: str | None = None
-    savedSysctls: dict[str, str] | None = None
     # Pid of the pytest session whose fixture started the control plane / the node (None when
     # started from the command line): such a cluster is stopped by the last session using it.
     startedBy: int | None = None
@@ -245,7 +244,7 @@ class LocalProvider:
             # Nothing of ours runs: clear whatever a crashed run left, then start fresh.
             self.down()
             previous = None
-        saved = _original_sysctls()
+        _original_sysctls()  # recorded before kubelet or the CNI plugin change them
         info = ClusterInfo(
             provider=self.name,
             mode="node"
@@ -254,7 +253,6 @@ class LocalProvider:
             kubeconfig=str(paths.kubeconfig()),
             apiServer=f"https://127.0.0.1:{APISERVER_PORT}",
             serviceCIDR=SERVICE_CIDR,
-            savedSysctls=saved,
             startedBy=previous.startedBy if previous else None,
             nodeStartedBy=previous.nodeStartedBy if previous else None,
         )
