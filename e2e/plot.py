@@ -94,7 +94,8 @@ def render(panels: dict[str, list[Line]], output: Path, title: str) -> Path:
     for line in panels.get("calls", []):
         calls_axes.step(line.times, line.values, where="post", label=line.label)
     calls_axes.set_ylabel("active calls")
-    calls_axes.set_ylim(bottom=0)
+    peak = max((v for line in panels.get("calls", []) for v in line.values), default=0.0)
+    calls_axes.set_ylim(0, max(2.0, peak + 1))  # whole calls, with headroom above the peak
     calls_axes.yaxis.get_major_locator().set_params(integer=True)
     calls_axes.set_title("Calls in progress")
     calls_axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
@@ -134,9 +135,11 @@ def plot(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", "--out", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--minutes", type=float, default=30, help="time range ending now")
-    parser.add_argument("--start", type=float, help="unix seconds (instead of --minutes)")
+    parser.add_argument(
+        "--start", "--since", type=float, help="unix seconds (instead of --minutes)"
+    )
     parser.add_argument("--end", type=float, help="unix seconds (default: now)")
     parser.add_argument("--window", default="1m", help="sliding window of the latency quantiles")
     parser.add_argument("--tenant", help="regular expression of tenants (default: all)")
