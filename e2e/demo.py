@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import copy
 import importlib.util
 import json
@@ -166,6 +167,32 @@ def livekit_up() -> None:
     PrometheusClient().sync_discovery()
 
 
+def image_created(image: str) -> float | None:
+    done = procs.run(
+        ["podman", "image", "inspect", "--format", "{{.Created.Unix}}", image], check=False
+    )
+    return float(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def restart_stale_pods(namespace: str, selector: str, image: str) -> list[str]:
+    """Delete the pods (their Deployment recreates them) whose containers started before
+    `image` was last built: with a fixed tag and pullPolicy Never, nothing else rolls them."""
+    built = image_created(image)
+    if built is None:
+        return []
+    stale = []
+    for pod in kubectl_json("-n", namespace, "get", "pods", "-l", selector)["items"]:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            started = ((container.get("state") or {}).get("running") or {}).get("startedAt")
+            if container.get("image") != image or not started:
+                continue
+            if calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) < built:
+                stale.append(pod["metadata"]["name"])
+    if stale:
+        kubectl("-n", namespace, "delete", "pod", *stale, "--wait=false")
+    return stale
+
+
 def images_up() -> None:
     from e2e.infra import images
 
@@ -197,9 +224,16 @@ def providers_up(host: str) -> str:
 
 
 def install_chart() -> None:
+    from e2e.infra import images
+
     values = chart.local_values(watch_namespaces=[TENANT])
     chart.upgrade_install(RELEASE, PLATFORM_NAMESPACE, values)
     print(f"    release {RELEASE} in namespace {PLATFORM_NAMESPACE}, serving namespace {TENANT}")
+    operator = "app.kubernetes.io/name=voicefleet-operator"
+    if restart_stale_pods(PLATFORM_NAMESPACE, operator, images.PROJECT_IMAGES["operator"]):
+        print("    the operator image was rebuilt: operator pod replaced")
+        kubectl("-n", PLATFORM_NAMESPACE, "rollout", "status", f"deployment/{RELEASE}",
+                "--timeout=300s", timeout=320)  # fmt: skip
 
 
 def ensure_namespace(name: str, labels: dict[str, str]) -> None:
@@ -241,6 +275,12 @@ def apply_example(url: str) -> dict[str, Any]:
     agent = rendered_example(url)
     RENDERED_AGENT.write_text(yaml.safe_dump(agent, sort_keys=False))
     kubectl("-n", TENANT, "apply", "-f", str(RENDERED_AGENT))
+    from e2e.infra import images
+
+    runtime = images.PROJECT_IMAGES["runtime"]
+    stale = restart_stale_pods(TENANT, selector_for(agent["metadata"]["name"]), runtime)
+    if stale:
+        print(f"    the runtime image was rebuilt: replaced worker pods {', '.join(stale)}")
     print(f"    Secrets from {EXAMPLE_SECRETS.relative_to(paths.REPO_ROOT)}")
     print(f"    {EXAMPLE.relative_to(paths.REPO_ROOT)} as {RENDERED_AGENT}, with:")
     for line in overrides(agent):

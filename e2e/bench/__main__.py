@@ -25,6 +25,7 @@ from e2e.bench import reconcile, workers
 from e2e.infra import cluster, paths
 from e2e.infra import livekit as stack
 from e2e.infra.procs import CommandError, ComponentError
+from e2e.participant import ParticipantError
 
 RESULTS_FILE = paths.logs_dir() / "bench.json"
 WORKDIR = paths.state_dir() / "bench"
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             results["reconcile"] = reconcile.run(
                 WORKDIR, sequential=5, burst=args.voiceagents, report=say
             )
-    except (workers.BenchError, ComponentError, CommandError) as error:
+    except (workers.BenchError, ParticipantError, ComponentError, CommandError) as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
     finally:

@@ -156,6 +156,14 @@ def wait_reconciled(custom: k8s.CustomObjectsApi, namespace: str, names: list[st
     return time.monotonic()
 
 
+def wait_deleted(custom: k8s.CustomObjectsApi, namespace: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while dict(custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))["items"]:  # type: ignore[call-overload]
+        if time.monotonic() > deadline:
+            raise BenchError(f"VoiceAgents in {namespace} not deleted within {timeout_s}s")
+        time.sleep(0.5)
+
+
 def run(workdir: Path, *, sequential: int, burst: int, report: Any) -> dict[str, Any]:
     api = k8s_config.new_client_from_config(config_file=str(paths.kubeconfig()))
     core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
@@ -211,6 +219,10 @@ def run(workdir: Path, *, sequential: int, burst: int, report: Any) -> dict[str,
     except ApiException as error:
         raise BenchError(f"API error: {error.status} {error.reason}: {error.body}") from error
     finally:
+        # The VoiceAgents carry the operator's finalizer: delete them while it still runs.
+        with contextlib.suppress(ApiException, BenchError):
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            wait_deleted(custom, namespace)
         operator.stop()
         with contextlib.suppress(ApiException):
             core.delete_namespace(namespace)
