@@ -107,13 +107,13 @@ def _other_sessions() -> list[int]:
 
 def wait_for_other_sessions(timeout: float) -> None:
     """Wait until no other test session uses the cluster (before taking it down)."""
-    wait_for(
-        "other test sessions to finish with the cluster (their pids hold leases in "
-        f"{_leases_dir()})",
-        lambda: not _other_sessions(),
-        timeout=timeout,
-        interval=2,
-    )
+    try:
+        wait_for("no other session", lambda: not _other_sessions(), timeout=timeout, interval=2)
+    except AssertionError:
+        raise AssertionError(
+            f"other test sessions still use the cluster after {timeout:.0f}s: pids "
+            f"{_other_sessions()} hold leases in {_leases_dir()}; rerun when they are done"
+        ) from None
 
 
 @pytest.fixture(scope="session")
