@@ -207,6 +207,21 @@ def _condition(agent: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+def _worker_logs(cluster: ClusterHandle, tenant: str, agent: str) -> str:
+    try:
+        return cluster.kubectl(
+            "-n",
+            tenant,
+            "logs",
+            "--tail=80",
+            "--prefix",
+            "-l",
+            f"voicefleet.dev/voiceagent={agent}",
+        )
+    except AssertionError as error:
+        return str(error)
+
+
 # --- calls ------------------------------------------------------------------------------------
 
 
@@ -308,8 +323,16 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
             _condition(_kubectl_json(cluster, "-n", tenant, "get", "va", name), "Ready") == "True"
         )
 
+    def registered(name: str) -> bool:
+        # Ready pods may not have registered with LiveKit yet; a call placed before that finds
+        # no worker (LiveKit retries a dispatch only briefly).
+        logs = cluster.kubectl("-n", tenant, "logs", "-l", f"voicefleet.dev/voiceagent={name}")
+        return "registered with LiveKit" in logs
+
     for name in ("quality", "full"):
         wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), timeout=400, interval=3)
+        wait_for(f"{name}'s worker to register", partial(registered, name), timeout=120)
+    await asyncio.sleep(5)  # its idle job processes warm up
 
     # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).
     operator_targets = await asyncio.to_thread(
@@ -336,8 +359,13 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
     results["worker_pods"] = sorted(worker_pods)
 
     # A few calls with several turns each on the healthy agent: two at once, then one more.
-    turns = await asyncio.gather(*(_conversation(livekit, tenant, "quality", i) for i in (0, 1)))
-    turns.append(await _conversation(livekit, tenant, "quality", 2))
+    try:
+        turns = await asyncio.gather(
+            *(_conversation(livekit, tenant, "quality", i) for i in (0, 1))
+        )
+        turns.append(await _conversation(livekit, tenant, "quality", 2))
+    except Exception as error:
+        raise AssertionError(f"{error!r}\n{_worker_logs(cluster, tenant, 'quality')}") from error
     results["turns"] = sum(turns)
 
     # The broken setup: three calls at once on a worker with one slot.
