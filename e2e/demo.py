@@ -51,6 +51,7 @@ PROVIDERS_PORT = int(os.environ.get("VOICEFLEET_DEMO_PROVIDERS_PORT", "8300"))
 RESULTS_FILE = paths.logs_dir() / "demo.json"
 RENDERED_AGENT = paths.state_dir() / "demo-voiceagent.yaml"
 PLOT_FILE = paths.logs_dir() / "demo-latency.png"
+PLOT_SCRAPE_WAIT_S = 12
 CALLER_NUMBER = "+15550001111"
 
 # What the caller says, and what the scripted providers answer (they are fakes: the STT does not
@@ -367,8 +368,10 @@ async def script_providers(url: str) -> None:
 
     control = ProviderControl(url)
     await control.reset()
+    # Whatever stretch of speech the STT hears gets the question's words (a phone line may
+    # carry a click before the caller speaks).
     await control.script(
-        transcripts=[CALLER_TRANSCRIPT], llm=[LLMReply(text=AGENT_REPLY, after="user")]
+        default_transcript=CALLER_TRANSCRIPT, llm=[LLMReply(text=AGENT_REPLY, after="user")]
     )
 
 
@@ -509,7 +512,10 @@ async def phone_call(agent: dict[str, Any], url: str, workdir: Path) -> CallRepo
 def print_call(report: CallReport) -> None:
     title = "WebRTC test call" if report.kind == "webrtc" else "Phone call (sipp -> livekit-sip)"
     print(f"\n=== {title}: {'ANSWERED' if report.answered else 'NOT ANSWERED'} ({report.room})")
-    print("  What was said (transcripts):")
+    if report.kind == "webrtc":
+        print("  What was said (the participant's lk.transcription segments):")
+    else:
+        print("  What was said (the agent's TTS requests; the caller as the STT server heard it):")
     for text in report.agent_said:
         print(f"    agent : {text}")
     for text in report.caller_said:
@@ -533,7 +539,7 @@ def write_plot(clock: Clock, started_unix: float) -> Path | None:
         return None
     done = subprocess.run(
         [sys.executable, "-m", "e2e.plot", "--since", str(int(started_unix)), "--out",
-         str(PLOT_FILE)],
+         str(PLOT_FILE), "--tenant", TENANT],
         capture_output=True, text=True, timeout=120, check=False, cwd=paths.REPO_ROOT,
     )  # fmt: skip
     if done.returncode != 0:
@@ -627,6 +633,7 @@ def calls(
     for report in reports:
         print_call(report)
     results["calls"] = [vars(r) for r in reports]
+    time.sleep(PLOT_SCRAPE_WAIT_S)  # Prometheus scrapes every 5 s: let it see the last call
     plot = write_plot(clock, started_unix)
     if plot is not None:
         print(f"\nPlot of turn latencies and active calls: {plot}")
@@ -656,7 +663,7 @@ def call_again(args: argparse.Namespace) -> int:
         return 1
     agent = yaml.safe_load(RENDERED_AGENT.read_text())
     status = kubectl_json("-n", TENANT, "get", "va", agent["metadata"]["name"])
-    return calls(args, clock, agent, status, providers_url(host), {}, time.time())
+    return calls(args, clock, agent, status, providers_url(host), {}, time.time() - 300)
 
 
 def other_test_sessions() -> list[int]:

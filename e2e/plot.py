@@ -40,11 +40,15 @@ def queries(window: str, tenant: str | None = None) -> dict[str, dict[str, str]]
     sel = _selector(tenant)
     by = "tenant, agent"
     latency = f"voicefleet_turn_latency_seconds_bucket{sel}"
-    quantile = "histogram_quantile({q}, sum by (" + by + ", le) (rate(" + latency + f"[{window}])))"
+
+    def quantile(q: float) -> str:
+        # Not str.format: the tenant selector's braces would be taken for fields.
+        return f"histogram_quantile({q}, sum by ({by}, le) (rate({latency}[{window}])))"
+
     return {
         "latency": {
-            "p50": quantile.format(q=0.5),
-            "p95": quantile.format(q=0.95),
+            "p50": quantile(0.5),
+            "p95": quantile(0.95),
             "mean": (
                 f"sum by ({by}) (rate(voicefleet_turn_latency_seconds_sum{sel}[{window}]))"
                 f" / sum by ({by}) (rate(voicefleet_turn_latency_seconds_count{sel}[{window}]))"
