@@ -198,8 +198,6 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
         ("networking.k8s.io", "networkpolicies"): ["create", "get", "patch"],
         ("", "pods"): ["list", "patch"],
         ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "get", "patch"],
-        ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "get", "patch"],
-        ("", "pods"): ["list", "patch"],
         ("", "events"): ["create"],
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
     }
