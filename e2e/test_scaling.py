@@ -51,7 +51,7 @@ from voicefleet_operator.scaling import (
 
 from e2e.fixtures_cluster import ClusterHandle
 from e2e.infra import images, paths
-from e2e.infra.livekit import LiveKitEndpoint
+from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
 from e2e.participant import ParticipantError, TestParticipant, participant_token
 from e2e.providers import ProviderServer
 
@@ -165,7 +165,9 @@ def operator_process(
         **os.environ,
         "KUBECONFIG": str(cluster_with_node.kubeconfig),
         "PYTHONPATH": os.pathsep.join(str(repo / p) for p in ("operator", "runtime")),
-        "VOICEFLEET_LIVEKIT_URL": livekit.url_for_pods,
+        # From the fixture's cluster facts, not cluster.json: another session's `cluster up`
+        # rewrites that file and leaves the pods' address out while it runs.
+        "VOICEFLEET_LIVEKIT_URL": f"ws://{cluster_with_node.host_address_from_pods}:{LIVEKIT_PORT}",
         "VOICEFLEET_LIVEKIT_API_URL": livekit.url,
         "VOICEFLEET_LIVEKIT_SECRET_NAME": "voicefleet-livekit",
         "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": NAMESPACE,
@@ -190,6 +192,18 @@ def operator_process(
             pytest.fail(f"the operator exited ({process.returncode}):\n{_log_tail(OPERATOR_LOG)}")
         yield process
     finally:
+        # The VoiceAgent first, while the operator runs: it removes its finalizer (a namespace
+        # deleted after the operator stopped would wait for that forever).
+        with contextlib.suppress(AssertionError):
+            cluster_with_node.kubectl(
+                "-n",
+                NAMESPACE,
+                "delete",
+                "voiceagent",
+                AGENT,
+                "--ignore-not-found",
+                "--timeout=60s",
+            )
         with contextlib.suppress(AssertionError):
             cluster_with_node.kubectl(
                 "delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found"
@@ -233,6 +247,12 @@ def voiceagent(providers: ProviderServer, instructions: str) -> dict[str, Any]:
                 "idleProcesses": 1,
                 "drainTimeoutSeconds": DRAIN_TIMEOUT_SECONDS,
                 "healthPort": HEALTH_PORT,
+                # Small requests: up to 4 workers must fit on a 2-core node shared with
+                # other tests (a call here is silence, VAD and the fake providers).
+                "resources": {
+                    "requests": {"cpu": "50m", "memory": "300Mi"},
+                    "limits": {"memory": "2Gi"},
+                },
             },
             "scaling": {
                 "minReplicas": 1,
