@@ -611,7 +611,12 @@ async def _run_phases(
     assert not center.cut(), [asdict(c) | {"participant": None} for c in center.cut()]
 
     # --- rollout ----------------------------------------------------------------------------
-    held = [await center.place(RAMP_CALLS + i) for i in range(3)]
+    # Calls arrive at the ramp's pace: spareJobs covers one call per worker start-up, not a
+    # burst (a burst needs more spare jobs).
+    held = []
+    for i in range(3):
+        held.append(await center.place(RAMP_CALLS + i))
+        await asyncio.sleep(CALL_INTERVAL_SECONDS)
     await wait_until(
         f"{demand(3)} ready workers for 3 held calls",
         lambda: sum(1 for p in watch.serving() if p.ready_at) >= demand(3),
