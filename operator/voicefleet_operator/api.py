@@ -471,12 +471,14 @@ Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 CONDITION_READY: Final = "Ready"
 CONDITION_CONFIG_VALID: Final = "ConfigValid"
+CONDITION_RECONCILED: Final = "Reconciled"
 CONDITION_WORKERS_AVAILABLE: Final = "WorkersAvailable"
 CONDITION_TELEPHONY_READY: Final = "TelephonyReady"
 CONDITION_SCALING_ACTIVE: Final = "ScalingActive"
 CONDITION_TYPES: Final = (
     CONDITION_READY,
     CONDITION_CONFIG_VALID,
+    CONDITION_RECONCILED,
     CONDITION_WORKERS_AVAILABLE,
     CONDITION_TELEPHONY_READY,
     CONDITION_SCALING_ACTIVE,
@@ -487,7 +489,8 @@ class Condition(Model):
     """One aspect of the VoiceAgent's state (the metav1.Condition shape)."""
 
     type: Annotated[str, Field(min_length=1, max_length=316, pattern=CONDITION_TYPE)]
-    """Condition type: Ready, ConfigValid, WorkersAvailable, TelephonyReady or ScalingActive."""
+    """Condition type: Ready, ConfigValid, Reconciled, WorkersAvailable, TelephonyReady or
+    ScalingActive."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds: True, False or Unknown."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON)]
@@ -517,7 +520,8 @@ class VoiceAgentStatus(Model):
     phase: Phase | None = None
     """Summary: Pending, Progressing, Ready, Degraded or Failed."""
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
-    """Ready, ConfigValid, WorkersAvailable, TelephonyReady and ScalingActive."""
+    """Ready, ConfigValid, Reconciled (children applied), WorkersAvailable, TelephonyReady and
+    ScalingActive."""
     observed_generation: Annotated[int | None, Field(ge=0)] = None
     """metadata.generation the operator last acted on."""
     replicas: Annotated[int | None, Field(ge=0)] = None

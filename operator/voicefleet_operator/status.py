@@ -22,16 +22,12 @@ from typing import Any, Literal
 from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
     CONDITION_READY,
+    CONDITION_RECONCILED,
     CONDITION_SCALING_ACTIVE,
     CONDITION_TELEPHONY_READY,
     CONDITION_WORKERS_AVAILABLE,
     Phase,
 )
-
-CONDITION_RECONCILED = "Reconciled"
-"""True when every child object matches the spec the operator last validated; False with the
-reason when applying them failed (API errors, a name taken by an object the VoiceAgent does not
-own, the platform's LiveKit Secret missing)."""
 
 REQUIRED_GATES = (CONDITION_CONFIG_VALID, CONDITION_RECONCILED, CONDITION_WORKERS_AVAILABLE)
 OPTIONAL_GATES = (CONDITION_TELEPHONY_READY,)
