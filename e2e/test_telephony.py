@@ -127,6 +127,15 @@ def release(
             + diagnostics(cluster_with_node, platform)
         )
     yield platform
+    # VoiceAgents first, while the operator runs: their finalizer deletes the LiveKit trunk
+    # and rule (uninstalling first would leave them, and the namespaces stuck terminating).
+    for tenant in tenants:
+        try:
+            cluster_with_node.kubectl(
+                "-n", tenant, "delete", "va", "--all", "--wait=true", timeout=120
+            )
+        except AssertionError as error:
+            print(f"cleanup of {tenant}'s VoiceAgents failed: {error}")
     subprocess.run(
         [str(helm), "uninstall", RELEASE, kubeconfig, "--namespace", platform, "--wait"],
         capture_output=True, text=True, timeout=300, check=False,
