@@ -132,9 +132,14 @@ def release(
     values_file.write_text(json.dumps(values))
     helm = str(observability.helm())
     kubeconfig = f"--kubeconfig={cluster_with_node.kubeconfig}"
+    # The CRD is shared by every test session on this cluster and others apply it with kubectl;
+    # take it over here (same file) instead of letting helm's apply conflict with theirs.
+    cluster_with_node.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(observability.CHART / "crds")
+    )
     install = subprocess.run(
         [helm, "install", RELEASE, str(observability.CHART), kubeconfig, "--namespace", platform,
-         "--values", str(values_file), "--wait", "--timeout", "5m"],
+         "--values", str(values_file), "--skip-crds", "--wait", "--timeout", "5m"],
         capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     if install.returncode != 0:
