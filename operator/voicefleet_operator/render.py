@@ -33,13 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from voicefleet_runtime.config import (
-    CONFIG_PATH_ENV,
-    HEALTH_PATH,
-    READINESS_PATH,
-    RuntimeConfig,
-    parse_config,
-)
+from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_config
 
 from voicefleet_operator.api import API_VERSION, KIND, HttpHeaderSpec, VoiceAgentSpec, WorkerSpec
 from voicefleet_operator.scaling import ScalingPolicy, render_hpa
@@ -490,8 +484,8 @@ def render_deployment(
     names = ChildNames.of(ref.name)
     worker = spec.worker
 
-    def http_get(path: str) -> dict[str, Any]:
-        return {"path": path, "port": "health", "scheme": "HTTP"}
+    def http_get() -> dict[str, Any]:
+        return {"path": "/", "port": "health", "scheme": "HTTP"}
 
     container = {
         "name": CONTAINER_NAME,
@@ -506,22 +500,20 @@ def render_deployment(
         ],
         # Loading models (VAD, turn detector) and connecting to LiveKit can take a while.
         "startupProbe": {
-            "httpGet": http_get(HEALTH_PATH),
+            "httpGet": http_get(),
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 60,
         },
-        # Ready only once registered with LiveKit, so a rollout never retires an old worker
-        # before its replacement can take calls.
         "readinessProbe": {
-            "httpGet": http_get(READINESS_PATH),
+            "httpGet": http_get(),
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 2,
         },
         # Lenient: a restart ends every call on the worker.
         "livenessProbe": {
-            "httpGet": http_get(HEALTH_PATH),
+            "httpGet": http_get(),
             "periodSeconds": 10,
             "timeoutSeconds": 5,
             "failureThreshold": 6,

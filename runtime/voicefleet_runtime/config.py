@@ -36,11 +36,6 @@ from pydantic.config import JsonDict
 CONFIG_PATH_ENV = "VOICEFLEET_CONFIG"
 """Environment variable naming the config file the runtime loads."""
 
-HEALTH_PATH = "/"
-"""Liveness: livekit-agents' health endpoint on worker.healthPort (the process is up)."""
-READINESS_PATH = "/ready"
-"""Readiness on worker.healthPort: registered with LiveKit and not draining."""
-
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 E164_NUMBER = r"^\+[1-9][0-9]{6,14}$"
 TOOL_NAME = r"^[a-z][a-z0-9_]{0,63}$"

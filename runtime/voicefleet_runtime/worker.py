@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 from livekit.agents import (
     AgentServer,
     AgentSession,
@@ -39,7 +38,7 @@ from livekit.agents import (
 
 from voicefleet_runtime import metrics
 from voicefleet_runtime.agents import AgentFactory, CallState
-from voicefleet_runtime.config import READINESS_PATH, RuntimeConfig, load_from_environment
+from voicefleet_runtime.config import RuntimeConfig, load_from_environment
 from voicefleet_runtime.pipeline import (
     TurnDetectionPlan,
     build_pipeline,
@@ -115,7 +114,6 @@ class WorkerRuntime:
         self.labels = metric_labels(config)
         self.gate = CapacityGate(limit=config.worker.jobs_per_worker)
         self.server: AgentServer | None = None
-        self.registered = False
         self._sweeper: asyncio.Task[None] | None = None
 
     def active_jobs(self) -> int:
@@ -192,22 +190,9 @@ class WorkerRuntime:
                 logger.warning("could not clean up metrics of ended job processes", exc_info=True)
 
     def on_registered(self, worker_id: str, server_info: Any) -> None:
-        self.registered = True
         logger.info(
             "registered with LiveKit as %r (worker %s)", self.config.dispatch_name, worker_id
         )
-
-    async def readiness(self, _request: web.Request) -> web.Response:
-        """`/ready`: take traffic only once LiveKit knows this worker and while it is not draining.
-
-        livekit-agents' own `/` answers 200 while it is still connecting, so a rollout judged by it
-        could retire old workers before the new ones can take a call.
-        """
-        if self.server is None or not self.registered:
-            return web.Response(status=503, text="not registered with LiveKit yet")
-        if self.server.draining:
-            return web.Response(status=503, text="draining")
-        return web.Response(text="ready")
 
 
 # --- job processes --------------------------------------------------------------------------
@@ -310,10 +295,4 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
     runtime.server = server
     server.on("worker_started", runtime.on_started)
     server.on("worker_registered", runtime.on_registered)
-    # The health server is created with the AgentServer and started by run(); livekit-agents has
-    # no public hook for an extra route, hence the private attribute.
-    health_server = server._http_server
-    if health_server is None:  # only simulations run without one
-        raise RuntimeError("livekit-agents created no health server; cannot serve readiness")
-    health_server.app.add_routes([web.get(READINESS_PATH, runtime.readiness)])
     return server

@@ -270,10 +270,8 @@ def test_probes_and_prometheus_annotations_use_the_configured_ports() -> None:
     container = template["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": 8181, "metrics": 9191}
-    # Alive once the process serves; ready only once registered with LiveKit.
-    expected_paths = {"startupProbe": "/", "readinessProbe": "/ready", "livenessProbe": "/"}
-    for probe, path in expected_paths.items():
-        assert container[probe]["httpGet"] == {"path": path, "port": "health", "scheme": "HTTP"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/", "port": "health", "scheme": "HTTP"}
     assert template["metadata"]["annotations"]["prometheus.io/port"] == "9191"
     assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert result.child("Service")["spec"]["ports"][0]["port"] == 9191

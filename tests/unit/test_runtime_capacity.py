@@ -114,29 +114,3 @@ async def test_a_failed_assignment_frees_its_slot() -> None:
     with pytest.raises(TimeoutError):
         await worker.on_request(JobRequest(job=job, on_reject=on_reject, on_accept=on_accept))
     assert worker.gate.pending == 0
-
-
-class _Server:
-    """What readiness reads of the AgentServer."""
-
-    def __init__(self, draining: bool) -> None:
-        self.draining = draining
-
-
-@pytest.mark.parametrize(
-    ("has_server", "registered", "draining", "expected"),
-    [
-        (False, False, False, 503),
-        (True, False, False, 503),  # connecting: livekit-agents' own `/` already says OK
-        (True, True, False, 200),
-        (True, True, True, 503),  # draining: take no new calls
-    ],
-)
-async def test_readiness_follows_registration_and_drain(
-    has_server: bool, registered: bool, draining: bool, expected: int
-) -> None:
-    worker = runtime("ready-" + uuid.uuid4().hex[:6])
-    worker.server = _Server(draining) if has_server else None  # type: ignore[assignment]
-    worker.registered = registered
-    response = await worker.readiness(None)  # type: ignore[arg-type]
-    assert response.status == expected
