@@ -336,8 +336,14 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         return "registered with LiveKit" in logs
 
     for name in ("quality", "full"):
-        wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), timeout=400, interval=3)
-        wait_for(f"{name}'s worker to register", partial(registered, name), timeout=120)
+        try:
+            wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), 400, 3)
+            wait_for(f"{name}'s worker to register", partial(registered, name), timeout=120)
+        except AssertionError as error:
+            status = _kubectl_json(cluster, "-n", tenant, "get", "va", name).get("status")
+            pods = cluster.kubectl("-n", tenant, "get", "pods", "-o", "wide")
+            details = f"status: {json.dumps(status, indent=1)}\n{pods}"
+            raise AssertionError(f"{error}\n{details}\n{_worker_logs(cluster, tenant, name)}")
     await asyncio.sleep(5)  # its idle job processes warm up
 
     # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).
