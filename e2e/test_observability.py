@@ -343,7 +343,9 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
             status = _kubectl_json(cluster, "-n", tenant, "get", "va", name).get("status")
             pods = cluster.kubectl("-n", tenant, "get", "pods", "-o", "wide")
             details = f"status: {json.dumps(status, indent=1)}\n{pods}"
-            raise AssertionError(f"{error}\n{details}\n{_worker_logs(cluster, tenant, name)}")
+            raise AssertionError(
+                f"{error}\n{details}\n{_worker_logs(cluster, tenant, name)}"
+            ) from error
     await asyncio.sleep(5)  # its idle job processes warm up
 
     # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 ORDERS_TOKEN = "orders-token-" + uuid.uuid4().hex[:8]
 GREETING = "Hello, thanks for calling Acme. How can I help?"
 BILLING_INSTRUCTIONS = "You are the billing agent of Acme. Answer invoice questions briefly."
-REGISTER_TIMEOUT_S = 180.0  # preloading plugins in the forkserver is slow on a loaded 2-core machine
+# Preloading plugins in the forkserver is slow on a loaded 2-core machine.
+REGISTER_TIMEOUT_S = 180.0
 
 
 def free_port() -> int:
