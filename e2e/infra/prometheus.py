@@ -8,14 +8,15 @@ honouring `prometheus.io/port`, `prometheus.io/path` and `prometheus.io/scheme`.
 The binary is upstream Prometheus built by `make infra` (see e2e/versions.toml): Debian's package
 is built without Kubernetes discovery. It starts without a cluster: discovery then finds nothing.
 Prometheus reads the kubeconfig only when it loads its config, so
-`PrometheusClient.sync_discovery()` reloads it whenever the kubeconfig has changed (a cluster came
-up, or came up again with new certificates).
+`PrometheusClient.sync_discovery()` reloads it whenever the kubeconfig or the cluster changed (a
+cluster came up, came up again, or got new certificates).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -57,10 +58,37 @@ def _loaded_kubeconfig_record() -> Path:
 
 
 def kubeconfig_fingerprint() -> str:
-    try:
-        return hashlib.sha256(paths.kubeconfig().read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return "absent"
+    """Identity of the cluster discovery talks to: its kubeconfig and its incarnation.
+
+    A cluster brought down and up again keeps its kubeconfig (the PKI survives), but Prometheus'
+    discovery watch on the old incarnation never recovers, so cluster.json (rewritten by every
+    `cluster up`) is part of the identity too.
+    """
+    digest = hashlib.sha256()
+    for file in (paths.kubeconfig(), paths.cluster_state_file()):
+        try:
+            digest.update(file.read_bytes())
+            digest.update(str(file.stat().st_mtime_ns).encode())
+        except FileNotFoundError:
+            digest.update(b"absent")
+    return digest.hexdigest()
+
+
+def discovery_kubeconfig() -> Path:
+    """A copy of the kubeconfig named for the cluster's identity.
+
+    A new identity changes the discovery config itself, and only a changed discovery config makes
+    a reload start a fresh discovery (an unchanged one keeps its stale watch).
+    """
+    target = data_dir() / f"kubeconfig-{kubeconfig_fingerprint()[:16]}"
+    if not target.exists():
+        data_dir().mkdir(parents=True, exist_ok=True)
+        for stale in data_dir().glob("kubeconfig-*"):
+            stale.unlink()
+        if paths.kubeconfig().exists():
+            shutil.copyfile(paths.kubeconfig(), target)
+            target.chmod(0o600)
+    return target
 
 
 def pod_scrape_job() -> dict[str, Any]:
@@ -68,7 +96,7 @@ def pod_scrape_job() -> dict[str, Any]:
     annotation = "__meta_kubernetes_pod_annotation_prometheus_io_"
     return {
         "job_name": "kubernetes-pods",
-        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(paths.kubeconfig())}],
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(discovery_kubeconfig())}],
         "relabel_configs": [
             {"source_labels": [annotation + "scrape"], "action": "keep", "regex": "true"},
             {
@@ -232,6 +260,7 @@ class PrometheusClient:
         record = _loaded_kubeconfig_record()
         if record.exists() and record.read_text() == current:
             return False
+        config_file().write_text(config_text())  # names the new incarnation's kubeconfig copy
         self.reload()
         record.write_text(current)
         return True
