@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from e2e.infra import cluster, paths
+from e2e.infra import cluster, images, paths
 from e2e.infra.procs import CommandError, ComponentError
 
 
@@ -157,3 +157,20 @@ def cluster_with_node(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
         current = cluster.read_info()
         if current is not None and current.nodeStartedBy is not None and not _other_sessions():
             cluster.down(node_only=True)
+
+
+@pytest.fixture(scope="session")
+def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
+    """The operator and runtime images from the repository's Dockerfiles, on the node.
+
+    Built once per session (and only when their sources changed since the last build).
+    """
+    missing = [n for n in ("operator", "runtime") if n not in images.project_dockerfiles()]
+    if missing:
+        pytest.fail(f"no Dockerfile for {missing}: the images cannot be built", pytrace=False)
+    results = images.build_all(import_into_node=True)
+    on_node = images.containerd_images()
+    for name in ("operator", "runtime"):
+        if images.PROJECT_IMAGES[name] not in on_node:
+            pytest.fail(f"{images.PROJECT_IMAGES[name]} is not on the node: {results}")
+    return images.PROJECT_IMAGES

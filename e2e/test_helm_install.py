@@ -31,20 +31,6 @@ CHILDREN = ("serviceaccount", "secret", "configmap", "service", "poddisruptionbu
 
 
 @pytest.fixture(scope="module")
-def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
-    """The operator and runtime images from the repository's Dockerfiles, on the node."""
-    missing = [n for n in ("operator", "runtime") if n not in images.project_dockerfiles()]
-    if missing:
-        pytest.fail(f"no Dockerfile for {missing}: the images cannot be built", pytrace=False)
-    results = images.build_all(import_into_node=True)
-    on_node = images.containerd_images()
-    for name in ("operator", "runtime"):
-        if images.PROJECT_IMAGES[name] not in on_node:
-            pytest.fail(f"{images.PROJECT_IMAGES[name]} is not on the node: {results}")
-    return images.PROJECT_IMAGES
-
-
-@pytest.fixture(scope="module")
 def namespaces(cluster_with_node: ClusterHandle) -> Iterator[tuple[str, str]]:
     """(platform namespace, tenant namespace); the tenant enforces the restricted PSS."""
     suffix = secrets.token_hex(3)

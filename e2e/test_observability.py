@@ -39,7 +39,7 @@ from voicefleet_operator.render import ChildNames, dispatch_name
 
 from e2e import observability, plot
 from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra import images, paths
+from e2e.infra import paths
 from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
 from e2e.infra.prometheus import PrometheusClient
 from e2e.participant import TestParticipant, participant_token
@@ -62,19 +62,6 @@ RESULTS_FILE = paths.logs_dir() / "observability-e2e.json"
 
 
 # --- the stack --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
-    missing = [n for n in ("operator", "runtime") if n not in images.project_dockerfiles()]
-    if missing:
-        pytest.fail(f"no Dockerfile for {missing}: the images cannot be built", pytrace=False)
-    results = images.build_all(import_into_node=True)
-    on_node = images.containerd_images()
-    for name in ("operator", "runtime"):
-        if images.PROJECT_IMAGES[name] not in on_node:
-            pytest.fail(f"{images.PROJECT_IMAGES[name]} is not on the node: {results}")
-    return images.PROJECT_IMAGES
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from voicefleet_operator import render, telephony
 
 from e2e import sipcall
 from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra import images, paths
+from e2e.infra import paths
 from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint, SipEndpoint
 from e2e.providers import LLMReply, ProviderServer, ToolCall
 
@@ -59,16 +59,6 @@ def fresh_number() -> str:
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
-    results = images.build_all(import_into_node=True)
-    on_node = images.containerd_images()
-    for name in ("operator", "runtime"):
-        if images.PROJECT_IMAGES[name] not in on_node:
-            pytest.fail(f"{images.PROJECT_IMAGES[name]} is not on the node: {results}")
-    return images.PROJECT_IMAGES
 
 
 @pytest.fixture(scope="module")
