@@ -169,6 +169,10 @@ async def evaluate(
     )
     metrics.SCALING_DECISIONS.labels(*labels, decision.reason.value).inc()
     metrics.DESIRED_REPLICAS.labels(*labels).set(decision.replicas)
+    # Both directions exist from the first evaluation at 0, so "no change yet" is a series of
+    # zeros rather than no data (dashboards and increase() need the series to exist).
+    for direction in ("up", "down"):
+        metrics.SCALING_CHANGES.labels(*labels, direction)
     fields["desiredReplicas"] = decision.replicas
 
     if (
