@@ -38,8 +38,8 @@ from voicefleet_operator import render, telephony
 
 from e2e import sipcall
 from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra import paths
-from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint, SipEndpoint
+from e2e.infra import chart, paths
+from e2e.infra.livekit import LiveKitEndpoint, SipEndpoint
 from e2e.providers import LLMReply, ProviderServer, ToolCall
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -83,23 +83,8 @@ def release(
 ) -> Iterator[str]:
     """`helm install` of the chart watching the two tenants; operator pod Ready."""
     platform, *tenants = namespaces
-    operator_repo, operator_tag = project_images["operator"].rsplit(":", 1)
-    runtime_repo, runtime_tag = project_images["runtime"].rsplit(":", 1)
-    host = cluster_with_node.host_address_from_pods
-    values = {
-        "livekit": {
-            "url": livekit.url_for_pods,
-            "apiUrl": f"http://{host}:{LIVEKIT_PORT}",
-            "apiKey": livekit.api_key,
-            "apiSecret": livekit.api_secret,
-        },
-        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "Never"},
-        "runtime": {
-            "image": {"repository": runtime_repo, "tag": runtime_tag, "pullPolicy": "Never"}
-        },
-        "watchNamespaces": tenants,
-        "logLevel": "DEBUG",
-    }
+    # project_images (requested above) has built the images local_values names.
+    values = chart.local_values(watch_namespaces=tenants, livekit=livekit, log_level="DEBUG")
     values_file = paths.state_dir() / f"helm-telephony-values-{platform}.json"
     values_file.write_text(json.dumps(values))
     helm = paths.binary("helm")
