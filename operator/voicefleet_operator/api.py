@@ -414,6 +414,16 @@ SPEC_RULES: Final[list[JsonDict]] = [
         "every name in an agent's tools must be the name of one of spec.tools",
         ".agents",
     ),
+    # Twin of VoiceAgentSpec._target_within_threshold; omitted fields take their defaults.
+    cel(
+        "(has(self.scaling) && has(self.scaling.targetLoad) ? self.scaling.targetLoad : "
+        f"{ScalingSpec().target_load}) <= (has(self.worker) && has(self.worker.loadThreshold) "
+        f"? self.worker.loadThreshold : {WorkerSpec().load_threshold})",
+        "scaling.targetLoad must not exceed worker.loadThreshold: a worker reports itself full "
+        "at loadThreshold, so the fleet could never reach a higher target; lower "
+        "scaling.targetLoad or raise worker.loadThreshold",
+        ".scaling.targetLoad",
+    ),
 ]
 
 
@@ -443,6 +453,17 @@ class VoiceAgentSpec(AgentsSection):
         for index, agent in enumerate(self.agents):
             _unique(agent.tools, f"agents[{index}].tools entry")
             _unique(agent.handoffs, f"agents[{index}].handoffs entry")
+        return self
+
+    @model_validator(mode="after")
+    def _target_within_threshold(self) -> Self:
+        if self.scaling.target_load > self.worker.load_threshold:
+            raise ValueError(
+                f"scaling.targetLoad ({self.scaling.target_load}) must not exceed "
+                f"worker.loadThreshold ({self.worker.load_threshold}): a worker reports itself "
+                "full at loadThreshold, so the fleet could never reach a higher target; lower "
+                "scaling.targetLoad or raise worker.loadThreshold"
+            )
         return self
 
     model_config = ConfigDict(

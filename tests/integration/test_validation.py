@@ -315,6 +315,12 @@ INVALID: list[tuple[str, Mutation, str]] = [
                                set_path("spec.scaling.minReplicas", 0)),
      "spec.scaling.minReplicas"),
     ("unknown-scaling-mode", set_path("spec.scaling.mode", "keda"), "spec.scaling.mode"),
+    ("target-load-above-threshold", set_path("spec.scaling.targetLoad", 0.9),
+     "spec.scaling.targetLoad"),
+    # Omitted targetLoad takes its default (0.7), which is above this threshold.
+    ("default-target-load-above-threshold", both(remove("spec.scaling.targetLoad"),
+                                                 set_path("spec.worker.loadThreshold", 0.5)),
+     "spec.scaling.targetLoad"),
     ("negative-spare-jobs", set_path("spec.scaling.spareJobs", -1), "spec.scaling.spareJobs"),
     ("memory-warn-above-limit", set_path("spec.worker.jobMemoryWarnMB", 2000),
      "spec.worker.jobMemoryWarnMB"),

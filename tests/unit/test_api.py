@@ -102,6 +102,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("agents", [], "spec.agents"),
     ("scaling.minReplicas", 11, "minReplicas (11) must not exceed maxReplicas"),
     ("scaling.mode", "keda", "spec.scaling.mode"),
+    ("scaling.targetLoad", 0.9, "scaling.targetLoad (0.9) must not exceed worker.loadThreshold"),
     ("worker.jobMemoryWarnMB", 2000, "jobMemoryWarnMB (2000) must not exceed jobMemoryLimitMB"),
     ("worker.jobsPerWorker", 0, "spec.worker.jobsPerWorker"),
     ("worker.loadThreshold", 1.5, "spec.worker.loadThreshold"),
