@@ -484,8 +484,8 @@ def render_deployment(
     names = ChildNames.of(ref.name)
     worker = spec.worker
 
-    def http_get() -> dict[str, Any]:
-        return {"path": "/", "port": "health", "scheme": "HTTP"}
+    def http_get(path: str = "/", port: str = "health") -> dict[str, Any]:
+        return {"path": path, "port": port, "scheme": "HTTP"}
 
     container = {
         "name": CONTAINER_NAME,
@@ -505,8 +505,10 @@ def render_deployment(
             "timeoutSeconds": 3,
             "failureThreshold": 60,
         },
+        # Ready = registered with LiveKit and not draining (the runtime's /ready), so a
+        # rollout retires an old worker only once its replacement can take calls.
         "readinessProbe": {
-            "httpGet": http_get(),
+            "httpGet": http_get("/ready", "metrics"),
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 2,

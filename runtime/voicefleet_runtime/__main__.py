@@ -12,11 +12,18 @@ Order matters here: PROMETHEUS_MULTIPROC_DIR is put into the environment before 
 prometheus_client (livekit-agents does, on import). prometheus_client picks its storage when
 imported; job processes inherit the environment, and without the directory their metrics
 would stay in their own memory, never reaching the main process's /metrics.
+
+The config is pinned at start: `start` and `console` copy the file they validated to a private
+path and point VOICEFLEET_CONFIG there, so every job process reads the config the main process
+checked. The mounted ConfigMap changes under a running pod (the kubelet refreshes it) long before
+a rollout replaces the pod; a job process of an old pod reading the new file would mix configs,
+or fail on a secret only the new pods' environment has.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -32,6 +39,16 @@ def ensure_multiprocess_metrics_dir() -> str:
         os.environ[MULTIPROC_ENV] = directory
     os.makedirs(directory, exist_ok=True)
     return directory
+
+
+def pin_config(path: str) -> str:
+    """A private copy of the config file at `path`, read once; returns the copy's path."""
+    with open(path, "rb") as source:
+        content = source.read()
+    descriptor, pinned = tempfile.mkstemp(prefix="voicefleet-config-", suffix=".yaml")
+    with os.fdopen(descriptor, "wb") as copy:
+        copy.write(content)
+    return pinned
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -65,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     if getattr(args, "config", None):
         environ[CONFIG_PATH_ENV] = args.config
+    where = environ.get(CONFIG_PATH_ENV, "(VOICEFLEET_CONFIG not set)")
     try:
+        if args.command in ("start", "console") and environ.get(CONFIG_PATH_ENV):
+            # An unreadable file is left to load_from_environment, which names the fix.
+            with contextlib.suppress(OSError):
+                environ[CONFIG_PATH_ENV] = pin_config(environ[CONFIG_PATH_ENV])
         config = load_from_environment(environ)
     except ConfigError as error:
-        where = environ.get(CONFIG_PATH_ENV, "(VOICEFLEET_CONFIG not set)")
         details = "\n".join(f"  {line}" for line in str(error).splitlines())
         print(f"voicefleet-runtime: invalid config {where}:\n{details}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
@@ -82,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    os.environ[CONFIG_PATH_ENV] = environ[CONFIG_PATH_ENV]  # job processes read the pinned copy
     from livekit.agents import cli
 
     from voicefleet_runtime.worker import build_server

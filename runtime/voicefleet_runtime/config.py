@@ -347,7 +347,7 @@ class WorkerSettings(Model):
     health_port: Annotated[int, Field(ge=1024, le=65535)] = 8081
     """Port of the worker's HTTP health endpoint (and /worker status)."""
     metrics_port: Annotated[int, Field(ge=1024, le=65535)] = 9100
-    """Port of the Prometheus /metrics endpoint."""
+    """Port of the Prometheus /metrics endpoint and of the readiness probe's /ready."""
 
     @model_validator(mode="after")
     def _memory_order(self) -> Self:

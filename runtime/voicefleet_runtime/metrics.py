@@ -57,7 +57,8 @@ DISPATCH_ACCEPTED = Counter(
 )
 DISPATCH_REJECTED = Counter(
     "voicefleet_dispatch_rejected_total",
-    "Job requests from LiveKit this worker refused, by reason (at_capacity, draining).",
+    "Job offers from LiveKit this worker refused, by reason "
+    "(load_threshold, at_capacity, draining).",
     (*LABELS, "reason"),
 )
 TURN_DETECTOR_FALLBACK = Gauge(

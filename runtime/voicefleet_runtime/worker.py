@@ -7,10 +7,17 @@ seconds, so inside that window LiveKit may still offer jobs to a worker that has
 the requests it accepted whose job has not started yet (the accept waits for LiveKit's assignment
 and for a job process). A refusal does not terminate the job: LiveKit offers it to another worker.
 
-Processes. The main process runs the AgentServer (registration, availability, health on
-worker.healthPort: `/` and `/worker`, Prometheus on worker.metricsPort); each call runs in its
-own job process, pre-warmed (`prewarm`: config and Silero VAD loaded) so a call starts quickly.
+Processes. The main process runs the AgentServer (registration, availability, liveness on
+worker.healthPort: `/` and `/worker`) and our own small server on worker.metricsPort: `/metrics`
+(every process's series) and `/ready`. Each call runs in its own job process, pre-warmed
+(`prewarm`: config and Silero VAD loaded) so a call starts quickly.
 Job processes find the config through the same environment (VOICEFLEET_CONFIG).
+
+Readiness. livekit-agents' `/` answers OK while the worker is still connecting, so a pod would
+turn Ready (and a rollout retire an old worker) before LiveKit can dispatch to it. `/ready`
+answers 200 only while the worker is registered with LiveKit and not draining. livekit-agents
+builds and freezes its own HTTP app inside run(), leaving no hook to add a route there; that is
+why the metrics port is served by us (with livekit-agents' own /metrics handler).
 
 Shutdown. SIGTERM makes livekit-agents drain: the worker reports itself unavailable, running
 calls go on for up to worker.drainTimeoutSeconds, and the process exits when they are done.
@@ -23,9 +30,11 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from livekit.agents import (
     AgentServer,
     AgentSession,
@@ -35,6 +44,7 @@ from livekit.agents import (
     JobRequest,
     room_io,
 )
+from livekit.agents.telemetry.http_server import HttpServer as MetricsHttpServer
 
 from voicefleet_runtime import metrics
 from voicefleet_runtime.agents import AgentFactory, CallState
@@ -114,7 +124,10 @@ class WorkerRuntime:
         self.labels = metric_labels(config)
         self.gate = CapacityGate(limit=config.worker.jobs_per_worker)
         self.server: AgentServer | None = None
+        self.worker_id: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._http: MetricsHttpServer | None = None
 
     def active_jobs(self) -> int:
         return len(self.server.active_jobs) if self.server is not None else 0
@@ -141,6 +154,15 @@ class WorkerRuntime:
             await request.accept(name=self.config.name)
         finally:
             self.gate.release()
+
+    def on_refused_by_livekit_agents(self, reason: str) -> None:
+        metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
+        logger.info(
+            "refused a job offer: %s (load %.2f, threshold %s)",
+            reason,
+            self.gate.load(self.active_jobs()),
+            self.config.worker.load_threshold,
+        )
 
     def load(self, server: AgentServer) -> float:
         """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each request."""
@@ -179,7 +201,40 @@ class WorkerRuntime:
         metrics.TURN_DETECTOR_FALLBACK.labels(**self.labels, requested=self.plan.requested).set(
             1 if self.plan.fell_back else 0
         )
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_dead_processes())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_dead_processes())
+        self._serving = loop.create_task(self._serve_metrics_and_readiness())
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): registered with LiveKit, connected, and taking new jobs."""
+        server = self.server
+        if server is None or self.worker_id is None:
+            return False, "not registered with LiveKit yet"
+        # livekit-agents sets _connecting from each (re)connect until the register response.
+        if getattr(server, "_connecting", False):
+            return False, "reconnecting to LiveKit"
+        if server.draining:
+            return False, "draining: finishing running calls, taking no new ones"
+        return True, f"registered with LiveKit as {self.config.dispatch_name!r} ({self.worker_id})"
+
+    async def _ready(self, _request: web.Request) -> web.Response:
+        ready, why = self.readiness()
+        return web.Response(status=200 if ready else 503, text=why + "\n")
+
+    async def _serve_metrics_and_readiness(self) -> None:
+        port = self.config.worker.metrics_port
+        http = MetricsHttpServer("", port)  # all interfaces, like livekit-agents
+        http.app.add_routes([web.get("/ready", self._ready)])
+        try:
+            await http.start()
+        except OSError as error:
+            # Without it the pod can never turn Ready: exit loudly rather than idle unready.
+            logger.critical(
+                "cannot serve /metrics and /ready on worker.metricsPort %d: %s", port, error
+            )
+            os._exit(1)
+        self._http = http
+        logger.info("metrics on :%d/metrics, readiness on :%d/ready", port, port)
 
     async def _sweep_dead_processes(self) -> None:
         while True:
@@ -190,6 +245,7 @@ class WorkerRuntime:
                 logger.warning("could not clean up metrics of ended job processes", exc_info=True)
 
     def on_registered(self, worker_id: str, server_info: Any) -> None:
+        self.worker_id = worker_id
         logger.info(
             "registered with LiveKit as %r (worker %s)", self.config.dispatch_name, worker_id
         )
@@ -267,6 +323,25 @@ async def entrypoint(ctx: JobContext) -> None:
 # --- the server -----------------------------------------------------------------------------
 
 
+class CountingAgentServer(AgentServer):
+    """An AgentServer that counts the job offers livekit-agents turns down by itself.
+
+    Before our on_request runs, livekit-agents refuses an offer when the worker is draining or
+    its load (plus the slots it reserved for offers in flight) has reached loadThreshold; it
+    has no event or metric for that. `_is_available` is the one place that decision is made
+    (called only for an offer), so we wrap it. tests/unit/test_runtime_capacity.py fails if a
+    livekit-agents upgrade renames it.
+    """
+
+    on_refused: Callable[[str], None] | None = None
+
+    def _is_available(self) -> bool:
+        available = super()._is_available()
+        if not available and self.on_refused is not None:
+            self.on_refused("draining" if self.draining else "load_threshold")
+        return available
+
+
 def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -> AgentServer:
     """The AgentServer for this config (main process). `plan` is decided first if not given."""
     plan = plan or plan_turn_detection(config.pipeline)
@@ -274,14 +349,15 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
 
     worker = config.worker
     runtime = WorkerRuntime(config, plan)
-    server = AgentServer(
+    server = CountingAgentServer(
         load_threshold=worker.load_threshold,
         num_idle_processes=worker.idle_processes,
         job_memory_warn_mb=worker.job_memory_warn_mb,
         job_memory_limit_mb=worker.job_memory_limit_mb,
         drain_timeout=worker.drain_timeout_seconds,
         port=worker.health_port,
-        prometheus_port=worker.metrics_port,
+        # WorkerRuntime serves worker.metricsPort itself (metrics and /ready); see the docstring.
+        prometheus_port=None,
         prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
         setup_fnc=prewarm,
         load_fnc=runtime.load,
@@ -293,6 +369,7 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
     )
     server.rtc_session(entrypoint, agent_name=config.dispatch_name, on_request=runtime.on_request)
     runtime.server = server
+    server.on_refused = runtime.on_refused_by_livekit_agents
     server.on("worker_started", runtime.on_started)
     server.on("worker_registered", runtime.on_registered)
     return server

@@ -2,7 +2,8 @@
 
 A real worker process (`python -m voicefleet_runtime start`) on a real livekit-server, a test
 caller holding a call, the local provider servers: after SIGTERM the worker takes no new call,
-the held one goes on (the agent still answers), /worker still reports it, and the worker exits
+the held one goes on (the agent still answers), /worker still reports it, /ready turns 503 at
+once (the pod leaves Ready), and the worker exits
 by itself only once the caller hangs up, well inside the drain timeout.
 """
 
@@ -20,7 +21,7 @@ from livekit import rtc
 from e2e.infra.livekit import LiveKitEndpoint
 from e2e.participant import ParticipantError, TestParticipant, participant_token
 from e2e.providers import LLMReply, ProviderServer
-from tests.integration.test_runtime_worker import running_worker, runtime_config
+from tests.integration.test_runtime_worker import running_worker, runtime_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +62,16 @@ async def test_sigterm_drains_the_held_call_and_takes_no_new_one(
             caller.room.on("participant_disconnected", on_left)
             await caller.wait_for_audio(agent.identity, timeout_s=30)  # the greeting
             assert worker.status()["active_jobs"] == 1
+            assert worker.readiness()[0] == 200
 
             assert worker.process is not None
             worker.process.send_signal(signal.SIGTERM)  # as the kubelet sends it
             sigterm_at = time.monotonic()
+            # Not Ready from the moment it drains (the pod leaves its Service's endpoints).
+            await wait_until(
+                lambda: worker.readiness()[0] == 503, 10, "/ready turning 503 on SIGTERM"
+            )
+            assert "draining" in worker.readiness()[1]
 
             # A new call finds no worker: the draining one reports itself full.
             new_token = call_token(livekit, dispatch_name, "late-caller")

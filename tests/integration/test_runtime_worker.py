@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -125,6 +126,10 @@ class RuntimeWorker:
         code, body = http_get(f"http://127.0.0.1:{self.health_port}/worker")
         assert code == 200, body
         return {"active_jobs": 0, "worker_load": 0.0, **json.loads(body)}
+
+    def readiness(self) -> tuple[int, str]:
+        """The readiness probe's answer: (HTTP status, reason)."""
+        return http_get(f"http://127.0.0.1:{self.metrics_port}/ready")
 
     def metrics(self) -> str:
         code, body = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
@@ -329,6 +334,18 @@ async def dispatched_call(livekit: LiveKitEndpoint, dispatch_name: str) -> Async
         yield Call(caller, room, dispatched_at)
 
 
+async def dispatch_at_once(lkapi: api.LiveKitAPI, dispatch_name: str, rooms: list[str]) -> None:
+    """One dispatch per room, all sent together (they reach the workers inside one load report)."""
+    await asyncio.gather(
+        *(
+            lkapi.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=dispatch_name, room=room)
+            )
+            for room in rooms
+        )
+    )
+
+
 def spoken(providers: ProviderServer) -> str:
     """Everything sent to TTS, in order (livekit-agents sends one request per sentence)."""
     return " ".join(str(request["text"]) for request in providers.requests("tts"))
@@ -391,6 +408,9 @@ def histogram_sum(worker: RuntimeWorker, name: str) -> float:
 async def test_worker_registers_and_serves_health(worker: RuntimeWorker) -> None:
     code, body = http_get(f"http://127.0.0.1:{worker.health_port}/")
     assert (code, body) == (200, "OK")
+    code, body = worker.readiness()
+    assert code == 200, body
+    assert f"registered with LiveKit as {worker.config['dispatchName']!r}" in body
     status = worker.status()
     assert status["agent_name"] == worker.config["dispatchName"]
     assert status["worker_load"] == 0
@@ -399,6 +419,45 @@ async def test_worker_registers_and_serves_health(worker: RuntimeWorker) -> None
     metrics = worker.metrics()
     fallback = sample_values(metrics, "voicefleet_turn_detector_fallback")
     assert fallback == [({"agent": "support", "requested": "english", "tenant": "acme"}, 1.0)]
+
+
+async def test_worker_is_not_ready_until_registered_with_livekit(
+    livekit: LiveKitEndpoint, module_providers: ProviderServer, tmp_path: Path
+) -> None:
+    """livekit-agents' `/` says OK while connecting; the readiness probe's /ready must not."""
+    dead_port = free_port()  # nothing listens: the worker keeps retrying to connect
+    unreachable = LiveKitEndpoint(
+        url=f"ws://127.0.0.1:{dead_port}",
+        api_key=livekit.api_key,
+        api_secret=livekit.api_secret,
+    )
+    config = runtime_config(
+        f"unready-{uuid.uuid4().hex[:6]}", module_providers.base_url, "http://127.0.0.1:9"
+    )
+    worker = RuntimeWorker(unreachable, config, tmp_path / "worker")
+    worker.start()
+    try:
+
+        def serving() -> bool:
+            assert worker.process is not None
+            if worker.process.poll() is not None:
+                worker.fail(f"worker exited with {worker.process.returncode}")
+            try:
+                worker.readiness()
+                http_get(f"http://127.0.0.1:{worker.health_port}/")
+            except urllib.error.URLError:  # not listening yet
+                return False
+            return True
+
+        await wait_until(serving, REGISTER_TIMEOUT_S, "the worker's HTTP servers")
+        for _ in range(5):  # over a few connection retries
+            assert http_get(f"http://127.0.0.1:{worker.health_port}/") == (200, "OK")
+            code, body = worker.readiness()
+            assert code == 503, body
+            assert "not registered with LiveKit" in body, body
+            await asyncio.sleep(1)
+    finally:
+        await worker.stop()
 
 
 async def test_call_greets_hears_the_question_and_replies(
@@ -618,14 +677,7 @@ async def test_two_workers_never_exceed_jobs_per_worker(
         poller = asyncio.create_task(poll())
         rooms = [f"capacity-{uuid.uuid4().hex[:8]}" for _ in range(6)]
         async with livekit.api() as lkapi:
-            await asyncio.gather(
-                *(
-                    lkapi.agent_dispatch.create_dispatch(
-                        api.CreateAgentDispatchRequest(agent_name=dispatch_name, room=room)
-                    )
-                    for room in rooms
-                )
-            )
+            await dispatch_at_once(lkapi, dispatch_name, rooms)
 
             async def agents_in(room: str) -> int:
                 response = await lkapi.room.list_participants(
@@ -659,3 +711,78 @@ async def test_two_workers_never_exceed_jobs_per_worker(
             for w in workers
         ]
         assert accepted == [2, 2], accepted
+
+
+async def test_offers_above_load_threshold_are_refused_and_counted(
+    livekit: LiveKitEndpoint,
+    module_providers: ProviderServer,
+    webhooks: Webhooks,
+    tmp_path: Path,
+) -> None:
+    """loadThreshold 0.5 of 2 jobs: the worker is full after one call. Two dispatches at once
+    reach it before its "full" report does; livekit-agents refuses the second offer itself
+    (before on_request), and voicefleet_dispatch_rejected_total{reason="load_threshold"}
+    counts it."""
+    dispatch_name = f"acme-threshold-{uuid.uuid4().hex[:6]}"
+    config = runtime_config(
+        dispatch_name,
+        module_providers.base_url,
+        webhooks.url,
+        jobsPerWorker=2,
+        idleProcesses=1,
+        loadThreshold=0.5,
+    )
+    async with running_worker(livekit, config, tmp_path / "worker") as worker:
+        rooms = [f"threshold-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        async with livekit.api() as lkapi:
+            await dispatch_at_once(lkapi, dispatch_name, rooms)
+
+            def rejected() -> float:
+                return sum(
+                    value
+                    for labels, value in sample_values(
+                        worker.metrics(), "voicefleet_dispatch_rejected_total"
+                    )
+                    if labels.get("reason") == "load_threshold"
+                )
+
+            await wait_until(lambda: rejected() >= 1, 30, "a load_threshold refusal counted")
+            await wait_until(
+                lambda: worker.status()["active_jobs"] == 1, 30, "the first call running"
+            )
+            await asyncio.sleep(3)  # the refused offer is not taken later either
+            assert worker.status()["active_jobs"] == 1
+            accepted = sum(
+                v for _, v in sample_values(worker.metrics(), "voicefleet_dispatch_accepted_total")
+            )
+            assert accepted == 1
+            assert "refused a job offer: load_threshold" in worker.log()
+            for room in rooms:
+                with contextlib.suppress(api.TwirpError):
+                    await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
+
+
+async def test_job_processes_keep_the_config_the_worker_started_with(
+    livekit: LiveKitEndpoint,
+    module_providers: ProviderServer,
+    webhooks: Webhooks,
+    tmp_path: Path,
+) -> None:
+    """The kubelet rewrites a mounted ConfigMap under a running pod. A job process started after
+    that must still run the config its worker validated: here the new file has another greeting
+    and a tool whose secret only new pods would have in their environment."""
+    dispatch_name = f"acme-pinned-{uuid.uuid4().hex[:6]}"
+    # No pre-warmed process: the call's job process starts (and reads its config) after the edit.
+    config = runtime_config(dispatch_name, module_providers.base_url, webhooks.url, idleProcesses=0)
+    async with running_worker(livekit, config, tmp_path / "worker") as worker:
+        changed = copy.deepcopy(config)
+        changed["agents"][0]["greeting"] = "This greeting belongs to the next rollout."
+        changed["tools"][1]["http"]["headers"] = [
+            {"name": "Authorization", "valueFromEnv": "ONLY_IN_THE_NEW_PODS"}
+        ]
+        worker.config_path.write_text(yaml.safe_dump(changed))
+        module_providers.reset()
+        async with dispatched_call(livekit, dispatch_name) as call:
+            await call.wait_for_greeting()
+            assert spoken(module_providers) == GREETING
+        assert "ONLY_IN_THE_NEW_PODS" not in worker.log()

@@ -270,8 +270,11 @@ def test_probes_and_prometheus_annotations_use_the_configured_ports() -> None:
     container = template["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": 8181, "metrics": 9191}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Alive: livekit-agents' own health endpoint. Ready: registered with LiveKit, not draining.
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": "health", "scheme": "HTTP"}
+    ready = {"path": "/ready", "port": "metrics", "scheme": "HTTP"}
+    assert container["readinessProbe"]["httpGet"] == ready
     assert template["metadata"]["annotations"]["prometheus.io/port"] == "9191"
     assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert result.child("Service")["spec"]["ports"][0]["port"] == 9191

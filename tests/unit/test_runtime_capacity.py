@@ -114,3 +114,17 @@ async def test_a_failed_assignment_frees_its_slot() -> None:
     with pytest.raises(TimeoutError):
         await worker.on_request(JobRequest(job=job, on_reject=on_reject, on_accept=on_accept))
     assert worker.gate.pending == 0
+
+
+def test_livekit_agents_still_decides_availability_where_we_count_its_refusals() -> None:
+    """CountingAgentServer wraps AgentServer._is_available (private): an upgrade that renames
+    or drops it would silently stop counting refusals above loadThreshold."""
+    import inspect
+
+    from livekit.agents import AgentServer
+    from voicefleet_runtime.worker import CountingAgentServer
+
+    assert callable(getattr(AgentServer, "_is_available", None))
+    source = inspect.getsource(AgentServer._answer_availability)
+    assert "self._is_available()" in source
+    assert CountingAgentServer._is_available is not AgentServer._is_available
