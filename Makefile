@@ -41,18 +41,16 @@ integration: setup infra
 	$(PYTEST) tests/integration
 
 e2e: setup infra
-	$(PYTEST) e2e $(NOT_YET_IN_CI)
+	$(PYTEST) e2e
 
-# Full-stack tests that have not yet passed end to end on this machine: run by hand, kept out of
-# CI until they do (see the telephony issue's note). Today: sipp calls through the pods.
-NOT_YET_IN_CI := --ignore=e2e/test_telephony.py
+# Only the phone-call e2e (sipp through livekit-sip to the worker pods); part of `make test`.
 e2e-telephony: setup infra
 	$(PYTEST) e2e/test_telephony.py
 
 # Everything CI runs (README's test command): checks, then every integration and e2e test in one
 # pytest session so the cluster and LiveKit stack are started once.
 test: check infra
-	$(PYTEST) tests/integration e2e $(NOT_YET_IN_CI)
+	$(PYTEST) --durations=25 tests/integration e2e
 
 # ---------------------------------------------------------------- code generation
 

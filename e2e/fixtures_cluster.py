@@ -52,6 +52,24 @@ class ClusterHandle:
             )
         return proc.stdout
 
+    def diagnostics(self, namespace: str, *, log_selector: str = "app.kubernetes.io/name") -> str:
+        """Pods, VoiceAgents, recent logs and events of `namespace`: for a failure message."""
+        parts = []
+        for args in (
+            ("get", "pods", "-o", "wide"),
+            ("get", "voiceagents", "-o", "yaml"),
+            ("logs", "--tail=80", "--all-containers", "--prefix", "-l", log_selector),
+            ("get", "events", "--sort-by=.lastTimestamp"),
+        ):
+            try:
+                parts.append(
+                    f"$ kubectl -n {namespace} {' '.join(args)}\n"
+                    + self.kubectl("-n", namespace, *args)
+                )
+            except AssertionError as error:
+                parts.append(str(error))
+        return "\n".join(parts)[-12000:]
+
 
 T = TypeVar("T")
 

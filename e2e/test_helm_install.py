@@ -63,7 +63,7 @@ def release(
     try:
         notes = chart.upgrade_install(release, platform, values, kubeconfig=kubeconfig)
     except (CommandError, ComponentError) as error:
-        pytest.fail(f"helm install failed:\n{error}\n{_diagnostics(cluster_with_node, platform)}")
+        pytest.fail(f"helm install failed:\n{error}\n{cluster_with_node.diagnostics(platform)}")
     assert "kubectl -n acme apply -f examples/voiceagent.yaml" in notes  # the NOTES
     try:
         yield release
@@ -72,24 +72,6 @@ def release(
         # from LiveKit, which outlives this test.
         cluster_with_node.kubectl("-n", tenant, "delete", "va", "--all", "--timeout=120s")
         chart.uninstall(release, platform, kubeconfig=kubeconfig)
-
-
-def _diagnostics(cluster: ClusterHandle, namespace: str) -> str:
-    parts = []
-    for args in (
-        ("get", "pods", "-o", "wide"),
-        ("describe", "pods"),
-        ("logs", "--tail=60", "--all-containers", "-l", "app.kubernetes.io/component"),
-        ("get", "events", "--sort-by=.lastTimestamp"),
-    ):
-        try:
-            parts.append(
-                f"$ kubectl -n {namespace} {' '.join(args)}\n"
-                + cluster.kubectl("-n", namespace, *args)
-            )
-        except AssertionError as error:
-            parts.append(str(error))
-    return "\n".join(parts)
 
 
 def _json(cluster: ClusterHandle, *args: str) -> Any:
@@ -153,7 +135,7 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     try:
         children = wait_for("the example's children", children_ready, timeout=120)
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{_diagnostics(cluster, platform)}") from None
+        raise AssertionError(f"{error}\n{cluster.diagnostics(platform)}") from None
     assert (
         children["deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
         == (images.PROJECT_IMAGES["runtime"])
@@ -168,7 +150,7 @@ def test_example_voiceagent_runs_under_the_installed_chart(
             interval=3,
         )
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{_diagnostics(cluster, tenant)}") from None
+        raise AssertionError(f"{error}\n{cluster.diagnostics(tenant)}") from None
 
     # `kubectl get va`: the printer columns show what the cluster really runs.
     agent = _json(cluster, "-n", tenant, "get", "va", AGENT)

@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import secrets
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -39,8 +38,9 @@ from voicefleet_operator.render import ChildNames, dispatch_name
 
 from e2e import observability, plot
 from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra import paths
-from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
+from e2e.infra import chart, paths
+from e2e.infra.livekit import LiveKitEndpoint
+from e2e.infra.procs import CommandError, ComponentError
 from e2e.infra.prometheus import PrometheusClient
 from e2e.participant import TestParticipant, participant_token
 from e2e.providers import ProviderServer
@@ -99,47 +99,23 @@ def release(
 ) -> Iterator[str]:
     """The chart installed with dashboards on; the operator serves only the tenant namespace."""
     platform, tenant = namespaces
-    operator_repo, operator_tag = project_images["operator"].rsplit(":", 1)
-    runtime_repo, runtime_tag = project_images["runtime"].rsplit(":", 1)
-    values = {
-        "livekit": {
-            "url": livekit.url_for_pods,
-            "apiUrl": f"http://{cluster_with_node.host_address_from_pods}:{LIVEKIT_PORT}",
-            "apiKey": livekit.api_key,
-            "apiSecret": livekit.api_secret,
-        },
-        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "Never"},
-        "runtime": {
-            "image": {"repository": runtime_repo, "tag": runtime_tag, "pullPolicy": "Never"}
-        },
-        "watchNamespaces": [tenant],
-        "monitoring": {"dashboards": {"enabled": True}},
-    }
-    values_file = paths.state_dir() / f"observability-e2e-values-{platform}.json"
-    values_file.write_text(json.dumps(values))
-    helm = str(observability.helm())
-    kubeconfig = f"--kubeconfig={cluster_with_node.kubeconfig}"
+    # project_images (requested above) has built the images local_values names.
+    values = chart.local_values(watch_namespaces=[tenant], livekit=livekit)
+    values["monitoring"] = {"dashboards": {"enabled": True}}
+    kubeconfig = cluster_with_node.kubeconfig
     # The CRD is shared by every test session on this cluster and others apply it with kubectl;
     # take it over here (same file) instead of letting helm's apply conflict with theirs.
     cluster_with_node.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(observability.CHART / "crds")
+        "apply", "--server-side", "--force-conflicts", "-f", str(chart.CHART / "crds")
     )
-    install = subprocess.run(
-        [helm, "install", RELEASE, str(observability.CHART), kubeconfig, "--namespace", platform,
-         "--values", str(values_file), "--skip-crds", "--wait", "--timeout", "5m"],
-        capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
-    if install.returncode != 0:
-        events = cluster_with_node.kubectl("-n", platform, "get", "events")
-        pytest.fail(f"helm install failed:\n{install.stderr}{install.stdout}\n{events}")
+    try:
+        chart.upgrade_install(RELEASE, platform, values, kubeconfig=kubeconfig, skip_crds=True)
+    except (CommandError, ComponentError) as error:
+        pytest.fail(f"helm install failed:\n{error}\n{cluster_with_node.diagnostics(platform)}")
     try:
         yield platform
     finally:
-        subprocess.run(
-            [helm, "uninstall", RELEASE, kubeconfig, "--namespace", platform, "--wait"],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        values_file.unlink(missing_ok=True)
+        chart.uninstall(RELEASE, platform, kubeconfig=kubeconfig)
 
 
 @pytest.fixture(scope="module")

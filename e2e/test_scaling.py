@@ -50,7 +50,7 @@ from voicefleet_operator.scaling import (
 )
 
 from e2e.fixtures_cluster import ClusterHandle
-from e2e.infra import images, paths
+from e2e.infra import paths
 from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
 from e2e.participant import ParticipantError, TestParticipant, participant_token
 from e2e.providers import ProviderServer
@@ -84,15 +84,9 @@ def demand(active_calls: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def runtime_image(cluster_with_node: ClusterHandle) -> str:
+def runtime_image(project_images: dict[str, str]) -> str:
     """The runtime image built from runtime/Dockerfile and imported into the node."""
-    if "runtime" not in images.project_dockerfiles():
-        pytest.fail("runtime/Dockerfile does not exist yet: the runtime image cannot be built")
-    results = images.build_all(import_into_node=True)
-    image = images.PROJECT_IMAGES["runtime"]
-    if image not in images.containerd_images():
-        pytest.fail(f"{image} is not in the node's containerd after `make images`: {results}")
-    return image
+    return project_images["runtime"]
 
 
 @pytest.fixture(scope="module")

@@ -69,10 +69,13 @@ def upgrade_install(
     *,
     kubeconfig: Path | None = None,
     timeout_seconds: int = 300,
+    skip_crds: bool = False,
 ) -> str:
     """`helm upgrade --install --wait` of the chart; returns helm's output (with the NOTES).
 
-    The values (they hold the LiveKit secret) go through an owner-only file, never argv."""
+    The values (they hold the LiveKit secret) go through an owner-only file, never argv.
+    `skip_crds` for a caller that applies charts/voicefleet/crds itself (server-side, taking
+    the CRD over from whoever applied it last on a shared cluster)."""
     values_file = paths.state_dir() / f"helm-values-{namespace}-{release}.json"
     values_file.parent.mkdir(parents=True, exist_ok=True)
     values_file.touch(mode=0o600)
@@ -88,6 +91,7 @@ def upgrade_install(
         *("--namespace", namespace, "--create-namespace"),
         *("--values", str(values_file)),
         *("--wait", "--timeout", f"{timeout_seconds}s"),
+        *(("--skip-crds",) if skip_crds else ()),
     ]
     try:
         done = subprocess.run(
