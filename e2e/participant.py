@@ -64,10 +64,12 @@ def participant_token(
     name: str | None = None,
     dispatch_agent: str | None = None,
     dispatch_metadata: str = "",
+    attributes: dict[str, str] | None = None,
     ttl: timedelta = timedelta(hours=1),
 ) -> str:
     """A join token for `room`; with `dispatch_agent`, joining also dispatches that agent
-    (LiveKit's token-based explicit dispatch)."""
+    (LiveKit's token-based explicit dispatch). `attributes` are the participant's attributes,
+    e.g. the sip.* ones livekit-sip gives a phone caller."""
     token = (
         api.AccessToken(api_key, api_secret)
         .with_identity(identity)
@@ -75,6 +77,8 @@ def participant_token(
         .with_ttl(ttl)
         .with_grants(api.VideoGrants(room_join=True, room=room))
     )
+    if attributes:
+        token = token.with_attributes(attributes)
     if dispatch_agent:
         token = token.with_room_config(
             api.RoomConfiguration(

@@ -279,7 +279,9 @@ class HttpEndpoint(Model):
     """Where and how a webhook tool is called."""
 
     url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
-    """Webhook URL; the tool's arguments are sent as JSON (query string for GET)."""
+    """Webhook URL; the tool's arguments are sent as JSON (query string for GET), and headers
+    X-VoiceFleet-Caller-Number, X-VoiceFleet-Dialed-Number (phone calls), X-VoiceFleet-Room and
+    X-VoiceFleet-Agent say which call asks."""
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     """HTTP method."""
     timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0

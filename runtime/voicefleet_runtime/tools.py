@@ -5,6 +5,10 @@ written, and the arguments it chose go to the webhook unchanged (JSON body, or q
 GET/DELETE). Whatever goes wrong (timeout, connection error, non-2xx) becomes a ToolError with a
 sentence the LLM can turn into an apology; the call goes on. Header secrets are read from the
 environment (`valueFromEnv`) when the tool is built and never logged.
+
+Every webhook request also says which call it is for, in headers (the arguments stay exactly
+what the tenant's schema describes): X-VoiceFleet-Caller-Number and X-VoiceFleet-Dialed-Number
+(phone calls only), X-VoiceFleet-Room and X-VoiceFleet-Agent (the agent calling the tool).
 """
 
 from __future__ import annotations
@@ -58,6 +62,21 @@ def raw_schema(tool: WebhookTool) -> dict[str, Any]:
     return {"name": tool.name, "description": tool.description, "parameters": parameters}
 
 
+CALL_HEADERS = {
+    "caller_number": "X-VoiceFleet-Caller-Number",
+    "dialed_number": "X-VoiceFleet-Dialed-Number",
+    "room": "X-VoiceFleet-Room",
+    "current_agent": "X-VoiceFleet-Agent",
+}
+"""Attribute of the call's state (agents.CallState) -> the header that carries it."""
+
+
+def call_headers(call: Any) -> dict[str, str]:
+    """The headers telling a webhook which call asks; empty values are left out."""
+    found = {header: getattr(call, attribute, "") for attribute, header in CALL_HEADERS.items()}
+    return {header: str(value) for header, value in found.items() if value}
+
+
 def _result_text(body: bytes, content_type: str) -> str:
     text = body.decode("utf-8", errors="replace")
     if "json" in content_type:
@@ -91,10 +110,11 @@ class WebhookCaller:
         if outcome != "ok":
             metrics.ERRORS.labels(**self._labels, component="tool", recoverable="true").inc()
 
-    async def __call__(self, arguments: dict[str, Any]) -> str:
+    async def __call__(self, arguments: dict[str, Any], call: Any = None) -> str:
+        """`call`: the call's state (agents.CallState), whose numbers and room go in headers."""
         endpoint = self.tool.http
         started = time.monotonic()
-        request: dict[str, Any] = {"headers": self._headers}
+        request: dict[str, Any] = {"headers": {**call_headers(call), **self._headers}}
         if endpoint.method in ("GET", "DELETE"):
             request["params"] = {
                 key: value if isinstance(value, str) else json.dumps(value)
@@ -134,7 +154,7 @@ class WebhookCaller:
 
 def webhook_function_tool(caller: WebhookCaller) -> RawFunctionTool:
     async def call_webhook(raw_arguments: dict[str, Any], context: RunContext) -> str:
-        return await caller(raw_arguments)
+        return await caller(raw_arguments, call=context.userdata)
 
     return function_tool(call_webhook, raw_schema=raw_schema(caller.tool))
 

@@ -322,14 +322,18 @@ class Call:
 
 
 @contextlib.asynccontextmanager
-async def dispatched_call(livekit: LiveKitEndpoint, dispatch_name: str) -> AsyncIterator[Call]:
+async def dispatched_call(
+    livekit: LiveKitEndpoint, dispatch_name: str, attributes: dict[str, str] | None = None
+) -> AsyncIterator[Call]:
     room = f"runtime-{uuid.uuid4().hex[:8]}"
     async with livekit.api() as lkapi:
         dispatched_at = time.monotonic()
         await lkapi.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(agent_name=dispatch_name, room=room)
         )
-    token = participant_token(livekit.api_key, livekit.api_secret, room, "caller")
+    token = participant_token(
+        livekit.api_key, livekit.api_secret, room, "caller", attributes=attributes
+    )
     async with TestParticipant(livekit.url, token) as caller:
         yield Call(caller, room, dispatched_at)
 
@@ -516,12 +520,20 @@ async def test_webhook_tool_gets_the_arguments_the_llm_chose(
         LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "A-1234"})], match="order")
     )
     before = len(webhooks.calls)
-    async with dispatched_call(livekit, worker.config["dispatchName"]) as call:
+    # The attributes livekit-sip gives a phone caller (e2e/test_telephony.py has the real one).
+    phone = {"sip.phoneNumber": "+15550001111", "sip.trunkPhoneNumber": "+15557654321"}
+    async with dispatched_call(livekit, worker.config["dispatchName"], phone) as call:
         await call.wait_for_greeting()
         await call.ask("Where is my order A-1234?")
         calls = webhooks.calls[before:]
         assert [c["body"] for c in calls] == [{"order_id": "A-1234"}]
-        assert calls[0]["headers"]["Authorization"] == ORDERS_TOKEN
+        headers = calls[0]["headers"]
+        assert headers["Authorization"] == ORDERS_TOKEN
+        # The webhook is told which call asks.
+        assert headers["X-VoiceFleet-Caller-Number"] == "+15550001111"
+        assert headers["X-VoiceFleet-Dialed-Number"] == "+15557654321"
+        assert headers["X-VoiceFleet-Room"] == call.room
+        assert headers["X-VoiceFleet-Agent"] == "receptionist"
         # The LLM saw the tool's result and its answer was spoken.
         tool_messages = [
             m

@@ -14,6 +14,7 @@ from livekit.agents import ToolError
 from livekit.agents.llm import RawFunctionTool
 from livekit.agents.llm.mcp import MCPServerHTTP
 from voicefleet_runtime import tools
+from voicefleet_runtime.agents import CallState
 from voicefleet_runtime.config import HttpHeader, McpServerConfig, WebhookTool
 
 LABELS = {"tenant": "acme", "agent": "support"}
@@ -49,6 +50,7 @@ class Hooks:
                 "body": body,
                 "authorization": request.headers.get("Authorization"),
             }
+            | {k: v for k, v in request.headers.items() if k.startswith("X-VoiceFleet-")}
         )
         if request.path == "/slow":
             await asyncio.sleep(2)
@@ -134,6 +136,36 @@ async def test_post_sends_the_arguments_as_json_with_the_secret(
         }
     ]
     assert result == '{"status": "shipped", "echo": {"order_id": "A-1"}}'
+
+
+async def test_the_webhook_is_told_which_call_asks(server: tuple[str, Hooks]) -> None:
+    url, hooks = server
+    box = tools.ToolBox([webhook(f"{url}/orders")], {}, LABELS)
+    phone_call = CallState(
+        caller_number="+15550001111",
+        dialed_number="+15557654321",
+        room="call_acme_support_+15550001111_x",
+        current_agent="receptionist",
+    )
+    web_call = CallState(room="web-room", current_agent="receptionist")
+    try:
+        await box.callers["lookup_order"]({"order_id": "A-1"}, call=phone_call)
+        await box.callers["lookup_order"]({"order_id": "A-2"}, call=web_call)
+    finally:
+        await box.aclose()
+    phone, web_ = hooks.seen
+    assert phone["body"] == {"order_id": "A-1"}  # the arguments stay the tenant's schema
+    assert {k: v for k, v in phone.items() if k.startswith("X-")} == {
+        "X-VoiceFleet-Caller-Number": "+15550001111",
+        "X-VoiceFleet-Dialed-Number": "+15557654321",
+        "X-VoiceFleet-Room": "call_acme_support_+15550001111_x",
+        "X-VoiceFleet-Agent": "receptionist",
+    }
+    # Not a phone call: no number headers rather than empty ones.
+    assert {k: v for k, v in web_.items() if k.startswith("X-")} == {
+        "X-VoiceFleet-Room": "web-room",
+        "X-VoiceFleet-Agent": "receptionist",
+    }
 
 
 async def test_get_sends_the_arguments_as_query_string(server: tuple[str, Hooks]) -> None:
