@@ -312,9 +312,16 @@ class McpServerConfig(Model):
     name: Annotated[str, Field(pattern=DNS1123_LABEL, max_length=63)]
     """Name for logs and metrics."""
     url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
-    """Streamable-HTTP or SSE endpoint of the MCP server."""
+    """Endpoint of the MCP server, for the transport below."""
+    transport: Literal["streamable-http", "sse"] = "streamable-http"
+    """streamable-http (MCP's standard HTTP transport) or sse (its legacy transport)."""
+    allowed_tools: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=128)
+    ] = []
+    """Offer the LLM only these of the server's tools; empty offers all of them."""
     timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
-    """Per-request timeout."""
+    """Per-request timeout. A call's greeting (and each handoff) waits for the connection to
+    the server, up to this long, so keep it short."""
     headers: Annotated[list[HttpHeader], Field(max_length=32)] = []
     """Extra headers, e.g. an Authorization header from a Secret."""
 

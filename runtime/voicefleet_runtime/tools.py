@@ -8,7 +8,8 @@ environment (`valueFromEnv`) when the tool is built and never logged.
 
 Every webhook request also says which call it is for, in headers (the arguments stay exactly
 what the tenant's schema describes): X-VoiceFleet-Caller-Number and X-VoiceFleet-Dialed-Number
-(phone calls only), X-VoiceFleet-Room and X-VoiceFleet-Agent (the agent calling the tool).
+(phone calls only), X-VoiceFleet-Room and X-VoiceFleet-Agent (the agent calling the tool). MCP
+servers get the same headers but X-VoiceFleet-Agent (their session is opened once per agent).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from livekit.agents import RunContext, ToolError, function_tool
@@ -187,13 +188,23 @@ class ToolBox:
             await self._session.close()
 
 
+MCP_TRANSPORTS: dict[str, Literal["streamable_http", "sse"]] = {
+    "streamable-http": "streamable_http",
+    "sse": "sse",
+}
+
+
 def build_mcp_servers(
-    servers: list[McpServerConfig], environ: Mapping[str, str]
+    servers: list[McpServerConfig], environ: Mapping[str, str], call: Any = None
 ) -> list[MCPServerHTTP]:
+    """The call's MCP servers; their requests carry the call's headers, like webhooks'."""
     return [
         MCPServerHTTP(
             url=server.url,
-            headers=resolve_headers(server.headers, environ),
+            # Explicit: livekit-agents would otherwise guess the transport from the URL's path.
+            transport_type=MCP_TRANSPORTS[server.transport],
+            allowed_tools=server.allowed_tools or None,
+            headers={**call_headers(call), **resolve_headers(server.headers, environ)},
             timeout=server.timeout_seconds,
             client_session_timeout_seconds=server.timeout_seconds,
         )

@@ -286,7 +286,7 @@ async def entrypoint(ctx: JobContext) -> None:
         )
         pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
         session_options: dict[str, Any] = pipeline.session_options()
-        mcp_servers = build_mcp_servers(config.mcp_servers, os.environ)
+        mcp_servers = build_mcp_servers(config.mcp_servers, os.environ, call=state)
         if mcp_servers:
             session_options["mcp_servers"] = mcp_servers
         session = AgentSession[CallState](userdata=state, **session_options)

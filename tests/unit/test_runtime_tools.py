@@ -219,8 +219,30 @@ def test_mcp_servers_get_url_headers_and_timeout() -> None:
             "headers": [{"name": "Authorization", "valueFromEnv": "CRM_TOKEN"}],
         }
     )
-    [server] = tools.build_mcp_servers([config], {"CRM_TOKEN": "Bearer c"})
+    call = CallState(caller_number="+15550001111", room="call-1")
+    [server] = tools.build_mcp_servers([config], {"CRM_TOKEN": "Bearer c"}, call=call)
     assert isinstance(server, MCPServerHTTP)
     assert server.url == "https://mcp.example.com/mcp"
-    assert server._headers == {"Authorization": "Bearer c"}
+    assert server._headers == {
+        "Authorization": "Bearer c",
+        "X-VoiceFleet-Caller-Number": "+15550001111",
+        "X-VoiceFleet-Room": "call-1",
+    }
     assert server._timeout == 7
+    assert server._use_streamable_http  # the default transport, whatever the URL's path
+    assert server._allowed_tools is None  # every tool of the server
+
+
+def test_mcp_transport_and_allowed_tools_are_passed_explicitly() -> None:
+    config = McpServerConfig.model_validate(
+        {
+            "name": "legacy",
+            # A path livekit-agents would guess to be streamable HTTP: the setting wins.
+            "url": "https://mcp.example.com/mcp",
+            "transport": "sse",
+            "allowedTools": ["lookup_customer"],
+        }
+    )
+    [server] = tools.build_mcp_servers([config], {})
+    assert not server._use_streamable_http
+    assert server._allowed_tools == {"lookup_customer"}
