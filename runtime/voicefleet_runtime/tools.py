@@ -9,7 +9,7 @@ environment (`valueFromEnv`) when the tool is built and never logged.
 Every webhook request also says which call it is for, in headers (the arguments stay exactly
 what the tenant's schema describes): X-VoiceFleet-Caller-Number and X-VoiceFleet-Dialed-Number
 (phone calls only), X-VoiceFleet-Room and X-VoiceFleet-Agent (the agent calling the tool). MCP
-servers get the same headers but X-VoiceFleet-Agent (their session is opened once per agent).
+servers get the same headers but X-VoiceFleet-Agent (one MCP session serves the whole call).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import aiohttp
 from livekit.agents import RunContext, ToolError, function_tool
 from livekit.agents.llm import RawFunctionTool
-from livekit.agents.llm.mcp import MCPServerHTTP
+from livekit.agents.llm.mcp import MCPServerHTTP, MCPToolset
 
 from voicefleet_runtime import metrics
 from voicefleet_runtime.config import HttpHeader, McpServerConfig, WebhookTool
@@ -209,4 +209,15 @@ def build_mcp_servers(
             client_session_timeout_seconds=server.timeout_seconds,
         )
         for server in servers
+    ]
+
+
+def build_mcp_toolsets(
+    servers: list[McpServerConfig], environ: Mapping[str, str], call: Any = None
+) -> list[MCPToolset]:
+    """The MCP servers as livekit-agents toolsets, one per server, for the AgentSession."""
+    built = build_mcp_servers(servers, environ, call)
+    return [
+        MCPToolset(id=f"mcp-{config.name}", mcp_server=server)
+        for config, server in zip(servers, built, strict=True)
     ]

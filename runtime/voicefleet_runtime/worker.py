@@ -59,7 +59,7 @@ from voicefleet_runtime.pipeline import (
 )
 from voicefleet_runtime.telemetry import CallTelemetry
 from voicefleet_runtime.telephony import CallControls, PhoneCall
-from voicefleet_runtime.tools import ToolBox, build_mcp_servers
+from voicefleet_runtime.tools import ToolBox, build_mcp_toolsets
 
 logger = logging.getLogger("voicefleet.runtime")
 
@@ -286,9 +286,10 @@ async def entrypoint(ctx: JobContext) -> None:
         )
         pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
         session_options: dict[str, Any] = pipeline.session_options()
-        mcp_servers = build_mcp_servers(config.mcp_servers, os.environ, call=state)
-        if mcp_servers:
-            session_options["mcp_servers"] = mcp_servers
+        # Session-level toolsets: one MCP session per call, kept across handoffs.
+        mcp_toolsets = build_mcp_toolsets(config.mcp_servers, os.environ, call=state)
+        if mcp_toolsets:
+            session_options["tools"] = mcp_toolsets
         session = AgentSession[CallState](userdata=state, **session_options)
         telemetry.attach(session, current_agent=lambda: state.current_agent)
 

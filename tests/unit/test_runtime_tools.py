@@ -246,3 +246,16 @@ def test_mcp_transport_and_allowed_tools_are_passed_explicitly() -> None:
     [server] = tools.build_mcp_servers([config], {})
     assert not server._use_streamable_http
     assert server._allowed_tools == {"lookup_customer"}
+
+
+def test_mcp_servers_become_one_toolset_each_named_after_the_server() -> None:
+    configs = [
+        McpServerConfig.model_validate({"name": name, "url": f"https://{name}.example.com/mcp"})
+        for name in ("crm", "stock")
+    ]
+    toolsets = tools.build_mcp_toolsets(configs, {})
+    assert [toolset.id for toolset in toolsets] == ["mcp-crm", "mcp-stock"]
+    assert [toolset._mcp_server.url for toolset in toolsets] == [  # type: ignore[attr-defined]
+        "https://crm.example.com/mcp",
+        "https://stock.example.com/mcp",
+    ]
