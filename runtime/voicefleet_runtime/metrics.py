@@ -123,7 +123,7 @@ TTS_TTFB = Histogram(
 )
 ERRORS = Counter(
     "voicefleet_errors_total",
-    "Errors during calls, by component (llm, stt, tts, tool, job) and whether the call could "
+    "Errors during calls, by component (llm, stt, tts, tool, mcp, job) and whether the call could "
     "go on (recoverable).",
     (*LABELS, "component", "recoverable"),
 )

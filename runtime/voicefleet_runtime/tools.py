@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import aiohttp
 from livekit.agents import RunContext, ToolError, function_tool
@@ -212,12 +212,44 @@ def build_mcp_servers(
     ]
 
 
+class TenantMcpToolset(MCPToolset):
+    """MCPToolset that says which tenant server failed to connect, and counts it.
+
+    livekit-agents logs a failed setup as "Error in _do_setup" with neither server name nor URL,
+    and leaves the server's tools out of the call; the tenant needs to know which server it was.
+    """
+
+    def __init__(
+        self, *, name: str, server: MCPServerHTTP, labels: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(id=f"mcp-{name}", mcp_server=server)
+        self.server_name = name
+        self._labels = labels or {}
+
+    async def setup(self, *, reload: bool = False) -> Self:
+        try:
+            return await super().setup(reload=reload)
+        except Exception as error:
+            if self._labels:
+                metrics.ERRORS.labels(**self._labels, component="mcp", recoverable="true").inc()
+            logger.warning(
+                "MCP server %s (%s) is unavailable, its tools are left out of this call: %s",
+                self.server_name,
+                self._mcp_server.url,  # type: ignore[attr-defined]
+                type(error).__name__,
+            )
+            raise
+
+
 def build_mcp_toolsets(
-    servers: list[McpServerConfig], environ: Mapping[str, str], call: Any = None
+    servers: list[McpServerConfig],
+    environ: Mapping[str, str],
+    call: Any = None,
+    labels: dict[str, str] | None = None,
 ) -> list[MCPToolset]:
     """The MCP servers as livekit-agents toolsets, one per server, for the AgentSession."""
     built = build_mcp_servers(servers, environ, call)
     return [
-        MCPToolset(id=f"mcp-{config.name}", mcp_server=server)
+        TenantMcpToolset(name=config.name, server=server, labels=labels)
         for config, server in zip(servers, built, strict=True)
     ]

@@ -349,9 +349,13 @@ async def test_mcp_server_down_at_call_start_leaves_its_tools_out_and_the_call_g
             assert "check_stock" not in tool_names(chats[0])
             assert "lookup_order" in tool_names(chats[0])
             assert worker.status()["active_jobs"] == 1
-        # livekit-agents logs the failed connection (and nothing else tells the tenant).
+        # The worker says which server it was, and counts it.
         log = worker.log()[log_before:]
-        assert "Error in _do_setup" in log and "ConnectError" in log, log[-3000:]
+        assert "MCP server stock (" in log and "is unavailable" in log, log[-3000:]
+        errors = runtime_tests.sample_values(worker.metrics(), "voicefleet_errors_total")
+        assert any(labels.get("component") == "mcp" and value >= 1 for labels, value in errors), (
+            errors
+        )
     finally:
         stock_server.start()
 
