@@ -482,7 +482,17 @@ async def test_transfer_sends_the_caller_a_refer_to_the_target(
     assert agent.caller.attributes.get("sip.callStatus") == "active"
     call = PhoneCall.from_participant(agent.room_name, agent.caller)
     controls = CallControls(agent.room_name, call, "+15559990000", api_factory=livekit.api)
-    response = await controls.transfer("the caller asked for a person")
+    response: api.TransferSIPParticipantResponse | None
+    try:
+        response = await controls.transfer("the caller asked for a person")
+    except ToolError as error:
+        # livekit-sip 1.8.0 can report a transfer the caller accepted as failed: the end of its
+        # REFER transaction races the 202 (pkg/sip/outbound.go, sipResponse selects on
+        # tx.Done() and tx.Responses() alike). Tolerated with exactly that error, and only if
+        # the caller did get the REFER and accept it (checked below).
+        if "transaction failed to complete (0 intermediate responses)" not in str(error.__cause__):
+            raise
+        response = None
     result = await call_task
     agent.stop()
     await agent_task
@@ -492,9 +502,13 @@ async def test_transfer_sends_the_caller_a_refer_to_the_target(
     assert re.search(r"^Refer-To:\s*<?tel:\+15559990000>?", refers[0].text, re.M | re.I), refers[
         0
     ].text
-    assert controls.transfers == ["tel:+15559990000"]
-    # livekit-server 1.13 answers the transfer with an empty body: success is the REFER itself.
-    assert isinstance(response, api.TransferSIPParticipantResponse)
+    if response is None:
+        accepted = [p for p in result.capture.sip if p.outgoing and " 202 " in p.first_line]
+        assert accepted, result.describe()
+    else:
+        assert controls.transfers == ["tel:+15559990000"]
+        # livekit-server 1.13 answers the transfer with an empty body: success is the REFER.
+        assert isinstance(response, api.TransferSIPParticipantResponse)
     assert result.returncode == 0, result.describe()
 
 
