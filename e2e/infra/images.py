@@ -358,9 +358,19 @@ def ensure_node_images() -> None:
     import_images(voicefleet_podman_images())
 
 
+def prune_superseded_builds() -> None:
+    """Delete our untagged images: earlier builds and their build stages (~3 GB per source
+    change otherwise, forever). Every stage carries SOURCE_LABEL, so other untagged images on
+    the machine are left alone; the layer cache lost is rebuilt by any source change anyway
+    (the build stage copies the sources and the freshly built project wheel)."""
+    run(["podman", "image", "prune", "--force", f"--filter=label={SOURCE_LABEL}"], timeout=600)
+
+
 def build_all(import_into_node: bool = True) -> list[ImageResult]:
     paths.images_dir().mkdir(parents=True, exist_ok=True)
     results = [ensure_pause(), ensure_testserver(), *build_project_images()]
+    if any(result.status == "built" for result in results):
+        prune_superseded_builds()
     if import_into_node:
         import_images(voicefleet_podman_images())
     return results
