@@ -71,9 +71,14 @@ def recipes() -> list[GoRecipe]:
         GoRecipe(
             "livekit-server", {"livekit-server": "github.com/livekit/livekit-server/cmd/server"}
         ),
-        # livekit-sip links libopus and libsoxr through cgo.
+        # livekit-sip links libopus and libsoxr through cgo. Built inside its module: `go install
+        # pkg@version` also asks the proxy for the module's version list (deprecation check),
+        # which the proxy refuses (403) for this module, so a cold machine could not build it.
         GoRecipe(
-            "livekit-sip", {"livekit-sip": "github.com/livekit/sip/cmd/livekit-sip"}, cgo=True
+            "livekit-sip",
+            {"livekit-sip": "./cmd/livekit-sip"},
+            cgo=True,
+            in_module_dir=True,
         ),
         GoRecipe(
             "prometheus",
