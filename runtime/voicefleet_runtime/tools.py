@@ -194,22 +194,19 @@ MCP_TRANSPORTS: dict[str, Literal["streamable_http", "sse"]] = {
 }
 
 
-def build_mcp_servers(
-    servers: list[McpServerConfig], environ: Mapping[str, str], call: Any = None
-) -> list[MCPServerHTTP]:
-    """The call's MCP servers; their requests carry the call's headers, like webhooks'."""
-    return [
-        MCPServerHTTP(
-            url=server.url,
-            # Explicit: livekit-agents would otherwise guess the transport from the URL's path.
-            transport_type=MCP_TRANSPORTS[server.transport],
-            allowed_tools=server.allowed_tools or None,
-            headers={**call_headers(call), **resolve_headers(server.headers, environ)},
-            timeout=server.timeout_seconds,
-            client_session_timeout_seconds=server.timeout_seconds,
-        )
-        for server in servers
-    ]
+def mcp_server(
+    config: McpServerConfig, environ: Mapping[str, str], call: Any = None
+) -> MCPServerHTTP:
+    """One MCP server of the call; its requests carry the call's headers, like webhooks'."""
+    return MCPServerHTTP(
+        url=config.url,
+        # Explicit: livekit-agents would otherwise guess the transport from the URL's path.
+        transport_type=MCP_TRANSPORTS[config.transport],
+        allowed_tools=config.allowed_tools or None,
+        headers={**call_headers(call), **resolve_headers(config.headers, environ)},
+        timeout=config.timeout_seconds,
+        client_session_timeout_seconds=config.timeout_seconds,
+    )
 
 
 class TenantMcpToolset(MCPToolset):
@@ -219,23 +216,20 @@ class TenantMcpToolset(MCPToolset):
     and leaves the server's tools out of the call; the tenant needs to know which server it was.
     """
 
-    def __init__(
-        self, *, name: str, server: MCPServerHTTP, labels: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(id=f"mcp-{name}", mcp_server=server)
-        self.server_name = name
-        self._labels = labels or {}
+    def __init__(self, config: McpServerConfig, server: MCPServerHTTP, labels: dict[str, str]):
+        super().__init__(id=f"mcp-{config.name}", mcp_server=server)
+        self.config = config
+        self._labels = labels
 
     async def setup(self, *, reload: bool = False) -> Self:
         try:
             return await super().setup(reload=reload)
         except Exception as error:
-            if self._labels:
-                metrics.ERRORS.labels(**self._labels, component="mcp", recoverable="true").inc()
+            metrics.ERRORS.labels(**self._labels, component="mcp", recoverable="true").inc()
             logger.warning(
                 "MCP server %s (%s) is unavailable, its tools are left out of this call: %s",
-                self.server_name,
-                self._mcp_server.url,  # type: ignore[attr-defined]
+                self.config.name,
+                self.config.url,
                 type(error).__name__,
             )
             raise
@@ -244,12 +238,10 @@ class TenantMcpToolset(MCPToolset):
 def build_mcp_toolsets(
     servers: list[McpServerConfig],
     environ: Mapping[str, str],
+    labels: dict[str, str],
     call: Any = None,
-    labels: dict[str, str] | None = None,
 ) -> list[MCPToolset]:
     """The MCP servers as livekit-agents toolsets, one per server, for the AgentSession."""
-    built = build_mcp_servers(servers, environ, call)
     return [
-        TenantMcpToolset(name=config.name, server=server, labels=labels)
-        for config, server in zip(servers, built, strict=True)
+        TenantMcpToolset(config, mcp_server(config, environ, call), labels) for config in servers
     ]

@@ -287,7 +287,7 @@ async def entrypoint(ctx: JobContext) -> None:
         pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
         session_options: dict[str, Any] = pipeline.session_options()
         # Session-level toolsets: one MCP session per call, kept across handoffs.
-        mcp_toolsets = build_mcp_toolsets(config.mcp_servers, os.environ, call=state, labels=labels)
+        mcp_toolsets = build_mcp_toolsets(config.mcp_servers, os.environ, labels, call=state)
         if mcp_toolsets:
             session_options["tools"] = mcp_toolsets
         session = AgentSession[CallState](userdata=state, **session_options)

@@ -220,7 +220,7 @@ def test_mcp_servers_get_url_headers_and_timeout() -> None:
         }
     )
     call = CallState(caller_number="+15550001111", room="call-1")
-    [server] = tools.build_mcp_servers([config], {"CRM_TOKEN": "Bearer c"}, call=call)
+    server = tools.mcp_server(config, {"CRM_TOKEN": "Bearer c"}, call=call)
     assert isinstance(server, MCPServerHTTP)
     assert server.url == "https://mcp.example.com/mcp"
     assert server._headers == {
@@ -243,7 +243,7 @@ def test_mcp_transport_and_allowed_tools_are_passed_explicitly() -> None:
             "allowedTools": ["lookup_customer"],
         }
     )
-    [server] = tools.build_mcp_servers([config], {})
+    server = tools.mcp_server(config, {})
     assert not server._use_streamable_http
     assert server._allowed_tools == {"lookup_customer"}
 
@@ -253,7 +253,7 @@ def test_mcp_servers_become_one_toolset_each_named_after_the_server() -> None:
         McpServerConfig.model_validate({"name": name, "url": f"https://{name}.example.com/mcp"})
         for name in ("crm", "stock")
     ]
-    toolsets = tools.build_mcp_toolsets(configs, {})
+    toolsets = tools.build_mcp_toolsets(configs, {}, LABELS)
     assert [toolset.id for toolset in toolsets] == ["mcp-crm", "mcp-stock"]
     assert [toolset._mcp_server.url for toolset in toolsets] == [  # type: ignore[attr-defined]
         "https://crm.example.com/mcp",
