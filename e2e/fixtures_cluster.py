@@ -11,6 +11,7 @@ Register them with a plain import in a conftest.py:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -23,7 +24,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from e2e.infra import cluster, images, paths
+from e2e.infra import chart, cluster, images, paths
 from e2e.infra.procs import CommandError, ComponentError
 
 
@@ -72,6 +73,45 @@ class ClusterHandle:
 
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def installed_chart(
+    cluster: ClusterHandle,
+    release: str,
+    namespace: str,
+    values: dict[str, Any],
+    *,
+    tenants: list[str],
+    skip_crds: bool = False,
+) -> Iterator[str]:
+    """The chart installed as `release` in `namespace` (e2e/infra/chart.py, as the demo does),
+    operator pod Ready; yields helm's output (with the NOTES). A failed install fails the test
+    with the namespace's diagnostics.
+
+    `skip_crds`: apply charts/voicefleet/crds server-side instead, taking the shared CRD over
+    from whoever applied it last on this cluster. On exit the `tenants`' VoiceAgents are deleted
+    first, while the operator runs: their finalizer deletes the LiveKit trunks and rules
+    (uninstalling first would leave those, and the namespaces stuck terminating)."""
+    if skip_crds:
+        cluster.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", str(chart.CHART / "crds")
+        )
+    try:
+        notes = chart.upgrade_install(
+            release, namespace, values, kubeconfig=cluster.kubeconfig, skip_crds=skip_crds
+        )
+    except (CommandError, ComponentError) as error:
+        pytest.fail(f"helm install failed:\n{error}\n{cluster.diagnostics(namespace)}")
+    try:
+        yield notes
+    finally:
+        for tenant in tenants:
+            try:
+                cluster.kubectl("-n", tenant, "delete", "va", "--all", "--wait=true", timeout=120)
+            except AssertionError as error:
+                print(f"cleanup of {tenant}'s VoiceAgents failed: {error}")
+        chart.uninstall(release, namespace, kubeconfig=cluster.kubeconfig)
 
 
 def wait_for(

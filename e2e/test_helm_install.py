@@ -15,10 +15,9 @@ import pytest
 import yaml
 from voicefleet_operator import render
 
-from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.fixtures_cluster import ClusterHandle, installed_chart, wait_for
 from e2e.infra import chart, images, paths
 from e2e.infra.livekit import LiveKitEndpoint
-from e2e.infra.procs import CommandError, ComponentError
 
 # Building and importing the images (setup) alone can take many minutes on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
@@ -59,19 +58,9 @@ def release(
     release = f"vf-e2e-{tenant.rsplit('-', 1)[-1]}"
     # Only this test's tenant: other tests run their own operators on their namespaces.
     values = chart.local_values(watch_namespaces=[tenant], livekit=livekit, log_level="DEBUG")
-    kubeconfig = cluster_with_node.kubeconfig
-    try:
-        notes = chart.upgrade_install(release, platform, values, kubeconfig=kubeconfig)
-    except (CommandError, ComponentError) as error:
-        pytest.fail(f"helm install failed:\n{error}\n{cluster_with_node.diagnostics(platform)}")
-    assert "kubectl -n acme apply -f examples/voiceagent.yaml" in notes  # the NOTES
-    try:
+    with installed_chart(cluster_with_node, release, platform, values, tenants=[tenant]) as notes:
+        assert "kubectl -n acme apply -f examples/voiceagent.yaml" in notes  # the NOTES
         yield release
-    finally:
-        # While the operator still runs: its finalizer removes the SIP trunk and dispatch rule
-        # from LiveKit, which outlives this test.
-        cluster_with_node.kubectl("-n", tenant, "delete", "va", "--all", "--timeout=120s")
-        chart.uninstall(release, platform, kubeconfig=kubeconfig)
 
 
 def _json(cluster: ClusterHandle, *args: str) -> Any:

@@ -53,7 +53,7 @@ from e2e.fixtures_cluster import ClusterHandle
 from e2e.infra import paths
 from e2e.infra.livekit import LIVEKIT_PORT, LiveKitEndpoint
 from e2e.participant import ParticipantError, TestParticipant, participant_token
-from e2e.providers import ProviderServer
+from e2e.providers import ProviderServer, openai_pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
@@ -217,7 +217,6 @@ def _kubectl_apply(cluster: ClusterHandle, obj: dict[str, Any]) -> None:
 
 
 def voiceagent(providers: ProviderServer, instructions: str) -> dict[str, Any]:
-    openai = {"provider": "openai", "baseUrl": providers.base_url}
     return {
         "apiVersion": "voicefleet.dev/v1alpha1",
         "kind": "VoiceAgent",
@@ -227,13 +226,7 @@ def voiceagent(providers: ProviderServer, instructions: str) -> dict[str, Any]:
                 {"name": "front", "instructions": instructions, "greeting": "Hello, scaling."}
             ],
             "entry": "front",
-            "pipeline": {
-                "stt": {**openai, "model": "whisper-1", "language": "en"},
-                "llm": {**openai, "model": "gpt-4o-mini"},
-                "tts": {**openai, "model": "tts-1", "voice": "alloy"},
-                "vad": {"provider": "silero"},
-                "turnDetection": {"mode": "vad"},
-            },
+            "pipeline": openai_pipeline(providers.base_url),
             "secretRefs": [{"name": "provider-keys"}],
             "worker": {
                 "jobsPerWorker": JOBS_PER_WORKER,

@@ -36,11 +36,10 @@ from livekit import api
 from voicefleet_operator import render, telephony
 
 from e2e import sipcall
-from e2e.fixtures_cluster import ClusterHandle, wait_for
+from e2e.fixtures_cluster import ClusterHandle, installed_chart, wait_for
 from e2e.infra import chart, paths
 from e2e.infra.livekit import LiveKitEndpoint, SipEndpoint
-from e2e.infra.procs import CommandError, ComponentError
-from e2e.providers import LLMReply, ProviderServer, ToolCall
+from e2e.providers import LLMReply, ProviderServer, ToolCall, openai_pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -83,22 +82,8 @@ def release(
     platform, *tenants = namespaces
     # project_images (requested above) has built the images local_values names.
     values = chart.local_values(watch_namespaces=tenants, livekit=livekit, log_level="DEBUG")
-    kubeconfig = cluster_with_node.kubeconfig
-    try:
-        chart.upgrade_install(RELEASE, platform, values, kubeconfig=kubeconfig)
-    except (CommandError, ComponentError) as error:
-        pytest.fail(f"helm install failed:\n{error}\n{cluster_with_node.diagnostics(platform)}")
-    yield platform
-    # VoiceAgents first, while the operator runs: their finalizer deletes the LiveKit trunk
-    # and rule (uninstalling first would leave them, and the namespaces stuck terminating).
-    for tenant in tenants:
-        try:
-            cluster_with_node.kubectl(
-                "-n", tenant, "delete", "va", "--all", "--wait=true", timeout=120
-            )
-        except AssertionError as error:
-            print(f"cleanup of {tenant}'s VoiceAgents failed: {error}")
-    chart.uninstall(RELEASE, platform, kubeconfig=kubeconfig)
+    with installed_chart(cluster_with_node, RELEASE, platform, values, tenants=tenants):
+        yield platform
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -132,7 +117,6 @@ def apply(cluster: ClusterHandle, namespace: str, manifest: dict[str, Any]) -> N
 
 
 def phone_agent(providers_url: str, number: str) -> dict[str, Any]:
-    openai = {"provider": "openai", "baseUrl": providers_url}
     return {
         "apiVersion": "voicefleet.dev/v1alpha1",
         "kind": "VoiceAgent",
@@ -149,13 +133,7 @@ def phone_agent(providers_url: str, number: str) -> dict[str, Any]:
                 }
             ],
             "entry": "front",
-            "pipeline": {
-                "stt": {**openai, "model": "whisper-1", "language": "en"},
-                "llm": {**openai, "model": "gpt-4o-mini"},
-                "tts": {**openai, "model": "tts-1", "voice": "alloy"},
-                "vad": {"provider": "silero"},
-                "turnDetection": {"mode": "vad"},
-            },
+            "pipeline": openai_pipeline(providers_url),
             "telephony": {
                 "numbers": [number],
                 # sipp and livekit-sip are both host processes: the INVITE comes from loopback.
@@ -203,14 +181,7 @@ async def livekit_objects(
     livekit: LiveKitEndpoint, namespace: str
 ) -> tuple[list[api.SIPInboundTrunkInfo], list[api.SIPDispatchRuleInfo]]:
     """The VoiceAgent's trunks and dispatch rules as livekit-api lists them."""
-    wanted = telephony.object_name(namespace, AGENT)
-    async with livekit.api() as lkapi:
-        trunks = await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())
-        rules = await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())
-    return (
-        [t for t in trunks.items if t.name == wanted],
-        [r for r in rules.items if r.name == wanted],
-    )
+    return await livekit.sip_objects_named(telephony.object_name(namespace, AGENT))
 
 
 def assert_registered(cluster: ClusterHandle, namespace: str) -> None:

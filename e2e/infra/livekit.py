@@ -213,6 +213,20 @@ class LiveKitEndpoint:
 
         return api.LiveKitAPI(url=self.url, api_key=self.api_key, api_secret=self.api_secret)
 
+    async def sip_objects_named(
+        self, name: str
+    ) -> tuple[list[livekit_api.SIPInboundTrunkInfo], list[livekit_api.SIPDispatchRuleInfo]]:
+        """The inbound trunks and dispatch rules called `name`, as livekit-api lists them."""
+        from livekit import api
+
+        async with self.api() as lkapi:
+            trunks = await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())
+            rules = await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())
+        return (
+            [trunk for trunk in trunks.items if trunk.name == name],
+            [rule for rule in rules.items if rule.name == name],
+        )
+
 
 @dataclass(frozen=True)
 class SipEndpoint:

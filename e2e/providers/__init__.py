@@ -14,7 +14,7 @@ from e2e.providers.script import (
     ToolCall,
     Transcript,
 )
-from e2e.providers.server import ProviderServer
+from e2e.providers.server import ProviderServer, openai_pipeline
 
 __all__ = [
     "DEFAULT_GREETING_REPLY",
@@ -27,4 +27,5 @@ __all__ = [
     "ScriptError",
     "ToolCall",
     "Transcript",
+    "openai_pipeline",
 ]

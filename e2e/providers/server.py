@@ -114,6 +114,19 @@ def build_app(state: ProviderState, *, api_key: str | None = None) -> web.Applic
     return app
 
 
+def openai_pipeline(base_url: str) -> dict[str, Any]:
+    """A VoiceAgent's `spec.pipeline` on OpenAI-compatible endpoints at `base_url` (a
+    ProviderServer's base_url): STT, LLM and TTS, with Silero VAD and VAD turn detection."""
+    openai = {"provider": "openai", "baseUrl": base_url}
+    return {
+        "stt": {**openai, "model": "whisper-1", "language": "en"},
+        "llm": {**openai, "model": "gpt-4o-mini"},
+        "tts": {**openai, "model": "tts-1", "voice": "alloy"},
+        "vad": {"provider": "silero"},
+        "turnDetection": {"mode": "vad"},
+    }
+
+
 class ProviderServer:
     """The provider servers on a real port. `port=0` picks a free one.
 

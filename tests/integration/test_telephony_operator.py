@@ -106,17 +106,7 @@ def phone_spec(*numbers: str, **telephony_fields: Any) -> dict[str, Any]:
 def livekit_objects(
     livekit: LiveKitEndpoint, namespace: str, name: str
 ) -> tuple[list[api.SIPInboundTrunkInfo], list[api.SIPDispatchRuleInfo]]:
-    async def fetch() -> tuple[list[api.SIPInboundTrunkInfo], list[api.SIPDispatchRuleInfo]]:
-        wanted = telephony.object_name(namespace, name)
-        async with livekit.api() as lkapi:
-            trunks = await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())
-            rules = await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())
-        return (
-            [t for t in trunks.items if t.name == wanted],
-            [r for r in rules.items if r.name == wanted],
-        )
-
-    return asyncio.run(fetch())
+    return asyncio.run(livekit.sip_objects_named(telephony.object_name(namespace, name)))
 
 
 def delete_agent(cluster: ClusterHandle, namespace: str, name: str) -> None:
