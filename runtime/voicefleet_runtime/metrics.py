@@ -18,9 +18,19 @@ stopped speaking, per VAD), which is the quantity a caller experiences; its part
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics_core import Metric
 
 LABELS = ("tenant", "agent")
 TURN_LABELS = (*LABELS, "llm_agent")
@@ -219,3 +229,41 @@ def reap_dead_processes(directory: str | None = None) -> list[int]:
     for pid in dead:
         multiprocess.mark_process_dead(pid, directory)
     return sorted(dead)
+
+
+def exposition(directory: str | None = None) -> bytes:
+    """Every process's series from the multiprocess directory, in the text format.
+
+    A job process that is just starting creates its file and writes the header a moment later;
+    prometheus_client's collector fails on such a file (struct.error), and on one deleted between
+    its listing and its read. /metrics must not answer 500 for that: unwritten files are left
+    out, and a read that races a deletion is done again.
+    """
+    path = directory or os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for attempt in range(3):
+        files = [str(f) for f in Path(path).glob("*.db") if _has_header(f)]
+        try:
+            registry = CollectorRegistry()
+            registry.register(_Files(files))
+            return generate_latest(registry)
+        except (struct.error, FileNotFoundError):
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _has_header(file: Path) -> bool:
+    try:
+        return file.stat().st_size >= 8
+    except FileNotFoundError:
+        return False
+
+
+class _Files:
+    """A collector over the given multiprocess files (MultiProcessCollector reads all of them)."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+
+    def collect(self) -> Iterable[Metric]:
+        return multiprocess.MultiProcessCollector.merge(self.files, accumulate=True)

@@ -17,7 +17,7 @@ Readiness. livekit-agents' `/` answers OK while the worker is still connecting, 
 turn Ready (and a rollout retire an old worker) before LiveKit can dispatch to it. `/ready`
 answers 200 only while the worker is registered with LiveKit and not draining. livekit-agents
 builds and freezes its own HTTP app inside run(), leaving no hook to add a route there; that is
-why the metrics port is served by us (with livekit-agents' own /metrics handler).
+why the metrics port is served by us (metrics.exposition for /metrics).
 
 Shutdown. SIGTERM makes livekit-agents drain: the worker reports itself unavailable, running
 calls go on for up to worker.drainTimeoutSeconds, and the process exits when they are done.
@@ -44,7 +44,8 @@ from livekit.agents import (
     JobRequest,
     room_io,
 )
-from livekit.agents.telemetry.http_server import HttpServer as MetricsHttpServer
+from livekit.agents.utils.http_server import HttpServer
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from voicefleet_runtime import metrics
 from voicefleet_runtime.agents import AgentFactory, CallState
@@ -127,7 +128,7 @@ class WorkerRuntime:
         self.worker_id: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._http: MetricsHttpServer | None = None
+        self._http: HttpServer | None = None
 
     def active_jobs(self) -> int:
         return len(self.server.active_jobs) if self.server is not None else 0
@@ -221,10 +222,14 @@ class WorkerRuntime:
         ready, why = self.readiness()
         return web.Response(status=200 if ready else 503, text=why + "\n")
 
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def _serve_metrics_and_readiness(self) -> None:
         port = self.config.worker.metrics_port
-        http = MetricsHttpServer("", port)  # all interfaces, like livekit-agents
-        http.app.add_routes([web.get("/ready", self._ready)])
+        http = HttpServer("", port)  # all interfaces, like livekit-agents
+        http.app.add_routes([web.get("/metrics", self._metrics), web.get("/ready", self._ready)])
         try:
             await http.start()
         except OSError as error:

@@ -152,3 +152,46 @@ async def test_call_telemetry_turns_cumulative_usage_into_counters() -> None:
     assert REGISTRY.get_sample_value("voicefleet_active_jobs", labels) == 0
     seconds = REGISTRY.get_sample_value("voicefleet_call_seconds_total", labels)
     assert seconds is not None and seconds > 0
+
+
+def test_exposition_survives_a_job_process_that_is_just_creating_its_file(tmp_path: Path) -> None:
+    """A starting job process creates its .db file and writes its header a moment later; the
+    plain MultiProcessCollector fails on the empty file (a /metrics 500 seen in a full test
+    run), metrics.exposition leaves it out and still serves every other series."""
+    script = textwrap.dedent(
+        """
+        import json, multiprocessing, os, struct
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from voicefleet_runtime import metrics
+
+        def job():
+            metrics.CALLS_STARTED.labels(tenant="acme", agent="support").inc()
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(target=job)
+            process.start()
+            process.join()
+            directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+            open(os.path.join(directory, "counter_999999.db"), "wb").close()  # no header yet
+            try:
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry)
+                generate_latest(registry)
+                plain = "ok"
+            except struct.error:
+                plain = "struct.error"
+            text = metrics.exposition().decode()
+            print(json.dumps({"plain": plain, "served": 'voicefleet_calls_started_total{'
+                              'agent="support",tenant="acme"} 1.0' in text}))
+        """
+    )
+    (tmp_path / "job.py").write_text(script)
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    result = subprocess.run(
+        [sys.executable, "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == '{"plain": "struct.error", "served": true}'
