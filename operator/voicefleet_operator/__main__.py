@@ -3,21 +3,32 @@
 Settings are VOICEFLEET_* variables (see settings.py; the Helm chart sets them). The operator
 serves kopf's liveness probe on VOICEFLEET_LIVENESS_PORT (/healthz) and its Prometheus metrics on
 VOICEFLEET_METRICS_PORT (/metrics).
+
+`build()` is the one place where the operator is wired: one `OperatorContext` (context.py), every
+handler module registered with it (handlers.py: the VoiceAgent's children, status, autoscaling;
+telephony_handlers.py: SIP trunks and dispatch rules), the API login and cleanup, and kopf's
+own settings. Handler modules never import each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
+from typing import Any
 
 import kopf
 import prometheus_client
 
-from voicefleet_operator.handlers import OperatorContext, configure_kopf, register
-from voicefleet_operator.kube import Kube, client_configuration
+from voicefleet_operator import handlers, render, telephony_handlers
+from voicefleet_operator.context import OperatorContext
+from voicefleet_operator.kube import Kube, authorization_header, client_configuration
 from voicefleet_operator.metrics import REGISTRY
 from voicefleet_operator.settings import PlatformSettings, SettingsError
+
+PERSISTENCE_PREFIX = "voicefleet.dev"
+FINALIZER = "voicefleet.dev/finalizer"
 
 
 def build(
@@ -26,10 +37,59 @@ def build(
     """The registry, kopf settings and handler context of one operator run."""
     context = OperatorContext(settings=settings, kube=kube or Kube())
     registry = kopf.OperatorRegistry()
-    register(registry, context)
+    handlers.register(registry, context)
+    telephony_handlers.register(registry, context)
+    register_connection(registry, context)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, settings)
     return registry, kopf_settings, context
+
+
+def register_connection(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
+    """Kopf logs in with the operator's own client's credentials and closes it at the end."""
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # The same credentials as the operator's own client (see kube.client_configuration).
+        cfg = ctx.kube.configuration
+        header = authorization_header(cfg)
+        scheme, _space, token = (header or "").partition(" ")
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            scheme=scheme if token else None,
+            token=token or None,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def close_client(**_: Any) -> None:
+        await ctx.kube.close()
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, platform: PlatformSettings) -> None:
+    """Kopf's own settings: bookkeeping under voicefleet.dev, one operator, quiet Events."""
+    persistence = kopf_settings.persistence
+    persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PERSISTENCE_PREFIX)
+    persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
+    )
+    persistence.finalizer = FINALIZER
+    # One replica (Recreate): no peering objects, no leader election needed.
+    kopf_settings.peering.standalone = True
+    # Tenants see the operator's own Events; kopf's "handler succeeded" chatter stays in logs.
+    kopf_settings.posting.level = logging.WARNING
+    # Only our Deployments, filtered by the API server rather than in the operator.
+    kopf_settings.watching.label_selectors["apps", "deployments"] = (
+        f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
+    )
+    # Re-establish watches periodically so a silently dead connection cannot stall the operator.
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+    kopf_settings.watching.connect_timeout = 30
+    kopf_settings.networking.request_timeout = 60
 
 
 async def run_operator(

@@ -17,11 +17,12 @@ recheck timer while ConfigValid or Reconciled is False (a missing Secret appears
 owned Deployments when one is deleted. The watcher otherwise only refreshes replicas, readiness
 and the WorkersAvailable condition. Calls for one VoiceAgent are serialised by a lock.
 
-Extension points for telephony and scaling: `register()` takes the kopf registry, so their
-handlers (a finalizer-bearing on.delete, a scaling timer) register next to these;
-`write_status()` merges their conditions and fields into the same status under the same lock;
-`replicas_for()` is the one place the reconcile decides replicas (it keeps the current value, so
-an autoscaler that patches the Deployment's replicas is not fought).
+Wiring: `register()` adds these handlers to a kopf registry; `__main__.build()` registers this
+module and telephony_handlers.py with one shared `OperatorContext` (context.py). Status and
+Events go through reporting.py, which every handler module uses under the per-VoiceAgent lock;
+handler modules never import each other. `replicas_for()` is the one place the reconcile decides
+replicas (it keeps the current value, so an autoscaler that patches the Deployment's replicas is
+not fought).
 
 Kopf's own bookkeeping lives in annotations under `voicefleet.dev/`, never in the status.
 """
@@ -32,8 +33,8 @@ import asyncio
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import kopf
@@ -42,8 +43,6 @@ from voicefleet_runtime.config import PROVIDER_KEY_ENV, ConfigError
 from voicefleet_operator import autoscaler, metrics, render
 from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
-    CONDITION_READY,
-    CONDITION_WORKERS_AVAILABLE,
     DNS1035_LABEL,
     GROUP,
     NAME_MAX_LENGTH,
@@ -53,35 +52,19 @@ from voicefleet_operator.api import (
     VoiceAgentSpec,
     parse_spec,
 )
-from voicefleet_operator.kube import Kube, KubeError, authorization_header, retry_on_conflict
+from voicefleet_operator.context import OperatorContext
+from voicefleet_operator.kube import Kube, KubeError
+from voicefleet_operator.reporting import post_event, write_status
 from voicefleet_operator.scaling import ScalingPolicy, demand_replicas
-from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
+from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS
 from voicefleet_operator.status import (
     CONDITION_RECONCILED,
     ConditionUpdate,
     WorkloadFacts,
-    find_condition,
     is_false,
-    next_status,
 )
 
 log = logging.getLogger(__name__)
-
-PERSISTENCE_PREFIX = "voicefleet.dev"
-FINALIZER = "voicefleet.dev/finalizer"
-
-
-@dataclass
-class OperatorContext:
-    """State shared by all handlers of one operator run."""
-
-    settings: PlatformSettings
-    kube: Kube
-    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self._locks.setdefault((namespace, name), asyncio.Lock())
-
 
 # --- validation ----------------------------------------------------------------------------
 
@@ -205,106 +188,6 @@ def replicas_for(spec: VoiceAgentSpec, deployment: Mapping[str, Any] | None) -> 
     if spec.scaling.mode == "hpa":
         return int(current)
     return max(policy.min_replicas, min(policy.max_replicas, int(current)))
-
-
-# --- status and events ---------------------------------------------------------------------
-
-
-def post_event(body: Mapping[str, Any], type: str, reason: str, message: str) -> None:
-    """A Kubernetes Event on the VoiceAgent (names and fields only: never a secret value)."""
-    try:
-        kopf.event(cast(kopf.Body, dict(body)), type=type, reason=reason, message=message[:1024])
-    except LookupError:
-        # Outside a running operator (unit use of reconcile) there is no event poster.
-        log.info("event %s %s: %s", type, reason, message)
-
-
-def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    patch = dict(new)
-    for key in old:
-        if key not in new:
-            patch[key] = None  # merge patch removes a field only when told
-    return patch
-
-
-async def write_status(
-    ctx: OperatorContext,
-    namespace: str,
-    name: str,
-    *,
-    generation: int | None = None,
-    updates: list[ConditionUpdate] | None = None,
-    facts: WorkloadFacts | None = None,
-    fields: Mapping[str, Any] | None = None,
-    observed_generation: int | None = None,
-    uid: str | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-    """Merge observations into the VoiceAgent's status (retried on write conflicts).
-
-    `generation` is the spec generation the updates were computed from (the conditions'
-    observedGeneration); None means "the one last reconciled". Returns (body, old, new) status,
-    or None when the VoiceAgent is gone (or is another object with the same name than `uid`).
-    Events for condition transitions are posted here, so every writer gets them.
-    """
-
-    async def attempt() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-        body = await ctx.kube.get("VoiceAgent", namespace, name)
-        if body is None or (uid is not None and body["metadata"].get("uid") != uid):
-            return None
-        old = dict(body.get("status") or {})
-        effective_generation = generation
-        if effective_generation is None:
-            effective_generation = old.get("observedGeneration")
-        new = next_status(
-            old,
-            generation=effective_generation,
-            updates=updates or [],
-            facts=facts,
-            fields=fields,
-            observed_generation=observed_generation,
-        )
-        if new != old:
-            patch = {
-                "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
-                "status": _status_patch(old, new),
-            }
-            await ctx.kube.merge_patch("VoiceAgent", namespace, name, patch, subresource="status")
-        return body, old, new
-
-    result = await retry_on_conflict(5, attempt)
-    if result is not None:
-        body, old, new = result
-        metrics.observe_status(namespace, name, new)
-        for type, reason, message in condition_events(old, new):
-            post_event(body, type, reason, message)
-    return result
-
-
-def condition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of Events a tenant should see for this status change."""
-    events = []
-    old_conditions = old.get("conditions") or []
-    for condition in new.get("conditions") or []:
-        before = find_condition(old_conditions, condition["type"])
-        changed = before is None or before.get("status") != condition["status"]
-        reworded = before is not None and before.get("message") != condition["message"]
-        kind, status = condition["type"], condition["status"]
-        message = condition["message"]
-        if kind == CONDITION_READY and status == "True" and changed:
-            events.append(("Normal", "Ready", message))
-        elif kind in (CONDITION_CONFIG_VALID, CONDITION_RECONCILED) and status == "False":
-            if changed or reworded:
-                events.append(("Warning", condition["reason"], message))
-        elif kind == CONDITION_CONFIG_VALID and status == "True" and changed and before:
-            events.append(("Normal", "ConfigValid", "the configuration is valid again"))
-        elif (
-            kind == CONDITION_WORKERS_AVAILABLE
-            and status == "False"
-            and changed
-            and condition["reason"] in ("WorkersUnavailable", "RolloutStalled")
-        ):
-            events.append(("Warning", condition["reason"], message))
-    return events
 
 
 # --- the reconcile -------------------------------------------------------------------------
@@ -627,29 +510,6 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
 # --- kopf wiring ---------------------------------------------------------------------------
 
 
-def configure_kopf(kopf_settings: kopf.OperatorSettings, platform: PlatformSettings) -> None:
-    """Kopf's own settings: bookkeeping under voicefleet.dev, one operator, quiet Events."""
-    persistence = kopf_settings.persistence
-    persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PERSISTENCE_PREFIX)
-    persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
-    )
-    persistence.finalizer = FINALIZER
-    # One replica (Recreate): no peering objects, no leader election needed.
-    kopf_settings.peering.standalone = True
-    # Tenants see the operator's own Events; kopf's "handler succeeded" chatter stays in logs.
-    kopf_settings.posting.level = logging.WARNING
-    # Only our Deployments, filtered by the API server rather than in the operator.
-    kopf_settings.watching.label_selectors["apps", "deployments"] = (
-        f"{render.LABEL_MANAGED_BY}={render.MANAGED_BY}"
-    )
-    # Re-establish watches periodically so a silently dead connection cannot stall the operator.
-    kopf_settings.watching.server_timeout = 300
-    kopf_settings.watching.client_timeout = 330
-    kopf_settings.watching.connect_timeout = 30
-    kopf_settings.networking.request_timeout = 60
-
-
 def _needs_recheck(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> bool:
     """Invalid, not applied, or a generation not acted on yet.
 
@@ -670,7 +530,7 @@ def _needs_recheck(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any)
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
-    """Register the core handlers on `registry`, bound to `ctx`."""
+    """Register the core handlers on `registry`, bound to `ctx` (called by __main__.build)."""
     settings = ctx.settings
     resource = (GROUP, VERSION, PLURAL)
 
@@ -728,29 +588,3 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     @kopf.on.delete(*resource, optional=True, registry=registry)
     async def forget_voiceagent_metrics(*, name: str, namespace: str | None, **_: Any) -> None:
         metrics.forget_voiceagent(str(namespace), name)
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        # The same credentials as the operator's own client (see kube.client_configuration).
-        cfg = ctx.kube.configuration
-        header = authorization_header(cfg)
-        scheme, _space, token = (header or "").partition(" ")
-        return kopf.ConnectionInfo(
-            server=cfg.host,
-            ca_path=cfg.ssl_ca_cert,
-            insecure=not cfg.verify_ssl,
-            scheme=scheme if token else None,
-            token=token or None,
-            certificate_path=cfg.cert_file,
-            private_key_path=cfg.key_file,
-        )
-
-    @kopf.on.cleanup(registry=registry)
-    async def close_client(**_: Any) -> None:
-        await ctx.kube.close()
-
-    # Phone numbers: provisioning step, finalizer, drift timer (telephony_handlers imports this
-    # module, hence the import here).
-    from voicefleet_operator import telephony_handlers
-
-    telephony_handlers.register(registry, ctx)

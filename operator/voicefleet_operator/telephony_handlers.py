@@ -14,8 +14,9 @@ module runs it for each VoiceAgent and writes what is true into its status:
   (or had) numbers, deletes their trunk and rule exactly once before the VoiceAgent goes;
 - an index of every watched VoiceAgent's numbers (`number_claims`) decides simultaneous claims.
 
-Every step for one VoiceAgent runs under the core's per-VoiceAgent lock, so a deletion never
-races a creation, and status writes go through the core's `write_status`.
+Every step for one VoiceAgent runs under the per-VoiceAgent lock of the shared context
+(context.py), so a deletion never races a creation, and status writes and Events go through
+reporting.py, as the core handlers' do. `__main__.build()` registers this module.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from voicefleet_operator.api import (
     SpecError,
     parse_spec,
 )
-from voicefleet_operator.handlers import OperatorContext, post_event, write_status
+from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.render import dispatch_name
+from voicefleet_operator.reporting import StatusWrite, post_event, write_status
 from voicefleet_operator.settings import LIVEKIT_API_KEY, LIVEKIT_API_SECRET
 from voicefleet_operator.status import ConditionUpdate, find_condition
 from voicefleet_operator.telephony import (
@@ -274,7 +276,7 @@ async def _write(
     uid: str,
     condition: ConditionUpdate,
     result: ProvisionResult | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+) -> StatusWrite | None:
     fields: dict[str, Any] | None = None
     if result is not None:
         fields = {"telephony": result.status(), "numbers": ", ".join(result.numbers) or None}
@@ -292,7 +294,7 @@ async def _write(
 def _events(
     body: Mapping[str, Any],
     result: ProvisionResult,
-    written: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None,
+    written: StatusWrite | None,
 ) -> None:
     if result.changes:
         post_event(body, "Normal", "TelephonyProvisioned", "; ".join(result.changes))
@@ -326,7 +328,7 @@ def _claims(kwargs: Mapping[str, Any]) -> list[Claim]:
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
-    """Register the telephony handlers next to the core ones (called by handlers.register)."""
+    """Register the telephony handlers next to the core ones (called by __main__.build)."""
     resource = (GROUP, VERSION, PLURAL)
     clients = LiveKitClients(ctx)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from voicefleet_operator import handlers
+from voicefleet_operator import handlers, reporting
 from voicefleet_operator.api import VoiceAgentStatus, parse_spec
 from voicefleet_operator.status import (
     CONDITION_RECONCILED,
@@ -306,10 +306,10 @@ def test_events_only_for_what_a_tenant_must_see() -> None:
         facts=WorkloadFacts.from_deployment(deployment()),
         now=T0,
     )
-    assert handlers.condition_events({}, ready) == [
+    assert reporting.condition_events({}, ready) == [
         ("Normal", "Ready", "the agent's workers take calls")
     ]
-    assert handlers.condition_events(ready, ready) == []  # a resync with no change is silent
+    assert reporting.condition_events(ready, ready) == []  # a resync with no change is silent
     broken = next_status(
         ready,
         generation=2,
@@ -318,7 +318,7 @@ def test_events_only_for_what_a_tenant_must_see() -> None:
         ],
         now=T1,
     )
-    events = handlers.condition_events(ready, broken)
+    events = reporting.condition_events(ready, broken)
     assert ("Warning", "SecretNotFound", "spec.secretRefs[0].name: gone") in events
     reworded = next_status(
         broken,
@@ -326,7 +326,7 @@ def test_events_only_for_what_a_tenant_must_see() -> None:
         updates=[ConditionUpdate.false("ConfigValid", "SecretKeyNotFound", "other problem")],
         now=T2,
     )
-    assert handlers.condition_events(broken, reworded) == [
+    assert reporting.condition_events(broken, reworded) == [
         ("Warning", "SecretKeyNotFound", "other problem")
     ]
     healed = next_status(reworded, generation=3, updates=[VALID], now=T2)
@@ -334,14 +334,14 @@ def test_events_only_for_what_a_tenant_must_see() -> None:
         "Normal",
         "ConfigValid",
         "the configuration is valid again",
-    ) in handlers.condition_events(reworded, healed)
+    ) in reporting.condition_events(reworded, healed)
     lost = next_status(
         ready,
         generation=1,
         facts=WorkloadFacts.from_deployment(deployment(ready=1, available=1)),
         now=T1,
     )
-    assert ("Warning", "WorkersUnavailable", "1/2 workers ready") in handlers.condition_events(
+    assert ("Warning", "WorkersUnavailable", "1/2 workers ready") in reporting.condition_events(
         ready, lost
     )
 
