@@ -10,9 +10,18 @@ module runs it for each VoiceAgent and writes what is true into its status:
 - a timer (every TELEPHONY_CHECK_SECONDS) re-runs the same step for VoiceAgents with numbers, so
   a trunk or rule deleted behind the operator's back comes back, a number freed by its holder
   is handed over, and a rotated auth Secret reaches the trunk;
-- an on.delete handler, which makes kopf put the operator's finalizer on VoiceAgents that have
-  (or had) numbers, deletes their trunk and rule exactly once before the VoiceAgent goes;
+- an on.delete handler deletes the trunk and rule of a VoiceAgent that has (or may have had)
+  LiveKit objects before the VoiceAgent goes (the operator's finalizer holds it until then);
 - an index of every watched VoiceAgent's numbers (`number_claims`) decides simultaneous claims.
+
+Crash consistency with LiveKit. LiveKit objects are always found by name (telephony.py), never
+by an ID remembered in the status: a status write can be lost (operator killed between the
+LiveKit call and the write, or the write failing), a name cannot. What tells the operator that a
+VoiceAgent may own LiveKit objects is the annotation `voicefleet.dev/livekit-sip`, written
+*before* the first trunk or rule is created for it (write-ahead) and removed only after a removal
+by name has left nothing behind. While it is present, removal (numbers gone from the spec),
+the drift timer and deletion run and find the objects by name, whatever the status says; a
+VoiceAgent that never had numbers costs no LiveKit call.
 
 Every step for one VoiceAgent runs under the per-VoiceAgent lock of the shared context
 (context.py), so a deletion never races a creation, and status writes and Events go through
@@ -41,6 +50,7 @@ from voicefleet_operator.api import (
     parse_spec,
 )
 from voicefleet_operator.context import OperatorContext
+from voicefleet_operator.kube import NotFound
 from voicefleet_operator.render import dispatch_name
 from voicefleet_operator.reporting import StatusWrite, post_event, write_status
 from voicefleet_operator.settings import LIVEKIT_API_KEY, LIVEKIT_API_SECRET
@@ -54,6 +64,10 @@ from voicefleet_operator.telephony import (
 )
 
 log = logging.getLogger(__name__)
+
+LIVEKIT_OBJECTS_ANNOTATION = "voicefleet.dev/livekit-sip"
+"""Present (value: the LiveKit object name) while LiveKit may hold this VoiceAgent's SIP trunk or
+dispatch rule; written before they are created, removed after they are removed."""
 
 TELEPHONY_CHECK_SECONDS = 30.0
 """How often LiveKit's side is compared with the spec (drift, handed-over numbers)."""
@@ -129,11 +143,23 @@ def claim_of(body: Mapping[str, Any]) -> Claim | None:
     )
 
 
-def has_telephony(body: Mapping[str, Any]) -> bool:
-    """Numbers in the spec, or LiveKit objects recorded in the status: the finalizer is needed."""
-    numbers = (((body.get("spec") or {}).get("telephony")) or {}).get("numbers")
+def may_own_livekit_objects(body: Mapping[str, Any]) -> bool:
+    """LiveKit may hold a trunk or rule of this VoiceAgent: the write-ahead annotation, or IDs
+    in the status (written by operators that predate the annotation)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
     recorded = ((body.get("status") or {}).get("telephony")) or {}
-    return bool(numbers or recorded.get("trunkID") or recorded.get("dispatchRuleID"))
+    return bool(
+        annotations.get(LIVEKIT_OBJECTS_ANNOTATION)
+        or recorded.get("trunkID")
+        or recorded.get("dispatchRuleID")
+    )
+
+
+def has_telephony(body: Mapping[str, Any]) -> bool:
+    """Numbers in the spec, or LiveKit objects possibly left: removal, drift check and the
+    deletion handler must run (and find LiveKit's objects by name)."""
+    numbers = (((body.get("spec") or {}).get("telephony")) or {}).get("numbers")
+    return bool(numbers) or may_own_livekit_objects(body)
 
 
 async def sync(
@@ -186,6 +212,7 @@ async def sync(
         )
         try:
             provisioner = await clients.provisioner()
+            await _record_livekit_objects(ctx, body)
             result = await provisioner.ensure(target, claims)
         except TelephonyError as error:
             return await _failed(ctx, body, uid, error, retry)
@@ -234,7 +261,8 @@ async def _without_numbers(
     """No numbers (any more): remove what LiveKit has for this VoiceAgent and the condition."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     changes: tuple[str, ...] = ()
-    if has_telephony(body):
+    if may_own_livekit_objects(body):
+        # By name: also what a killed operator created but never recorded in the status.
         changes = await (await clients.provisioner()).remove(namespace, name)
     await write_status(
         ctx,
@@ -244,9 +272,39 @@ async def _without_numbers(
         fields={"telephony": None, "numbers": None},
         uid=uid,
     )
+    await _forget_livekit_objects(ctx, body)
     if changes:
         post_event(body, "Normal", "TelephonyRemoved", "; ".join(changes))
     return SyncOutcome(ProvisionResult(None, None, (), (), changes))
+
+
+async def _record_livekit_objects(ctx: OperatorContext, body: Mapping[str, Any]) -> None:
+    """Write-ahead: annotate the VoiceAgent before LiveKit may hold anything of it, so that a
+    crash or a lost status write after the LiveKit call still leaves removal to be done.
+
+    Raises KubeError when the write fails: then nothing is created, and kopf retries."""
+    metadata = body["metadata"]
+    value = telephony.object_name(metadata["namespace"], metadata["name"])
+    if (metadata.get("annotations") or {}).get(LIVEKIT_OBJECTS_ANNOTATION) != value:
+        await _annotate(ctx, metadata, value)
+
+
+async def _forget_livekit_objects(ctx: OperatorContext, body: Mapping[str, Any]) -> None:
+    """After a removal by name left nothing in LiveKit (and the status says so)."""
+    metadata = body["metadata"]
+    if LIVEKIT_OBJECTS_ANNOTATION in (metadata.get("annotations") or {}):
+        try:
+            await _annotate(ctx, metadata, None)
+        except NotFound:
+            pass  # deleted meanwhile: nothing left to remember
+
+
+async def _annotate(ctx: OperatorContext, metadata: Mapping[str, Any], value: str | None) -> None:
+    # The uid is a precondition: never annotate a namesake created in the meantime.
+    patch = {
+        "metadata": {"uid": metadata["uid"], "annotations": {LIVEKIT_OBJECTS_ANNOTATION: value}}
+    }
+    await ctx.kube.merge_patch("VoiceAgent", metadata["namespace"], metadata["name"], patch)
 
 
 async def _failed(
