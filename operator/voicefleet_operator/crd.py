@@ -277,6 +277,7 @@ def _validation_notes(node: dict[str, Any], required: bool) -> list[str]:
         ("maxLength", "length <="),
         ("minItems", "items >="),
         ("maxItems", "items <="),
+        ("maxProperties", "keys <="),
     ):
         if key in node:
             notes.append(f"{word} {node[key]}")
@@ -323,8 +324,11 @@ def reference() -> str:
         if isinstance(items, dict):
             visit(items, f"{path}[]")
         required = set(node.get("required", []))
-        for name, prop in node.get("properties", {}).items():
-            field = f"{path}.{name}" if path else name
+        properties = dict(node.get("properties", {}))
+        if isinstance(node.get("additionalProperties"), dict):  # a map: `{}` stands for any key
+            properties["{}"] = node["additionalProperties"]
+        for name, prop in properties.items():
+            field = f"{path}{name}" if name == "{}" else f"{path}.{name}" if path else name
             default = ""
             if isinstance(prop.get("default"), dict) and "properties" in prop:
                 default = "nested defaults"

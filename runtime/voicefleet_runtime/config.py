@@ -16,22 +16,28 @@ manifest before it reaches the operator). Both live next to each other so they s
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
+from pydantic_core import PydanticCustomError
 
 CONFIG_PATH_ENV = "VOICEFLEET_CONFIG"
 """Environment variable naming the config file the runtime loads."""
@@ -83,9 +89,184 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def _json_schema_object(value: dict[str, Any]) -> dict[str, Any]:
-    if value.get("type", "object") != "object":
-        raise ValueError('a tool\'s parameters must be a JSON schema with "type": "object"')
+# --- tool parameter schemas -----------------------------------------------------------------
+#
+# A tool's `parameters` go to the LLM provider as the function's JSON Schema. A schema the
+# provider refuses fails the whole request, mid-call, so it is checked here: against the JSON
+# Schema metaschema (draft 2020-12, with a maintained validator) and against the subset that
+# function-calling providers accept. The API server checks the part OpenAPI and CEL can express
+# (PARAMETERS_SCHEMA); the operator reports the rest as ConfigValid=False naming the field.
+
+PARAMETERS_MAX_PROPERTIES = 128
+"""Most arguments one tool may declare (the CRD bounds its CEL rules' cost with it)."""
+PARAMETERS_TOP_LEVEL_FORBIDDEN = ("anyOf", "oneOf", "allOf", "enum", "const", "not")
+"""Keywords OpenAI (and OpenAI-compatible servers) refuse at the top of a function's schema."""
+JSON_SCHEMA_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+
+_METASCHEMA = Draft202012Validator(
+    Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
+)
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_$-]+$")
+
+# CEL keywords are escaped as __keyword__ in Kubernetes' CEL (`const` is one).
+_CEL_RESERVED = frozenset(
+    "true false null in as break const continue else for function if import let loop package "
+    "namespace return var void while".split()
+)
+
+
+def _cel_field(name: str) -> str:
+    return f"__{name}__" if name in _CEL_RESERVED else name
+
+
+PARAMETERS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": True,
+    "properties": {
+        "type": {
+            "type": "string",
+            "enum": ["object"],
+            "description": "Always object (the default): the arguments are its properties.",
+        },
+        "properties": {
+            "type": "object",
+            "maxProperties": PARAMETERS_MAX_PROPERTIES,
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": True,
+                "description": "The argument's JSON Schema, e.g. {type: string, description: ...}.",
+            },
+            "description": "The arguments: each argument's name mapped to its JSON Schema.",
+        },
+        "required": {
+            "type": "array",
+            "maxItems": PARAMETERS_MAX_PROPERTIES,
+            "items": {"type": "string"},
+            "x-kubernetes-list-type": "set",
+            "description": "Names of the arguments (keys of properties) the LLM must supply.",
+        },
+        **{
+            keyword: {
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "Not allowed at the top level (function-calling providers refuse "
+                "it).",
+            }
+            for keyword in PARAMETERS_TOP_LEVEL_FORBIDDEN
+        },
+    },
+    "x-kubernetes-validations": [
+        {
+            "rule": "!has(self.required) || "
+            "self.required.all(r, has(self.properties) && r in self.properties)",
+            "message": "every name in required must be a key of properties; add the argument "
+            "to properties or remove it from required",
+            "fieldPath": ".required",
+        },
+        *(
+            {
+                "rule": f"!has(self.{_cel_field(keyword)})",
+                "message": f"{keyword} is not allowed at the top level of a tool's parameters "
+                "(function-calling providers refuse it); describe the arguments with properties",
+                "fieldPath": f".{keyword}",
+            }
+            for keyword in PARAMETERS_TOP_LEVEL_FORBIDDEN
+        ),
+    ],
+}
+"""What the API server checks of a tool's parameters (the rest is tool_parameters_problem's)."""
+
+
+def _json_pointer(path: tuple[str | int, ...]) -> str:
+    """`.name[0]["odd key"]`: odd keys (empty, spaces, dots) are quoted to stay readable."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.match(part):
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def tool_parameters_problem(schema: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str] | None:
+    """The first reason a function-calling provider would refuse `schema`, as (path within the
+    schema, message saying how to fix it); None when it is acceptable."""
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError):
+        return (), (
+            "must be plain JSON (mappings, lists, strings, finite numbers, booleans, null); "
+            "quote dates and other values YAML would read as something else"
+        )
+    if schema.get("type", "object") != "object":
+        return ("type",), (
+            f"must be 'object' (got {schema['type']!r}): a tool's parameters are a JSON Schema "
+            "object whose properties are the arguments"
+        )
+    for keyword in PARAMETERS_TOP_LEVEL_FORBIDDEN:
+        if keyword in schema:
+            return (keyword,), (
+                f"{keyword} is not allowed at the top level of a tool's parameters "
+                "(function-calling providers refuse it); describe the arguments with properties"
+            )
+    properties = schema.get("properties", {})
+    if not isinstance(properties, Mapping):
+        return ("properties",), (
+            f"must be a mapping of argument name to JSON Schema (got {properties!r}), "
+            "e.g. {order_number: {type: string}}"
+        )
+    if len(properties) > PARAMETERS_MAX_PROPERTIES:
+        return ("properties",), (
+            f"declares {len(properties)} arguments; at most {PARAMETERS_MAX_PROPERTIES} are allowed"
+        )
+    for name, prop in properties.items():
+        if not isinstance(prop, Mapping):
+            return ("properties", name), (
+                f"must be a JSON Schema mapping (got {prop!r}), e.g. {{type: string, "
+                "description: ...}}"
+            )
+    if "required" in schema:
+        required = schema["required"]
+        if not isinstance(required, list):
+            return ("required",), (
+                f"must be a list of argument names from properties (got {required!r})"
+            )
+        if len(required) > PARAMETERS_MAX_PROPERTIES:
+            return ("required",), f"lists more than {PARAMETERS_MAX_PROPERTIES} arguments"
+        seen: set[str] = set()
+        for index, name in enumerate(required):
+            if not isinstance(name, str):
+                return ("required", index), f"must be an argument name (a string), got {name!r}"
+            if name not in properties:
+                return ("required", index), (
+                    f"{name!r} is not a key of properties; add the argument to properties or "
+                    "remove it from required"
+                )
+            if name in seen:
+                return ("required", index), f"{name!r} is listed twice; list each argument once"
+            seen.add(name)
+    error = best_match(_METASCHEMA.iter_errors(schema))
+    if error is None:
+        return None
+    path = tuple(error.absolute_path)
+    if path and path[-1] == "type" and error.validator == "anyOf":
+        message = (
+            f"{error.instance!r} is not a JSON Schema type; use one of "
+            f"{', '.join(JSON_SCHEMA_TYPES)} (or a list of them)"
+        )
+    else:
+        message = f"{error.message}; the parameters must be valid JSON Schema (draft 2020-12)"
+    return path, message
+
+
+def _tool_parameters(value: dict[str, Any]) -> dict[str, Any]:
+    problem = tool_parameters_problem(value)
+    if problem is not None:
+        path, message = problem
+        raise PydanticCustomError(
+            "tool_parameters", "{message}", {"message": message, "path": _json_pointer(path)}
+        )
     return value
 
 
@@ -158,9 +339,9 @@ class TtsConfig(Model):
 
     provider: Literal["elevenlabs", "openai"] = "elevenlabs"
     """TTS provider; its API key comes from the provider's environment variable."""
-    model: Annotated[str | None, Field(max_length=128)] = None
+    model: Annotated[str | None, Field(min_length=1, max_length=128)] = None
     """Provider model, e.g. eleven_flash_v2_5 or gpt-4o-mini-tts; omit for the plugin default."""
-    voice: Annotated[str | None, Field(max_length=128)] = None
+    voice: Annotated[str | None, Field(min_length=1, max_length=128)] = None
     """Voice ID (ElevenLabs) or voice name (OpenAI); omit for the plugin default."""
     base_url: Annotated[str | None, Field(pattern=r"^(https?|wss?)://")] = None
     """Override the provider's endpoint (self-hosted or test servers)."""
@@ -297,11 +478,15 @@ class WebhookTool(Model):
     """Function name the LLM sees (lowercase, digits, underscores)."""
     description: Annotated[str, Field(min_length=1, max_length=4096)]
     """What the tool does and when to call it; the LLM reads this."""
-    parameters: Annotated[dict[str, Any], AfterValidator(_json_schema_object)] = Field(
-        default_factory=lambda: {"type": "object", "properties": {}},
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-    )
-    """JSON schema (type object) of the arguments the LLM must supply."""
+    parameters: Annotated[
+        dict[str, Any],
+        AfterValidator(_tool_parameters),
+        WithJsonSchema(PARAMETERS_SCHEMA),
+    ] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    """JSON Schema (type object, draft 2020-12) of the arguments the LLM must supply, in the
+    subset function-calling providers accept: no anyOf, oneOf, allOf, enum, const or not at the
+    top level; properties maps each argument to its schema; required lists names from
+    properties."""
     http: HttpEndpoint
     """The webhook to call."""
 
@@ -474,28 +659,21 @@ class ConfigError(Exception):
     """Invalid runtime config; the message names each bad field and how to fix it."""
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path or "(top level)"
-
-
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     """One line per problem: `field.path: message` (camelCase paths, as written in YAML)."""
     lines = []
     for item in error.errors():
-        where = _location(tuple(item["loc"]))
-        if prefix:
-            where = f"{prefix}.{where}" if where != "(top level)" else prefix
+        path = _json_pointer(tuple(item["loc"]))
+        if item["type"] == "tool_parameters":  # where inside the tool's JSON Schema
+            path += (item.get("ctx") or {}).get("path", "")
+        where = (prefix + path).removeprefix(".") or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field; check the spelling (fields are camelCase)"
         elif item["type"] == "missing":
             message = "required field is missing; add it"
+        elif item["type"] == "string_too_short" and (item.get("ctx") or {}).get("min_length") == 1:
+            message = "must not be empty; give a value (or leave an optional field out)"
         lines.append(f"{where}: {message}")
     return "\n".join(lines)
 
