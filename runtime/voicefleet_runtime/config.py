@@ -39,6 +39,8 @@ from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from voicefleet_runtime.admission import AdmissionSettings, OverflowOptions
+
 CONFIG_PATH_ENV = "VOICEFLEET_CONFIG"
 """Environment variable naming the config file the runtime loads."""
 
@@ -624,6 +626,10 @@ class RuntimeConfig(AgentsSection):
     """Webhook tools available to agents that list them."""
     mcp_servers: Annotated[list[McpServerConfig], Field(max_length=16)] = []
     """MCP servers whose tools every agent may call."""
+    admission: AdmissionSettings = AdmissionSettings()
+    """How many agent calls each worker admits (the operator's share of the caps)."""
+    overflow: OverflowOptions = OverflowOptions()
+    """What a caller beyond capacity gets."""
     telephony: TelephonyOptions = TelephonyOptions()
     """Phone numbers and transfer target."""
     worker: WorkerSettings = WorkerSettings()

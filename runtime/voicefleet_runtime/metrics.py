@@ -67,8 +67,15 @@ DISPATCH_ACCEPTED = Counter(
 )
 DISPATCH_REJECTED = Counter(
     "voicefleet_dispatch_rejected_total",
-    "Job offers from LiveKit this worker refused, by reason "
-    "(load_threshold, at_capacity, draining).",
+    "Job offers from LiveKit this worker refused, by reason (overflow_full: no agent slot and "
+    "no overflow slot; draining). LiveKit offers a refused job to the next worker.",
+    (*LABELS, "reason"),
+)
+CALLS_OVERFLOWED = Counter(
+    "voicefleet_calls_overflowed_total",
+    "Calls given the overflow treatment (spec.overflow) instead of the agent, by reason: "
+    "capacity (the worker's agent calls reached floor(jobsPerWorker x loadThreshold)), "
+    "agent_limit (spec.limits.maxConcurrentCalls), namespace_limit (the platform's cap).",
     (*LABELS, "reason"),
 )
 TURN_DETECTOR_FALLBACK = Gauge(
@@ -178,6 +185,7 @@ ALL_METRICS = (
     WORKER_LOAD,
     DISPATCH_ACCEPTED,
     DISPATCH_REJECTED,
+    CALLS_OVERFLOWED,
     TURN_DETECTOR_FALLBACK,
     CALLS_STARTED,
     CALLS_ENDED,

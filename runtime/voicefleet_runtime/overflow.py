@@ -1,0 +1,133 @@
+"""The overflow treatment, job side: what a caller beyond capacity gets (spec.overflow).
+
+The main process decides (admission.py) and accepts the job with the participant attribute
+`voicefleet.overflow=<reason>` in the agent's token; the job process sees it in its token claims
+and runs this instead of the agent. It is a short job with no STT, LLM or VAD:
+
+- WebRTC caller: the agent joins (the attribute is visible at once), speaks `overflow.message`
+  with the pipeline's TTS, and leaves.
+- Phone caller, sip.action reject: the call is still ringing (livekit-sip answers only when it
+  subscribes to an agent's audio); the agent asks the caller's SIP participant to end it with
+  the `lk.sip.EndCall` RPC, and livekit-sip sends the final response 486 Busy Here with our
+  headers (X-VoiceFleet-Overflow, and a `Reason: SIP` header for 480/503). Nothing is published,
+  so the call is never answered.
+- Phone caller, message / transfer: publishing the agent's audio track makes livekit-sip answer;
+  once the caller's participant says `sip.callStatus=active` the message is spoken, then the
+  room is deleted (BYE) or the caller is transferred to the overflow number (SIP REFER).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import AutoSubscribe, JobContext
+
+from voicefleet_runtime.admission import OVERFLOW_HEADER, OverflowOptions
+from voicefleet_runtime.config import RuntimeConfig
+from voicefleet_runtime.pipeline import build_tts
+from voicefleet_runtime.telephony import CallControls, PhoneCall
+
+logger = logging.getLogger("voicefleet.runtime.overflow")
+
+SIP_END_CALL_RPC = "lk.sip.EndCall"
+"""livekit-sip's participant RPC (pkg/sip/rpc.go): ends the call; before the answer that is a
+final 486 Busy Here carrying the request's headers."""
+SIP_CALL_STATUS_ATTRIBUTE = "sip.callStatus"
+CALLER_WAIT_SECONDS = 30.0
+"""A dispatch may come before its caller joins; an overflow job waits this long for them."""
+ANSWER_WAIT_SECONDS = 10.0
+"""How long a phone call may take from our track being published to being answered."""
+
+SIP_REASON_TEXT = {486: "Busy Here", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
+
+
+def reject_headers(options: OverflowOptions, reason: str) -> dict[str, str]:
+    """SIP headers on the final response of a rejected overflow call."""
+    headers = {OVERFLOW_HEADER: reason}
+    status = options.sip.status
+    if status != 486:
+        # livekit-sip 1.8.0 always answers 486 here; the chosen status travels as the cause.
+        headers["Reason"] = f'SIP ;cause={status} ;text="{SIP_REASON_TEXT[status]}"'
+    return headers
+
+
+async def say_on(source: rtc.AudioSource, tts: Any, text: str) -> float:
+    """Say `text` on `source` with `tts`; returns when it has played out (first audio time)."""
+    first_audio = 0.0
+    async with tts.synthesize(text) as stream:
+        async for audio in stream:
+            if not first_audio:
+                first_audio = time.monotonic()
+            await source.capture_frame(audio.frame)
+    await source.wait_for_playout()
+    await tts.aclose()
+    return first_audio
+
+
+async def wait_answered(participant: rtc.RemoteParticipant, timeout_s: float) -> bool:
+    """Until livekit-sip marks the caller's leg active (answered and media bridged)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if participant.attributes.get(SIP_CALL_STATUS_ATTRIBUTE) == "active":
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def give_overflow_treatment(ctx: JobContext, config: RuntimeConfig, reason: str) -> None:
+    options = config.overflow
+    await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
+    try:
+        participant = await asyncio.wait_for(ctx.wait_for_participant(), CALLER_WAIT_SECONDS)
+    except TimeoutError:
+        logger.info("overflow (%s) in room %s: no caller came", reason, ctx.room.name)
+        ctx.shutdown(reason="overflow: no caller")
+        return
+    phone = PhoneCall.from_participant(ctx.room.name, participant)
+    controls = CallControls(ctx.room.name, phone, options.sip.transfer_to)
+    if phone is not None and options.sip.action == "reject":
+        headers = reject_headers(options, reason)
+        try:
+            await ctx.room.local_participant.perform_rpc(
+                destination_identity=participant.identity,
+                method=SIP_END_CALL_RPC,
+                payload=json.dumps({"headers": headers}),
+            )
+        except rtc.RpcError as error:
+            # Ending the room ends a ringing call with 486 too, without our headers.
+            logger.warning("overflow: %s failed (%s); deleting the room", SIP_END_CALL_RPC, error)
+            await controls.hang_up()
+        logger.info(
+            "overflow (%s): rejected the phone call in room %s (SIP %d)",
+            reason,
+            ctx.room.name,
+            options.sip.status,
+        )
+        ctx.shutdown(reason=f"overflow: rejected ({reason})")
+        return
+
+    tts = build_tts(config.pipeline.tts)
+    source = rtc.AudioSource(tts.sample_rate, tts.num_channels)
+    track = rtc.LocalAudioTrack.create_audio_track("overflow-message", source)
+    await ctx.room.local_participant.publish_track(
+        track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+    )
+    if phone is not None and not await wait_answered(participant, ANSWER_WAIT_SECONDS):
+        logger.warning("overflow: the phone call in room %s was not answered", ctx.room.name)
+    await say_on(source, tts, options.message)
+    if phone is not None and options.sip.action == "transfer":
+        await controls.transfer(f"overflow: {reason}")
+    elif phone is not None:
+        await controls.hang_up()
+    logger.info(
+        "overflow (%s): told the caller in room %s (%s)",
+        reason,
+        ctx.room.name,
+        "phone, " + options.sip.action if phone is not None else "webrtc",
+    )
+    ctx.shutdown(reason=f"overflow: message ({reason})")
