@@ -513,6 +513,40 @@ class McpServerConfig(Model):
     """Extra headers, e.g. an Authorization header from a Secret."""
 
 
+# --- call records ---------------------------------------------------------------------------
+
+
+class CallRecordWebhookBase(Model):
+    """Where each call's record is delivered: one signed POST per call (see callrecords.py)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2048)]
+    """Receiver URL (http or https). Each call's record is POSTed as JSON with headers
+    X-VoiceFleet-Signature (sha256=<hex HMAC-SHA256 of the body>) and X-VoiceFleet-Delivery
+    (the recordId, the same on every retry)."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+    """Time to wait for the receiver's answer to one attempt."""
+    retry_for_seconds: Annotated[int, Field(ge=0, le=86400)] = 3600
+    """How long after the call a record is retried (timeouts, connection errors, 408, 429, 5xx;
+    exponential backoff from 1 s up to 60 s between attempts). Other 4xx answers are not
+    retried. A record that still fails is dropped, logged with the last status and counted as
+    failed."""
+
+
+class CallRecordWebhook(CallRecordWebhookBase):
+    """Runtime side: the signing key comes from an environment variable."""
+
+    signing_key_from_env: Annotated[str, Field(pattern=ENV_VAR_NAME)]
+    """Environment variable holding the HMAC signing key; the operator fills it from
+    spec.callRecords.webhook.signingSecretRef."""
+
+
+class CallRecordsConfig(Model):
+    """What happens to each call's record."""
+
+    webhook: CallRecordWebhook | None = None
+    """Deliver each call's record to this webhook; omit to keep no records."""
+
+
 # --- telephony and worker -------------------------------------------------------------------
 
 
@@ -634,6 +668,8 @@ class RuntimeConfig(AgentsSection):
     """Phone numbers and transfer target."""
     worker: WorkerSettings = WorkerSettings()
     """Job capacity, memory limits, drain and ports."""
+    call_records: CallRecordsConfig | None = None
+    """Call records: where each call's record is delivered; omit for none."""
 
     @model_validator(mode="after")
     def _tool_references(self) -> Self:
@@ -649,7 +685,14 @@ class RuntimeConfig(AgentsSection):
         headers = [h for tool in self.tools for h in tool.http.headers]
         headers += [h for server in self.mcp_servers for h in server.headers]
         env = [h.value_from_env for h in headers if h.value_from_env]
+        if self.records_webhook is not None:
+            env.append(self.records_webhook.signing_key_from_env)
         return sorted(set(env))
+
+    @property
+    def records_webhook(self) -> CallRecordWebhook | None:
+        """Where call records go, or None when the VoiceAgent keeps none."""
+        return self.call_records.webhook if self.call_records is not None else None
 
     def provider_key_env_vars(self) -> list[str]:
         """Provider API key variables the pipeline's providers need."""

@@ -161,6 +161,27 @@ TOOL_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# --- call records (main process) -----------------------------------------------------------
+
+CALL_RECORDS = Counter(
+    "voicefleet_call_records_total",
+    "Call record delivery attempts by result: delivered, retried (an attempt that failed and "
+    "will be repeated), failed (given up: a 4xx answer, or retryForSeconds passed).",
+    (*LABELS, "result"),
+)
+CALL_RECORDS_PENDING = Gauge(
+    "voicefleet_call_records_pending",
+    "Call records in the worker's spool waiting for delivery.",
+    LABELS,
+    multiprocess_mode="livemax",
+)
+CALL_RECORD_DELIVERY_DELAY = Histogram(
+    "voicefleet_call_record_delivery_delay_seconds",
+    "From a call's record being spooled (the call ended) to its delivery.",
+    LABELS,
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+
 # --- usage a tenant can be billed from ------------------------------------------------------
 
 LLM_PROMPT_TOKENS = Counter(
@@ -201,6 +222,9 @@ ALL_METRICS = (
     HANDOFFS,
     TOOL_CALLS,
     TOOL_LATENCY,
+    CALL_RECORDS,
+    CALL_RECORDS_PENDING,
+    CALL_RECORD_DELIVERY_DELAY,
     LLM_PROMPT_TOKENS,
     LLM_COMPLETION_TOKENS,
     TTS_CHARACTERS,

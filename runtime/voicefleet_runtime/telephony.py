@@ -126,6 +126,8 @@ class CallControls:
         self._api_factory = api_factory
         self.transfers: list[str] = []
         """Targets of transfers that LiveKit accepted (for logs and tests)."""
+        self.hung_up = False
+        """An agent ended the call (end_call); the call record says so."""
 
     def function_tools(self) -> list[RawFunctionTool[Any, Any]]:
         tools: list[RawFunctionTool[Any, Any]] = [
@@ -139,6 +141,8 @@ class CallControls:
 
     async def hang_up(self) -> None:
         """Delete the room: every participant is disconnected, a SIP caller gets a BYE."""
+        # Set first: deleting the room disconnects the caller, which ends the job.
+        self.hung_up = True
         async with self._api_factory() as lkapi:
             try:
                 await lkapi.room.delete_room(api.DeleteRoomRequest(room=self.room_name))

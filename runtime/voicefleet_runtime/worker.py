@@ -21,16 +21,24 @@ why the metrics port is served by us (metrics.exposition for /metrics).
 
 Shutdown. SIGTERM makes livekit-agents drain: the worker reports itself unavailable, running
 calls go on for up to worker.drainTimeoutSeconds, and the process exits when they are done.
+
+Call records. With callRecords.webhook set, each job process records its call (recorder.py) and
+writes the record to the spool when the call ends; the main process delivers the spool
+(delivery.py), also during the drain, and once more before it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -43,18 +51,21 @@ from livekit.agents import (
     JobRequest,
     room_io,
 )
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils.http_server import HttpServer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from voicefleet_runtime import metrics, overflow
-from voicefleet_runtime.admission import (
-    LIVEKIT_LOAD_THRESHOLD,
-    OVERFLOW_ATTRIBUTE,
-    AdmissionGate,
-    Admit,
-)
+from voicefleet_runtime import metrics
 from voicefleet_runtime.agents import AgentFactory, CallState
-from voicefleet_runtime.config import RuntimeConfig, load_from_environment
+from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, load_from_environment
+from voicefleet_runtime.delivery import (
+    FLUSH_MIN_SECONDS,
+    SPOOL_DIR_ENV,
+    RecordDelivery,
+    Spool,
+    signing_key,
+    spool_directory,
+)
 from voicefleet_runtime.pipeline import (
     TurnDetectionPlan,
     build_pipeline,
@@ -63,6 +74,7 @@ from voicefleet_runtime.pipeline import (
     plugin_modules,
     register_turn_detector,
 )
+from voicefleet_runtime.recorder import CallRecorder
 from voicefleet_runtime.telemetry import CallTelemetry
 from voicefleet_runtime.telephony import CallControls, PhoneCall
 from voicefleet_runtime.tools import ToolBox, build_mcp_toolsets
@@ -83,7 +95,55 @@ def metric_labels(config: RuntimeConfig) -> dict[str, str]:
     return {"tenant": config.tenant, "agent": config.name}
 
 
+@functools.cache
+def runtime_config_hash() -> str:
+    """Hash of the config file this process runs (the pinned copy of the ConfigMap's file):
+    the same value as the operator's status.configHash for it (render.config_hash)."""
+    path = os.environ.get(CONFIG_PATH_ENV)
+    if not path:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
+
+
 # --- capacity -------------------------------------------------------------------------------
+
+
+@dataclass
+class CapacityGate:
+    """The hard cap: active + pending jobs never exceed `limit`.
+
+    `pending` counts jobs accepted whose process has not started them yet. `try_reserve` is
+    synchronous, so concurrent requests on the event loop cannot both take the last slot.
+    """
+
+    limit: int
+    pending: int = 0
+    draining: bool = False
+
+    def refusal(self, active: int) -> str | None:
+        """Why a new job must be refused now, or None when it may be accepted."""
+        if self.draining:
+            return "draining"
+        if active + self.pending >= self.limit:
+            return "at_capacity"
+        return None
+
+    def try_reserve(self, active: int) -> str | None:
+        reason = self.refusal(active)
+        if reason is None:
+            self.pending += 1
+        return reason
+
+    def release(self) -> None:
+        self.pending = max(0, self.pending - 1)
+
+    def load(self, active: int) -> float:
+        """active / limit. Pending jobs are left out on purpose: livekit-agents already adds
+        an estimate for requests in flight when it compares load with loadThreshold."""
+        return min(1.0, active / self.limit)
 
 
 class WorkerRuntime:
@@ -93,90 +153,60 @@ class WorkerRuntime:
         self.config = config
         self.plan = plan
         self.labels = metric_labels(config)
-        worker = config.worker
-        self.admission = AdmissionGate.for_worker(
-            worker.jobs_per_worker, worker.load_threshold, config.admission
-        )
+        self.gate = CapacityGate(limit=config.worker.jobs_per_worker)
         self.server: AgentServer | None = None
         self.worker_id: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[None] | None = None
         self._http: HttpServer | None = None
+        self.delivery: RecordDelivery | None = None
+        self._delivering: asyncio.Task[None] | None = None
+        self.drain_started_at: float | None = None
+        webhook = config.records_webhook
+        if webhook is not None:
+            spool = Spool(spool_directory(config)).ensure()
+            self.delivery = RecordDelivery(webhook, signing_key(webhook), spool, self.labels)
 
     def active_jobs(self) -> int:
         return len(self.server.active_jobs) if self.server is not None else 0
 
-    def running_jobs(self, server: AgentServer | None = None) -> tuple[int, int]:
-        """(agent calls, overflow treatments) running: an overflow job was accepted with the
-        overflow attribute."""
-        server = server or self.server
-        agent_jobs = overflow_jobs = 0
-        for job in server.active_jobs if server is not None else []:
-            attributes = job.accept_arguments.attributes or {}
-            if OVERFLOW_ATTRIBUTE in attributes:
-                overflow_jobs += 1
-            else:
-                agent_jobs += 1
-        return agent_jobs, overflow_jobs
-
     async def on_request(self, request: JobRequest) -> None:
-        gate = self.admission
-        gate.draining = self.server is not None and self.server.draining
-        agent_jobs, overflow_jobs = self.running_jobs()
-        decision, reason = gate.admit(agent_jobs, overflow_jobs)
-        if decision is Admit.REFUSE:
+        self.gate.draining = self.server is not None and self.server.draining
+        reason = self.gate.try_reserve(self.active_jobs())
+        if reason is not None:
             metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
             logger.info(
-                "refusing job %s: %s (agent calls %d+%d of %d, overflow %d+%d of %d)",
+                "refusing job %s: %s (active %d, pending %d, limit %d)",
                 request.id,
                 reason,
-                agent_jobs,
-                gate.pending_agent,
-                gate.budget,
-                overflow_jobs,
-                gate.pending_overflow,
-                gate.overflow_slots,
+                self.active_jobs(),
+                self.gate.pending,
+                self.gate.limit,
             )
             # terminate=False: LiveKit may offer the job to another worker.
             await request.reject(terminate=False)
             return
+        metrics.DISPATCH_ACCEPTED.labels(**self.labels).inc()
         try:
-            if decision is Admit.AGENT:
-                metrics.DISPATCH_ACCEPTED.labels(**self.labels).inc()
-                # Returns once LiveKit assigned the job and a job process has started it.
-                await request.accept(name=self.config.name)
-            else:
-                metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=reason).inc()
-                logger.info(
-                    "overflow: job %s (room %s) gets the overflow treatment: %s "
-                    "(%d agent calls of %d)",
-                    request.id,
-                    request.room.name,
-                    reason,
-                    agent_jobs,
-                    gate.budget,
-                )
-                await request.accept(
-                    name=self.config.name,
-                    identity=f"overflow-{request.id}",
-                    attributes={OVERFLOW_ATTRIBUTE: reason},
-                )
+            # Returns once LiveKit assigned the job and a job process has started it.
+            await request.accept(name=self.config.name)
         finally:
-            gate.started(decision)
+            self.gate.release()
 
     def on_refused_by_livekit_agents(self, reason: str) -> None:
         metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
-        logger.info("refused a job offer: %s (running %s)", reason, self.running_jobs())
+        logger.info(
+            "refused a job offer: %s (load %.2f, threshold %s)",
+            reason,
+            self.gate.load(self.active_jobs()),
+            self.config.worker.load_threshold,
+        )
 
     def load(self, server: AgentServer) -> float:
-        """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each offer.
-
-        What LiveKit sees is the admission's steering load (admission.py); the metric is the
-        real load, agent calls / jobsPerWorker, which the HPA and the dashboards use."""
-        agent_jobs, overflow_jobs = self.running_jobs(server)
-        real = min(1.0, agent_jobs / self.config.worker.jobs_per_worker)
-        metrics.WORKER_LOAD.labels(**self.labels).set(real)
-        return self.admission.steering_load(agent_jobs, overflow_jobs)
+        """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each request."""
+        value = self.gate.load(len(server.active_jobs))
+        metrics.WORKER_LOAD.labels(**self.labels).set(value)
+        return value
 
     def on_started(self) -> None:
         worker = self.config.worker
@@ -206,19 +236,51 @@ class WorkerRuntime:
         metrics.WORKER_LOAD.labels(**self.labels).set(0)
         metrics.ACTIVE_JOBS.labels(**self.labels).set(0)
         metrics.DISPATCH_ACCEPTED.labels(**self.labels)
-        metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=self.admission.reason.value)
-        logger.info(
-            "admission: %d agent calls, then %d overflow treatments at once (%s)",
-            self.admission.budget,
-            self.admission.overflow_slots,
-            self.admission.reason.value,
-        )
         metrics.TURN_DETECTOR_FALLBACK.labels(**self.labels, requested=self.plan.requested).set(
             1 if self.plan.fell_back else 0
         )
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep_dead_processes())
         self._serving = loop.create_task(self._serve_metrics_and_readiness())
+        if self.delivery is not None:
+            for result in ("delivered", "retried", "failed"):
+                metrics.CALL_RECORDS.labels(**self.labels, result=result)
+            pending = len(self.delivery.spool.pending())
+            metrics.CALL_RECORDS_PENDING.labels(**self.labels).set(pending)
+            logger.info(
+                "call records to %s (spool %s, %d waiting from before)",
+                self.delivery.webhook.url,
+                self.delivery.spool.root,
+                pending,
+            )
+            self._delivering = loop.create_task(self.delivery.run())
+
+    async def flush_records(self) -> None:
+        """Before exit: deliver what is spooled, for the rest of the drain timeout (at least
+        FLUSH_MIN_SECONDS); what is left stays in the spool for the next start."""
+        if self.delivery is None:
+            return
+        if self._delivering is not None:
+            self._delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delivering
+            self._delivering = None
+        budget = FLUSH_MIN_SECONDS
+        if self.drain_started_at is not None:
+            elapsed = time.monotonic() - self.drain_started_at
+            budget = max(budget, self.config.worker.drain_timeout_seconds - elapsed)
+        left = await self.delivery.flush(budget)
+        await self.delivery.aclose()
+        if left:
+            logger.error(
+                "%d call record(s) not delivered before exit; they stay in the spool %s and "
+                "are delivered when this worker starts again: %s",
+                len(left),
+                self.delivery.spool.pending_dir,
+                ", ".join(left),
+            )
+        else:
+            logger.info("call record spool empty at exit")
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): registered with LiveKit, connected, and taking new jobs."""
@@ -281,10 +343,6 @@ def prewarm(proc: JobProcess) -> None:
 
 async def entrypoint(ctx: JobContext) -> None:
     config = runtime_config()
-    overflow_reason = (ctx.token_claims().attributes or {}).get(OVERFLOW_ATTRIBUTE)
-    if overflow_reason:
-        await overflow.give_overflow_treatment(ctx, config, overflow_reason)
-        return
     labels = metric_labels(config)
     received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
     pipeline_config = config.pipeline
@@ -295,10 +353,25 @@ async def entrypoint(ctx: JobContext) -> None:
     }
     telemetry = CallTelemetry(labels, providers, dispatch_received_at=received_at)
     toolbox = ToolBox(config.tools, os.environ, labels)
+    recorder: CallRecorder | None = None
+    if config.records_webhook is not None:
+        recorder = CallRecorder(
+            tenant=config.tenant,
+            voice_agent=config.name,
+            dispatch_name=config.dispatch_name,
+            config_hash=runtime_config_hash(),
+            job_id=ctx.job.id,
+            room=ctx.job.room.name,
+            providers=providers,
+            dispatch_received_at=received_at,
+        )
+    call_controls: list[CallControls] = []
 
     async def close_books(reason: str) -> None:
         telemetry.end(reason or "job_shutdown")
         await toolbox.aclose()
+        if recorder is not None:
+            spool_record(config, recorder, reason, call_controls[0] if call_controls else None)
 
     ctx.add_shutdown_callback(close_books)
     try:
@@ -315,6 +388,15 @@ async def entrypoint(ctx: JobContext) -> None:
             session_options["tools"] = mcp_toolsets
         session = AgentSession[CallState](userdata=state, **session_options)
         telemetry.attach(session, current_agent=lambda: state.current_agent)
+        phone_call = PhoneCall.from_participant(ctx.room.name, participant)
+        if recorder is not None:
+            recorder.attach(session, current_agent=lambda: state.current_agent)
+            recorder.set_caller(
+                phone=phone_call is not None,
+                caller_number=state.caller_number,
+                dialed_number=state.dialed_number,
+                sip_call_id=phone_call.sip_call_id if phone_call else "",
+            )
 
         @session.on("close")
         def _end_job(event: CloseEvent) -> None:
@@ -322,11 +404,8 @@ async def entrypoint(ctx: JobContext) -> None:
             # LiveKit closes the room.
             ctx.shutdown(reason=f"session closed: {event.reason.value}")
 
-        controls = CallControls(
-            ctx.room.name,
-            PhoneCall.from_participant(ctx.room.name, participant),
-            config.telephony.transfer_to,
-        )
+        controls = CallControls(ctx.room.name, phone_call, config.telephony.transfer_to)
+        call_controls.append(controls)
         factory = AgentFactory(config, toolbox, state, call_tools=controls.function_tools)
         room_options = room_io.RoomOptions(
             participant_identity=participant.identity,
@@ -341,35 +420,73 @@ async def entrypoint(ctx: JobContext) -> None:
         )
     except Exception:
         telemetry.job_failed()
+        if recorder is not None:
+            recorder.job_failed()
         raise
+
+
+def spool_record(
+    config: RuntimeConfig,
+    recorder: CallRecorder,
+    shutdown_reason: str,
+    controls: CallControls | None,
+) -> None:
+    """The call's record into the spool (job process, at shutdown); never raises."""
+    try:
+        record = recorder.finish(
+            shutdown_reason,
+            hung_up_by_agent=controls is not None and controls.hung_up,
+            transferred=controls is not None and bool(controls.transfers),
+        )
+        path = Spool(spool_directory(config)).put(record)
+    except Exception:
+        metrics.CALL_RECORDS.labels(**metric_labels(config), result="failed").inc()
+        logger.exception("could not write the call record of job %s", recorder.job_id)
+        return
+    logger.info(
+        "call record %s spooled (%s, %d turns, %d tool calls): %s",
+        record.record_id,
+        record.end_reason,
+        len(record.transcript),
+        len(record.tool_calls),
+        path,
+    )
 
 
 # --- the server -----------------------------------------------------------------------------
 
 
 class CountingAgentServer(AgentServer):
-    """An AgentServer whose availability is the admission's, and that counts the job offers
-    livekit-agents turns down by itself.
+    """An AgentServer that counts the job offers livekit-agents turns down by itself.
 
-    livekit-agents compares an "effective load" with load_threshold, both for the status it
-    reports (FULL/AVAILABLE) and before our on_request runs: the load plus an estimate for each
-    offer in flight. With the steering load (admission.py) that estimate would turn a worker
-    FULL in a burst of offers, and its callers would never be offered to it, so the effective
-    load here is the steering load alone: the worker turns FULL only when it can give no
-    overflow treatment either (or drains). `_get_effective_load` and `_is_available` are
-    private; tests/unit/test_runtime_capacity.py fails if a livekit-agents upgrade renames them.
+    Before our on_request runs, livekit-agents refuses an offer when the worker is draining or
+    its load (plus the slots it reserved for offers in flight) has reached loadThreshold; it
+    has no event or metric for that. `_is_available` is the one place that decision is made
+    (called only for an offer), so we wrap it. tests/unit/test_runtime_capacity.py fails if a
+    livekit-agents upgrade renames it.
     """
 
     on_refused: Callable[[str], None] | None = None
-
-    def _get_effective_load(self) -> float:
-        return float(self._worker_load)
+    runtime: WorkerRuntime | None = None
 
     def _is_available(self) -> bool:
         available = super()._is_available()
         if not available and self.on_refused is not None:
-            self.on_refused("draining" if self.draining else "overflow_full")
+            self.on_refused("draining" if self.draining else "load_threshold")
         return available
+
+    async def drain(self, timeout: NotGivenOr[int | None] = NOT_GIVEN) -> None:  # noqa: ASYNC109
+        if self.runtime is not None and self.runtime.drain_started_at is None:
+            self.runtime.drain_started_at = time.monotonic()
+        await super().drain(timeout)
+
+    async def aclose(self) -> None:
+        """Close the worker, then deliver the call records still spooled (the job processes
+        have written theirs by now: closing the process pool waits for their shutdown)."""
+        await super().aclose()
+        if self.runtime is not None:
+            runtime, self.runtime = self.runtime, None  # once
+            await runtime.flush_records()
 
 
 def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -> AgentServer:
@@ -378,10 +495,11 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
     register_turn_detector(plan)
 
     worker = config.worker
+    # Job processes inherit the environment: they spool where the main process delivers from.
+    os.environ[SPOOL_DIR_ENV] = str(spool_directory(config))
     runtime = WorkerRuntime(config, plan)
     server = CountingAgentServer(
-        # Only the admission's FULL_LOAD reaches it; loadThreshold is applied by the admission.
-        load_threshold=LIVEKIT_LOAD_THRESHOLD,
+        load_threshold=worker.load_threshold,
         num_idle_processes=worker.idle_processes,
         job_memory_warn_mb=worker.job_memory_warn_mb,
         job_memory_limit_mb=worker.job_memory_limit_mb,
@@ -400,6 +518,7 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
     )
     server.rtc_session(entrypoint, agent_name=config.dispatch_name, on_request=runtime.on_request)
     runtime.server = server
+    server.runtime = runtime
     server.on_refused = runtime.on_refused_by_livekit_agents
     server.on("worker_started", runtime.on_started)
     server.on("worker_registered", runtime.on_registered)
