@@ -110,7 +110,7 @@ def test_schema_is_structural() -> None:
         if "anyOf" in item:  # only int-or-string, as Kubernetes' own quantities
             assert item["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
             assert item["x-kubernetes-int-or-string"] is True, path
-        else:
+        elif not item.get("x-kubernetes-preserve-unknown-fields"):  # any JSON value
             assert "type" in item, path
         assert {"type": "null"} not in item.get("anyOf", []), path
         if "additionalProperties" in item:
