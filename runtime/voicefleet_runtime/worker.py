@@ -37,7 +37,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,13 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils.http_server import HttpServer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from voicefleet_runtime import metrics
+from voicefleet_runtime import metrics, overflow
+from voicefleet_runtime.admission import (
+    LIVEKIT_LOAD_THRESHOLD,
+    OVERFLOW_ATTRIBUTE,
+    AdmissionGate,
+    Admit,
+)
 from voicefleet_runtime.agents import AgentFactory, CallState
 from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, load_from_environment
 from voicefleet_runtime.delivery import (
@@ -111,41 +116,6 @@ def runtime_config_hash() -> str:
 # --- capacity -------------------------------------------------------------------------------
 
 
-@dataclass
-class CapacityGate:
-    """The hard cap: active + pending jobs never exceed `limit`.
-
-    `pending` counts jobs accepted whose process has not started them yet. `try_reserve` is
-    synchronous, so concurrent requests on the event loop cannot both take the last slot.
-    """
-
-    limit: int
-    pending: int = 0
-    draining: bool = False
-
-    def refusal(self, active: int) -> str | None:
-        """Why a new job must be refused now, or None when it may be accepted."""
-        if self.draining:
-            return "draining"
-        if active + self.pending >= self.limit:
-            return "at_capacity"
-        return None
-
-    def try_reserve(self, active: int) -> str | None:
-        reason = self.refusal(active)
-        if reason is None:
-            self.pending += 1
-        return reason
-
-    def release(self) -> None:
-        self.pending = max(0, self.pending - 1)
-
-    def load(self, active: int) -> float:
-        """active / limit. Pending jobs are left out on purpose: livekit-agents already adds
-        an estimate for requests in flight when it compares load with loadThreshold."""
-        return min(1.0, active / self.limit)
-
-
 class WorkerRuntime:
     """Main-process side: admission, load and the worker-level metrics."""
 
@@ -153,7 +123,10 @@ class WorkerRuntime:
         self.config = config
         self.plan = plan
         self.labels = metric_labels(config)
-        self.gate = CapacityGate(limit=config.worker.jobs_per_worker)
+        worker = config.worker
+        self.admission = AdmissionGate.for_worker(
+            worker.jobs_per_worker, worker.load_threshold, config.admission
+        )
         self.server: AgentServer | None = None
         self.worker_id: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -170,43 +143,77 @@ class WorkerRuntime:
     def active_jobs(self) -> int:
         return len(self.server.active_jobs) if self.server is not None else 0
 
+    def running_jobs(self, server: AgentServer | None = None) -> tuple[int, int]:
+        """(agent calls, overflow treatments) running: an overflow job was accepted with the
+        overflow attribute."""
+        server = server or self.server
+        agent_jobs = overflow_jobs = 0
+        for job in server.active_jobs if server is not None else []:
+            attributes = job.accept_arguments.attributes or {}
+            if OVERFLOW_ATTRIBUTE in attributes:
+                overflow_jobs += 1
+            else:
+                agent_jobs += 1
+        return agent_jobs, overflow_jobs
+
     async def on_request(self, request: JobRequest) -> None:
-        self.gate.draining = self.server is not None and self.server.draining
-        reason = self.gate.try_reserve(self.active_jobs())
-        if reason is not None:
+        gate = self.admission
+        gate.draining = self.server is not None and self.server.draining
+        agent_jobs, overflow_jobs = self.running_jobs()
+        decision, reason = gate.admit(agent_jobs, overflow_jobs)
+        if decision is Admit.REFUSE:
             metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
             logger.info(
-                "refusing job %s: %s (active %d, pending %d, limit %d)",
+                "refusing job %s: %s (agent calls %d+%d of %d, overflow %d+%d of %d)",
                 request.id,
                 reason,
-                self.active_jobs(),
-                self.gate.pending,
-                self.gate.limit,
+                agent_jobs,
+                gate.pending_agent,
+                gate.budget,
+                overflow_jobs,
+                gate.pending_overflow,
+                gate.overflow_slots,
             )
             # terminate=False: LiveKit may offer the job to another worker.
             await request.reject(terminate=False)
             return
-        metrics.DISPATCH_ACCEPTED.labels(**self.labels).inc()
         try:
-            # Returns once LiveKit assigned the job and a job process has started it.
-            await request.accept(name=self.config.name)
+            if decision is Admit.AGENT:
+                metrics.DISPATCH_ACCEPTED.labels(**self.labels).inc()
+                # Returns once LiveKit assigned the job and a job process has started it.
+                await request.accept(name=self.config.name)
+            else:
+                metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=reason).inc()
+                logger.info(
+                    "overflow: job %s (room %s) gets the overflow treatment: %s "
+                    "(%d agent calls of %d)",
+                    request.id,
+                    request.room.name,
+                    reason,
+                    agent_jobs,
+                    gate.budget,
+                )
+                await request.accept(
+                    name=self.config.name,
+                    identity=f"overflow-{request.id}",
+                    attributes={OVERFLOW_ATTRIBUTE: reason},
+                )
         finally:
-            self.gate.release()
+            gate.started(decision)
 
     def on_refused_by_livekit_agents(self, reason: str) -> None:
         metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
-        logger.info(
-            "refused a job offer: %s (load %.2f, threshold %s)",
-            reason,
-            self.gate.load(self.active_jobs()),
-            self.config.worker.load_threshold,
-        )
+        logger.info("refused a job offer: %s (running %s)", reason, self.running_jobs())
 
     def load(self, server: AgentServer) -> float:
-        """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each request."""
-        value = self.gate.load(len(server.active_jobs))
-        metrics.WORKER_LOAD.labels(**self.labels).set(value)
-        return value
+        """load_fnc: called by livekit-agents every 0.5 s (in a thread) and before each offer.
+
+        What LiveKit sees is the admission's steering load (admission.py); the metric is the
+        real load, agent calls / jobsPerWorker, which the HPA and the dashboards use."""
+        agent_jobs, overflow_jobs = self.running_jobs(server)
+        real = min(1.0, agent_jobs / self.config.worker.jobs_per_worker)
+        metrics.WORKER_LOAD.labels(**self.labels).set(real)
+        return self.admission.steering_load(agent_jobs, overflow_jobs)
 
     def on_started(self) -> None:
         worker = self.config.worker
@@ -236,6 +243,13 @@ class WorkerRuntime:
         metrics.WORKER_LOAD.labels(**self.labels).set(0)
         metrics.ACTIVE_JOBS.labels(**self.labels).set(0)
         metrics.DISPATCH_ACCEPTED.labels(**self.labels)
+        metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=self.admission.reason.value)
+        logger.info(
+            "admission: %d agent calls, then %d overflow treatments at once (%s)",
+            self.admission.budget,
+            self.admission.overflow_slots,
+            self.admission.reason.value,
+        )
         metrics.TURN_DETECTOR_FALLBACK.labels(**self.labels, requested=self.plan.requested).set(
             1 if self.plan.fell_back else 0
         )
@@ -343,6 +357,10 @@ def prewarm(proc: JobProcess) -> None:
 
 async def entrypoint(ctx: JobContext) -> None:
     config = runtime_config()
+    overflow_reason = (ctx.token_claims().attributes or {}).get(OVERFLOW_ATTRIBUTE)
+    if overflow_reason:
+        await overflow.give_overflow_treatment(ctx, config, overflow_reason)
+        return
     labels = metric_labels(config)
     received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
     pipeline_config = config.pipeline
@@ -457,22 +475,28 @@ def spool_record(
 
 
 class CountingAgentServer(AgentServer):
-    """An AgentServer that counts the job offers livekit-agents turns down by itself.
+    """An AgentServer whose availability is the admission's, and that counts the job offers
+    livekit-agents turns down by itself.
 
-    Before our on_request runs, livekit-agents refuses an offer when the worker is draining or
-    its load (plus the slots it reserved for offers in flight) has reached loadThreshold; it
-    has no event or metric for that. `_is_available` is the one place that decision is made
-    (called only for an offer), so we wrap it. tests/unit/test_runtime_capacity.py fails if a
-    livekit-agents upgrade renames it.
+    livekit-agents compares an "effective load" with load_threshold, both for the status it
+    reports (FULL/AVAILABLE) and before our on_request runs: the load plus an estimate for each
+    offer in flight. With the steering load (admission.py) that estimate would turn a worker
+    FULL in a burst of offers, and its callers would never be offered to it, so the effective
+    load here is the steering load alone: the worker turns FULL only when it can give no
+    overflow treatment either (or drains). `_get_effective_load` and `_is_available` are
+    private; tests/unit/test_runtime_capacity.py fails if a livekit-agents upgrade renames them.
     """
 
     on_refused: Callable[[str], None] | None = None
     runtime: WorkerRuntime | None = None
 
+    def _get_effective_load(self) -> float:
+        return float(self._worker_load)
+
     def _is_available(self) -> bool:
         available = super()._is_available()
         if not available and self.on_refused is not None:
-            self.on_refused("draining" if self.draining else "load_threshold")
+            self.on_refused("draining" if self.draining else "overflow_full")
         return available
 
     async def drain(self, timeout: NotGivenOr[int | None] = NOT_GIVEN) -> None:  # noqa: ASYNC109
@@ -499,7 +523,8 @@ def build_server(config: RuntimeConfig, plan: TurnDetectionPlan | None = None) -
     os.environ[SPOOL_DIR_ENV] = str(spool_directory(config))
     runtime = WorkerRuntime(config, plan)
     server = CountingAgentServer(
-        load_threshold=worker.load_threshold,
+        # Only the admission's FULL_LOAD reaches it; loadThreshold is applied by the admission.
+        load_threshold=LIVEKIT_LOAD_THRESHOLD,
         num_idle_processes=worker.idle_processes,
         job_memory_warn_mb=worker.job_memory_warn_mb,
         job_memory_limit_mb=worker.job_memory_limit_mb,
