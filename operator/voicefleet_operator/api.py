@@ -39,6 +39,7 @@ from voicefleet_runtime.config import (
     TelephonyOptions,
     WebhookTool,
     WorkerSettings,
+    all_errors,
     cel,
     describe_validation_error,
     validate_tool_references,
@@ -624,7 +625,8 @@ def parse_spec(spec: Mapping[str, Any]) -> VoiceAgentSpec:
     try:
         return VoiceAgentSpec.model_validate(spec)
     except ValidationError as error:
-        raise SpecError(describe_validation_error(error, prefix="spec")) from None
+        errors = all_errors(VoiceAgentSpec, spec, error)
+        raise SpecError(describe_validation_error(errors, prefix="spec")) from None
 
 
 def parse_status(status: Mapping[str, Any] | None) -> VoiceAgentStatus:

@@ -16,6 +16,7 @@ manifest before it reaches the operator). Both live next to each other so they s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from voicefleet_runtime.admission import AdmissionSettings, OverflowOptions
 
@@ -708,10 +709,64 @@ class ConfigError(Exception):
     """Invalid runtime config; the message names each bad field and how to fix it."""
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+def _without(data: Any, loc: tuple[int | str, ...]) -> bool:
+    """Delete the mapping key at `loc` inside `data` (in place); False if it is not there."""
+    node = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if not loc or not isinstance(node, dict) or loc[-1] not in node:
+        return False
+    del node[loc[-1]]
+    return True
+
+
+def all_errors(
+    model: type[BaseModel], data: Mapping[str, Any], error: ValidationError, rounds: int = 4
+) -> list[ErrorDetails]:
+    """Every problem of `data`, not only the first layer.
+
+    Pydantic skips a model's cross-field checks (entry names an agent, tool references, ...)
+    once one of its fields is invalid, so a typo would hide them and the tenant would fix one
+    error per try. Each round leaves out the fields already reported (their defaults, if any,
+    stand in) and validates again; a field missing only because it was left out is not a new
+    problem."""
+    found = list(error.errors())
+    seen = {(tuple(e["loc"]), e["msg"]) for e in found}
+    removed: set[tuple[int | str, ...]] = set()
+    pruned = copy.deepcopy(dict(data))
+    for _ in range(rounds):
+        progress = False
+        for item in found:
+            loc = tuple(item["loc"])
+            if loc not in removed and _without(pruned, loc):
+                removed.add(loc)
+                progress = True
+        if not progress:
+            break
+        try:
+            model.model_validate(pruned)
+            break
+        except ValidationError as again:
+            new = [
+                e
+                for e in again.errors()
+                if (tuple(e["loc"]), e["msg"]) not in seen
+                and not (e["type"] == "missing" and tuple(e["loc"]) in removed)
+            ]
+        if not new:
+            break
+        seen.update((tuple(e["loc"]), e["msg"]) for e in new)
+        found += new
+    return found
+
+
+def describe_validation_error(error: ValidationError | list[ErrorDetails], prefix: str = "") -> str:
     """One line per problem: `field.path: message` (camelCase paths, as written in YAML)."""
     lines = []
-    for item in error.errors():
+    for item in error.errors() if isinstance(error, ValidationError) else error:
         path = _json_pointer(tuple(item["loc"]))
         if item["type"] == "tool_parameters":  # where inside the tool's JSON Schema
             path += (item.get("ctx") or {}).get("path", "")
@@ -732,7 +787,8 @@ def parse_config(data: Mapping[str, Any]) -> RuntimeConfig:
     try:
         return RuntimeConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from None
+        errors = all_errors(RuntimeConfig, data, error)
+        raise ConfigError(describe_validation_error(errors)) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> RuntimeConfig:

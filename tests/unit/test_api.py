@@ -172,3 +172,14 @@ def test_status_round_trip_uses_kubernetes_spelling() -> None:
 def test_status_rejects_an_unknown_phase() -> None:
     with pytest.raises(ValueError, match="phase"):
         parse_status({"phase": "Running"})
+
+
+def test_a_field_error_does_not_hide_the_cross_field_checks() -> None:
+    spec = _mutate("worker.jobsPerWorker", 0)
+    spec["entry"] = "nobody"
+    spec["agents"][0]["tools"] = ["undefined_tool"]
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)
+    lines = str(raised.value).splitlines()
+    assert lines[0].startswith("spec.worker.jobsPerWorker: Input should be greater than or equal")
+    assert any("entry 'nobody' names no agent" in line for line in lines), lines

@@ -63,7 +63,17 @@ def test_unknown_field_and_bad_reference_are_both_reported(tmp_path: Path) -> No
     result = run_check(tmp_path, config)
     assert result.returncode == 2
     assert "pipline: unknown field; check the spelling" in result.stderr
+    # The typo does not hide the cross-field check pydantic skips after a field error.
+    assert "entry 'billing' names no agent; use one of ['receptionist']" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_field_and_bad_reference_are_both_reported(tmp_path: Path) -> None:
+    config = {**VALID, "entry": "billing", "worker": {"jobsPerWorker": 0}}
+    result = run_check(tmp_path, config)
+    assert result.returncode == 2
+    assert "worker.jobsPerWorker: Input should be greater than or equal to 1" in result.stderr
+    assert "entry 'billing' names no agent" in result.stderr
 
 
 def test_missing_secret_names_the_variable(tmp_path: Path) -> None:
