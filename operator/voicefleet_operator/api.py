@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.config import ConfigDict, JsonDict
+from voicefleet_runtime.admission import OverflowOptions, worker_capacity
 from voicefleet_runtime.config import (
     AgentsSection,
     HttpEndpoint,
@@ -388,6 +389,23 @@ class ScalingSpec(Model):
     )
 
 
+class LimitsSpec(Model):
+    """Caps on this VoiceAgent's calls, set by the tenant. The platform may set a lower cap per
+    namespace (operator settings); the lower of the two applies."""
+
+    max_concurrent_calls: Annotated[int | None, Field(ge=1, le=100000)] = None
+    """Most calls the agents answer at once, across all worker pods of this VoiceAgent; the
+    callers beyond it get spec.overflow. Omit for no cap but the fleet's capacity
+    (maxReplicas x floor(jobsPerWorker x loadThreshold))."""
+
+
+def minimum_capacity(spec: VoiceAgentSpec) -> int:
+    """Calls the fleet takes at its smallest: its fewest pods x floor(jobsPerWorker x
+    loadThreshold)."""
+    pods = spec.scaling.replicas if spec.scaling.replicas is not None else spec.scaling.min_replicas
+    return pods * worker_capacity(spec.worker.jobs_per_worker, spec.worker.load_threshold)
+
+
 # --- the spec ---------------------------------------------------------------------------------
 
 # CEL twins of AgentsSection's and validate_tool_references' checks (agent names' uniqueness is
@@ -425,6 +443,26 @@ SPEC_RULES: Final[list[JsonDict]] = [
         "scaling.targetLoad or raise worker.loadThreshold",
         ".scaling.targetLoad",
     ),
+    # Twin of VoiceAgentSpec._cap_covers_minimum_capacity (minimum_capacity, defaults filled in).
+    cel(
+        "!has(self.limits) || !has(self.limits.maxConcurrentCalls) || "
+        "self.limits.maxConcurrentCalls >= "
+        "(has(self.scaling) && has(self.scaling.replicas) ? self.scaling.replicas : "
+        f"(has(self.scaling) && has(self.scaling.minReplicas) ? self.scaling.minReplicas : "
+        f"{ScalingSpec().min_replicas})) * "
+        "(int((has(self.worker) && has(self.worker.jobsPerWorker) ? "
+        f"double(self.worker.jobsPerWorker) : {float(WorkerSpec().jobs_per_worker)}) * "
+        "(has(self.worker) && has(self.worker.loadThreshold) ? self.worker.loadThreshold : "
+        f"{WorkerSpec().load_threshold}) + 0.000000001) < 1 ? 1 : "
+        "int((has(self.worker) && has(self.worker.jobsPerWorker) ? "
+        f"double(self.worker.jobsPerWorker) : {float(WorkerSpec().jobs_per_worker)}) * "
+        "(has(self.worker) && has(self.worker.loadThreshold) ? self.worker.loadThreshold : "
+        f"{WorkerSpec().load_threshold}) + 0.000000001))",
+        "limits.maxConcurrentCalls is below the fleet's minimum capacity (minReplicas, or the "
+        "pinned replicas, x floor(jobsPerWorker x loadThreshold)): pods would run that may "
+        "never take a call; raise the cap or lower minReplicas or jobsPerWorker",
+        ".limits.maxConcurrentCalls",
+    ),
 ]
 
 
@@ -445,6 +483,12 @@ class VoiceAgentSpec(AgentsSection):
     """Worker pods: call capacity, memory limits, drain, image and resources."""
     scaling: ScalingSpec = ScalingSpec()
     """Number of worker pods: autoscaled on call load, or pinned."""
+    limits: LimitsSpec = LimitsSpec()
+    """Caps on concurrent calls (the platform's per-namespace cap applies on top)."""
+    overflow: OverflowOptions = OverflowOptions()
+    """What a caller beyond capacity gets (a cap reached, or no worker with a free slot): a
+    spoken message for WebRTC callers; a SIP rejection, the message, or a transfer for phone
+    calls."""
 
     @model_validator(mode="after")
     def _spec_references(self) -> Self:
@@ -454,6 +498,18 @@ class VoiceAgentSpec(AgentsSection):
         for index, agent in enumerate(self.agents):
             _unique(agent.tools, f"agents[{index}].tools entry")
             _unique(agent.handoffs, f"agents[{index}].handoffs entry")
+        return self
+
+    @model_validator(mode="after")
+    def _cap_covers_minimum_capacity(self) -> Self:
+        cap = self.limits.max_concurrent_calls
+        if cap is not None and cap < minimum_capacity(self):
+            raise ValueError(
+                f"limits.maxConcurrentCalls ({cap}) is below the fleet's minimum capacity "
+                f"({minimum_capacity(self)}: minReplicas, or the pinned replicas, x "
+                "floor(jobsPerWorker x loadThreshold)): pods would run that may never take a "
+                "call; raise the cap or lower minReplicas or jobsPerWorker"
+            )
         return self
 
     @model_validator(mode="after")

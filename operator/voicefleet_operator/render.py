@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from voicefleet_runtime.admission import OverflowReason, worker_capacity
 from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_config
 
 from voicefleet_operator.api import API_VERSION, KIND, HttpHeaderSpec, VoiceAgentSpec, WorkerSpec
@@ -260,8 +261,22 @@ def runtime_config(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> RuntimeConfig:
         "mcpServers": mcp_servers,
         "telephony": telephony,
         "worker": worker,
+        "admission": admission_settings(spec),
+        "overflow": spec.overflow.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
     return parse_config(document)
+
+
+def admission_settings(spec: VoiceAgentSpec) -> dict[str, Any]:
+    """Each worker's agent-call budget as rendered: its capacity, lowered to the VoiceAgent's
+    cap when that is smaller. Across pods the cap also bounds the replicas
+    (scaling.max_replicas_within_cap)."""
+    worker = spec.worker
+    capacity = worker_capacity(worker.jobs_per_worker, worker.load_threshold)
+    cap = spec.limits.max_concurrent_calls
+    if cap is None or cap >= capacity:
+        return {"limitReason": OverflowReason.CAPACITY.value}
+    return {"maxAgentJobs": cap, "limitReason": OverflowReason.AGENT_LIMIT.value}
 
 
 class _ReadableDumper(yaml.SafeDumper):

@@ -27,6 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 import aiohttp
+from voicefleet_runtime.admission import worker_capacity
 
 from voicefleet_operator.api import VoiceAgentSpec
 
@@ -94,7 +95,7 @@ class ScalingPolicy:
             target_load=scaling.target_load,
             spare_jobs=scaling.spare_jobs,
             min_replicas=scaling.min_replicas,
-            max_replicas=scaling.max_replicas,
+            max_replicas=max_replicas_within_cap(spec),
             scale_down_delay_seconds=scaling.scale_down_delay_seconds,
             load_threshold=worker.load_threshold,
             pinned_replicas=scaling.replicas,
@@ -110,6 +111,19 @@ class ScalingPolicy:
         """
         load = min(_exact(self.target_load), _exact(self.load_threshold))
         return self.jobs_per_worker * load
+
+
+def max_replicas_within_cap(spec: VoiceAgentSpec) -> int:
+    """maxReplicas, lowered to the pods the call cap can fill: ceil(cap / per-pod capacity).
+
+    More pods could only take calls the cap refuses; this also bounds the fleet's calls
+    physically (pods x capacity) whatever the workers are told."""
+    cap = spec.limits.max_concurrent_calls
+    if cap is None:
+        return spec.scaling.max_replicas
+    per_pod = worker_capacity(spec.worker.jobs_per_worker, spec.worker.load_threshold)
+    needed = max(spec.scaling.min_replicas, math.ceil(cap / per_pod))
+    return min(spec.scaling.max_replicas, needed)
 
 
 def _exact(value: float) -> Fraction:

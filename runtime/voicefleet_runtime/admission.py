@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
@@ -97,6 +97,28 @@ class SipOverflow(_Model):
     header on that 486, which upstream carriers and PBXes can act on."""
     transfer_to: Annotated[str | None, Field(pattern=r"^\+[1-9][0-9]{6,14}$")] = None
     """For transfer: the overflow number, E.164."""
+
+    @model_validator(mode="after")
+    def _transfer_has_a_number(self) -> Self:
+        if self.action == "transfer" and not self.transfer_to:
+            raise ValueError(
+                "sip.action transfer needs sip.transferTo, the overflow number (E.164)"
+            )
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.action) || self.action != 'transfer' "
+                    "|| has(self.transferTo)",
+                    "message": "sip.action transfer needs sip.transferTo, the overflow number "
+                    "(E.164)",
+                    "fieldPath": ".transferTo",
+                }
+            ]
+        }
+    )
 
 
 class OverflowOptions(_Model):
