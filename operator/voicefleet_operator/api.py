@@ -34,6 +34,7 @@ from pydantic.config import ConfigDict, JsonDict
 from voicefleet_runtime.admission import OverflowOptions, worker_capacity
 from voicefleet_runtime.config import (
     AgentsSection,
+    CallRecordWebhookBase,
     HttpEndpoint,
     McpServerConfig,
     Model,
@@ -206,6 +207,27 @@ class McpServerSpec(McpServerConfig):
 
     headers: Annotated[list[HttpHeaderSpec], Field(max_length=32)] = []  # type: ignore[assignment]
     """Extra headers; take credentials from a Secret with valueFrom.secretKeyRef."""
+
+
+# --- call records -----------------------------------------------------------------------------
+
+
+class CallRecordWebhookSpec(CallRecordWebhookBase):
+    """Where each call's record is delivered: one signed POST per call (the record's fields are
+    listed under "Call records" in the API reference)."""
+
+    signing_secret_ref: SecretKeySelector
+    """The Secret key whose bytes sign each delivery: X-VoiceFleet-Signature is sha256=<hex
+    HMAC-SHA256 of the raw request body>. Passed to the workers as an environment variable,
+    never through the ConfigMap."""
+
+
+class CallRecordsSpec(Model):
+    """Call records: one record per call (who called, when, which agents, the transcript, tool
+    calls, usage, how it ended), delivered to the tenant."""
+
+    webhook: CallRecordWebhookSpec | None = None
+    """Deliver each call's record to this webhook (at least once, deduplicate on recordId)."""
 
 
 # --- telephony --------------------------------------------------------------------------------
@@ -483,6 +505,8 @@ class VoiceAgentSpec(AgentsSection):
     """Worker pods: call capacity, memory limits, drain, image and resources."""
     scaling: ScalingSpec = ScalingSpec()
     """Number of worker pods: autoscaled on call load, or pinned."""
+    call_records: CallRecordsSpec | None = None
+    """Call records: each call's record delivered to the tenant's webhook; omit for none."""
     limits: LimitsSpec = LimitsSpec()
     """Caps on concurrent calls (the platform's per-namespace cap applies on top)."""
     overflow: OverflowOptions = OverflowOptions()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from voicefleet_runtime import callrecords
 
 from voicefleet_operator import api
 
@@ -354,9 +355,116 @@ def reference() -> str:
         f"| {c['name']} | `{_cell(c['jsonPath'])}` | {'wide only' if c.get('priority') else ''} |"
         for c in PRINTER_COLUMNS
     )
-    return REFERENCE_TEMPLATE.format(
-        fields="\n".join(rows), rules="\n".join(rules), columns=columns
+    return (
+        REFERENCE_TEMPLATE.format(fields="\n".join(rows), rules="\n".join(rules), columns=columns)
+        + call_records_reference()
     )
+
+
+def _record_type(node: dict[str, Any], definitions: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(type name, the object schema to descend into or {}) of one record field."""
+    options = node.get("anyOf", [node])
+    names: list[str] = []
+    nested: dict[str, Any] = {}
+    for option in options:
+        if "$ref" in option:
+            target = definitions[option["$ref"].rsplit("/", 1)[-1]]
+            names.append("object")
+            nested = target
+        elif option.get("type") == "array":
+            item_name, item_nested = _record_type(option["items"], definitions)
+            names.append(f"[]{item_name}")
+            nested = item_nested or nested
+        elif option.get("type") == "string" and option.get("format") == "date-time":
+            names.append("timestamp")
+        elif "enum" in option or "const" in option:
+            names.append("string")
+        elif option.get("type") != "null":
+            names.append(str(option.get("type", "any")))
+    optional = any(option.get("type") == "null" for option in options)
+    return " or ".join(dict.fromkeys(names)) + (" (optional)" if optional else ""), nested
+
+
+def call_records_reference() -> str:
+    """The call record's fields (voicefleet_runtime.callrecords), for API.md."""
+    schema = callrecords.CallRecord.model_json_schema(by_alias=True)
+    definitions = schema.get("$defs", {})
+    rows: list[str] = []
+
+    def visit(node: dict[str, Any], path: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            field = f"{path}.{name}" if path else name
+            kind, nested = _record_type(prop, definitions)
+            values = prop.get("enum") or next(
+                (o.get("enum") for o in prop.get("anyOf", []) if o.get("enum")), None
+            )
+            notes = ("one of " + ", ".join(f"`{v}`" for v in values)) if values else ""
+            description = _one_line(prop.get("description", ""))
+            rows.append(f"| `{field}` | {kind} | {_cell(notes)} | {_cell(description)} |")
+            if nested:
+                visit(nested, field + ("[]" if kind.startswith("[]") else ""))
+
+    visit(schema, "")
+    reasons = "\n".join(
+        f"| `{reason}` | {_cell(text)} |" for reason, text in callrecords.END_REASONS.items()
+    )
+    return CALL_RECORDS_TEMPLATE.format(
+        version=callrecords.SCHEMA_VERSION, fields="\n".join(rows), reasons=reasons
+    )
+
+
+CALL_RECORDS_TEMPLATE = """
+## Call records
+
+With `spec.callRecords.webhook` set, every call answered by the agent leaves one record, a JSON
+document (schema version {version}, defined in `runtime/voicefleet_runtime/callrecords.py`)
+POSTed to the webhook's `url` when the call ends. Fields may be added within a schema version;
+ignore fields you do not know. Times are RFC 3339 UTC timestamps, durations are seconds.
+
+**Headers.** `Content-Type: application/json`, `X-VoiceFleet-Delivery: <recordId>` and
+`X-VoiceFleet-Signature: sha256=<hex>`, the HMAC-SHA256 of the raw request body keyed with the
+bytes of the Secret key `signingSecretRef` names.
+
+**Verifying a delivery.** Read the raw body before parsing it; compute
+`"sha256=" + hex(HMAC_SHA256(key, body))` and compare it with the header in constant time
+(Python: `hmac.compare_digest`); refuse the request when they differ. Then parse the JSON and
+deduplicate on `recordId` (the same record may arrive more than once). Answer 2xx once it is
+stored. `voicefleet_runtime.callrecords.verify(body, key, signature)` does the check.
+
+```python
+import hashlib, hmac
+
+def verified(body: bytes, key: bytes, signature: str) -> bool:
+    expected = "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature)
+```
+
+**Delivery.** At least once. The call's job process writes the record to a spool on the
+worker pod's volume (an emptyDir); the worker's main process delivers it, one POST per record,
+within a second of the call's end while the receiver is up. Timeouts (`timeoutSeconds`),
+connection errors, 408, 429 and 5xx are retried with exponential backoff (1 s doubling to 60 s,
++-20 % jitter) until the record is `retryForSeconds` old (default 3600); any other status (3xx,
+4xx) is not retried: the record is logged at ERROR with the status and the start of your answer,
+and counted as failed. A worker shutting down (SIGTERM: scale-down, rollout, node drain) first
+finishes its calls, then delivers what is spooled before it exits (for the rest of
+`worker.drainTimeoutSeconds`, at least 15 s); records it could not deliver stay in the spool,
+logged with their ids, and a restarted worker container delivers them. Metrics:
+`voicefleet_call_records_total{{tenant,agent,result}}` (`delivered`, `retried`, `failed`),
+`voicefleet_call_records_pending`, `voicefleet_call_record_delivery_delay_seconds`; the chart's
+alert `VoiceFleetCallRecordsFailing` fires when records fail.
+
+**End reasons.**
+
+| `endReason` | Meaning |
+|---|---|
+{reasons}
+
+**Fields.**
+
+| Field | Type | Values | Description |
+|---|---|---|---|
+{fields}
+"""
 
 
 REFERENCE_TEMPLATE = """<!-- Generated by `make generate` from operator/voicefleet_operator/api.py.

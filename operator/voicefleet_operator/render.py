@@ -36,7 +36,14 @@ import yaml
 from voicefleet_runtime.admission import OverflowReason, worker_capacity
 from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_config
 
-from voicefleet_operator.api import API_VERSION, KIND, HttpHeaderSpec, VoiceAgentSpec, WorkerSpec
+from voicefleet_operator.api import (
+    API_VERSION,
+    KIND,
+    CallRecordWebhookSpec,
+    HttpHeaderSpec,
+    VoiceAgentSpec,
+    WorkerSpec,
+)
 from voicefleet_operator.scaling import ScalingPolicy, render_hpa
 from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
 
@@ -64,6 +71,10 @@ ANNOTATION_SECRETS_HASH = "voicefleet.dev/secrets-hash"
 CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/voicefleet"
 METRICS_DIR = "/var/run/voicefleet/metrics"
+SPOOL_DIR = "/var/run/voicefleet/spool"
+"""Call records waiting for delivery (an emptyDir: outlives job processes and container
+restarts, not the pod; the worker delivers it before it exits)."""
+SPOOL_DIR_ENV = "VOICEFLEET_SPOOL_DIR"
 CONTAINER_NAME = "worker"
 RUNTIME_COMMAND = ["python", "-m", "voicefleet_runtime", "start"]
 RUN_AS_ID = 10001
@@ -205,7 +216,15 @@ def secret_key_uses(spec: VoiceAgentSpec) -> list[SecretKeyUse]:
         collect(tool.http.headers, f"spec.tools[{index}].http")
     for index, server in enumerate(spec.mcp_servers):
         collect(server.headers, f"spec.mcpServers[{index}]")
+    webhook = records_webhook(spec)
+    if webhook is not None:
+        ref = webhook.signing_secret_ref
+        uses.append(SecretKeyUse(ref.name, ref.key, "spec.callRecords.webhook.signingSecretRef"))
     return uses
+
+
+def records_webhook(spec: VoiceAgentSpec) -> CallRecordWebhookSpec | None:
+    return spec.call_records.webhook if spec.call_records is not None else None
 
 
 def secrets_hash(secrets: Mapping[str, Mapping[str, str]]) -> str:
@@ -264,6 +283,13 @@ def runtime_config(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> RuntimeConfig:
         "admission": admission_settings(spec),
         "overflow": spec.overflow.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
+    webhook = records_webhook(spec)
+    if webhook is not None:
+        hook = webhook.wire()
+        del hook["signingSecretRef"]
+        key_ref = webhook.signing_secret_ref
+        hook["signingKeyFromEnv"] = header_env_var(key_ref.name, key_ref.key)
+        document["callRecords"] = {"webhook": hook}
     return parse_config(document)
 
 
@@ -545,6 +571,13 @@ def render_deployment(
     }
     if not spec.secret_refs:
         del container["envFrom"]
+    spool_volumes: list[dict[str, Any]] = []
+    if records_webhook(spec) is not None:
+        env: list[dict[str, Any]] = container["env"]  # type: ignore[assignment]
+        env.append({"name": SPOOL_DIR_ENV, "value": SPOOL_DIR})
+        mounts: list[dict[str, Any]] = container["volumeMounts"]  # type: ignore[assignment]
+        mounts.append({"name": "spool", "mountPath": SPOOL_DIR})
+        spool_volumes.append({"name": "spool", "emptyDir": {}})
     template_annotations = {
         ANNOTATION_CONFIG_HASH: config_hash,
         ANNOTATION_SECRETS_HASH: secrets_hash,
@@ -602,6 +635,7 @@ def render_deployment(
                         },
                         {"name": "tmp", "emptyDir": {}},
                         {"name": "metrics", "emptyDir": {}},
+                        *spool_volumes,
                     ],
                 },
             },

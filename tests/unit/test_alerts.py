@@ -30,6 +30,7 @@ ALERTS = {
     "VoiceFleetNoSpareCapacity",
     "VoiceFleetDispatchRejections",
     "VoiceFleetTurnLatencyHigh",
+    "VoiceFleetCallRecordsFailing",
     "VoiceFleetWorkersCrashLooping",
     "VoiceFleetReconcileErrors",
     "VoiceFleetTelephonyNotReady",
@@ -208,6 +209,11 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
             "0+3x40",
         ),
         *_latency_buckets(slow=True),
+        _series(
+            "voicefleet_call_records_total",
+            _with_extra(WORKER, 'result="failed"'),
+            "0x10 1x30",
+        ),
         _series("up", UP, "0x40"),
         _series(
             "voicefleet_operator_reconcile_errors_total",
@@ -229,6 +235,11 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
             "3x40",
         ),
         *_latency_buckets(slow=False),
+        _series(
+            "voicefleet_call_records_total",
+            _with_extra(WORKER, 'result="failed"'),
+            "0x40",
+        ),
         _series("up", UP, "1x40"),
         _series(
             "voicefleet_operator_reconcile_errors_total",
@@ -256,6 +267,8 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
                         "VoiceFleetDispatchRejections", {**agent, "reason": "at_capacity"}, "15"
                     ),
                     firing("VoiceFleetTurnLatencyHigh", agent, "4.85s"),
+                    firing("VoiceFleetCallRecordsFailing", agent, "1", at="15m"),
+                    quiet("VoiceFleetCallRecordsFailing", at="5m"),
                     firing(
                         "VoiceFleetWorkersCrashLooping",
                         {"namespace": "acme", "pod": "support-1", "severity": "warning"},
@@ -309,7 +322,8 @@ RUNTIME_EXPOSITION = textwrap.dedent(
         names = metric._labelnames
         values = {**USAGE, "reason": "at_capacity", "requested": "multilingual",
                   "component": "llm", "recoverable": "true", "from_agent": "front",
-                  "to_agent": "billing", "tool": "lookup", "outcome": "ok"}
+                  "to_agent": "billing", "tool": "lookup", "outcome": "ok",
+                  "result": "delivered"}
         child = metric.labels(**{n: values[n] for n in names})
         for method in ("inc", "observe", "set"):
             if hasattr(child, method):
