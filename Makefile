@@ -1,8 +1,8 @@
 # VoiceFleet: every command a user or CI runs (ARCHITECTURE.md section 6).
-# Local infrastructure: see e2e/README.md (paths, logs, disk and time).
+# Local platform: see localdev/README.md (paths, logs, disk and time).
 
 PYTHON ?= .venv/bin/python
-INFRA := $(PYTHON) -m e2e.infra
+INFRA := $(PYTHON) -m voicefleet_localdev
 PYTEST := $(PYTHON) -m pytest
 # uv is pinned here and installed by `make setup` when missing; it installs from uv.lock exactly.
 UV_VERSION := 0.13.8
@@ -10,7 +10,7 @@ UV := python3 -m uv
 
 # ---------------------------------------------------------------- development
 
-.PHONY: setup check lint typecheck unit test integration e2e e2e-telephony format
+.PHONY: setup check lint typecheck unit unit-tools programs test integration e2e e2e-telephony format
 # Virtualenv .venv with every extra, exactly as locked in uv.lock.
 setup: .venv/.synced
 .venv/.synced: pyproject.toml uv.lock
@@ -29,11 +29,21 @@ format: setup
 typecheck: setup
 	$(PYTHON) -m mypy
 
-unit: setup
-	$(PYTEST) tests/unit
+# The two upstream programs unit tests run (helm template, promtool): the pinned helm and
+# Debian's prometheus package, installed like the rest of the pinned components.
+unit-tools: setup
+	$(INFRA) build helm debian
 
-# Lint, types and unit tests: fast, needs no infrastructure.
-check: lint typecheck unit
+unit: unit-tools
+	eval "$$($(INFRA) env)" && $(PYTEST) tests/unit
+
+# Every program the local platform runs is installed by `make infra` (fails naming the ones
+# nothing installs).
+programs: setup
+	$(PYTHON) -m voicefleet_localdev.programs
+
+# Lint, types, the installed-programs check and unit tests: needs no running infrastructure.
+check: lint typecheck programs unit
 
 # Integration tests (real kube-apiserver, real livekit-server) and the full-stack e2e tests; the
 # fixtures start what is not running and stop what they started.
@@ -41,16 +51,16 @@ integration: setup infra
 	$(PYTEST) tests/integration
 
 e2e: setup infra
-	$(PYTEST) e2e
+	$(PYTEST) tests/e2e
 
 # Only the phone-call e2e (sipp through livekit-sip to the worker pods); part of `make test`.
 e2e-telephony: setup infra
-	$(PYTEST) e2e/test_telephony.py
+	$(PYTEST) tests/e2e/test_telephony.py
 
 # Everything CI runs (README's test command): checks, then every integration and e2e test in one
 # pytest session so the cluster and LiveKit stack are started once.
 test: check infra
-	$(PYTEST) --durations=25 tests/integration e2e
+	$(PYTEST) --durations=25 tests/integration tests/e2e
 
 # ---------------------------------------------------------------- code generation
 
@@ -58,13 +68,13 @@ test: check infra
 # From the API models (operator/voicefleet_operator/api.py): the CRD in crds/ and its copy in
 # the chart, and the field reference operator/API.md. A unit test fails when they are stale.
 generate: setup
-	PYTHONPATH=operator:runtime $(PYTHON) -m voicefleet_operator.crd
+	$(PYTHON) -m voicefleet_operator.crd
 
 # ---------------------------------------------------------------- local infrastructure
 
 .PHONY: infra cluster-up cluster-up-control-plane cluster-down cluster-status images env
 
-# Build/install the pinned upstream components (e2e/versions.toml) into ~/.cache/voicefleet.
+# Build/install the pinned upstream components (localdev/versions.toml) into ~/.cache/voicefleet.
 infra: setup
 	$(INFRA) build
 
@@ -77,10 +87,10 @@ cluster-up: infra
 cluster-up-control-plane: infra
 	$(INFRA) cluster up --control-plane-only --provider $(PROVIDER)
 
-cluster-down:
+cluster-down: setup
 	$(INFRA) cluster down
 
-cluster-status:
+cluster-status: setup
 	$(INFRA) cluster status
 
 # Images with podman (base image built from Debian packages when it cannot be pulled),
@@ -89,16 +99,16 @@ images: infra
 	$(INFRA) images
 
 # Redis, livekit-server (ws://127.0.0.1:7880, dev keys), livekit-sip (SIP 5060) and Prometheus
-# (http://127.0.0.1:9090) as host processes; see e2e/infra/livekit.py for ports and keys.
+# (http://127.0.0.1:9090) as host processes; see localdev/voicefleet_localdev/livekit.py for ports and keys.
 .PHONY: livekit-up livekit-down
 livekit-up: infra
 	$(INFRA) livekit up
 
-livekit-down:
+livekit-down: setup
 	$(INFRA) livekit down
 
 # eval "$(make -s env)": KUBECONFIG, and kubectl/helm/kind/... on PATH.
-env:
+env: setup
 	@$(INFRA) env
 
 # ---------------------------------------------------------------- demo and benchmarks
@@ -106,21 +116,21 @@ env:
 .PHONY: demo demo-down bench
 # The main job: local cluster + LiveKit stack + images + chart + examples/voiceagent.yaml (pointed
 # at the local provider server), then a test call (and a sipp phone call) that must be answered.
-demo:
-	$(PYTHON) -m e2e.demo up
+demo: setup
+	$(PYTHON) -m voicefleet_localdev.demo up
 
 # Stop the demo's provider server, the LiveKit stack and the cluster. FORCE=1 even while test
 # sessions use the cluster.
-demo-down:
-	$(PYTHON) -m e2e.demo down $(if $(FORCE),--force)
+demo-down: setup
+	$(PYTHON) -m voicefleet_localdev.demo down $(if $(FORCE),--force)
 
 # Memory per worker and per call, dispatch-to-greeting latency and reconcile time, each as a
 # ratio against a baseline measured in the same run; JSON and a table in <state>/logs/.
-bench:
-	$(PYTHON) -m e2e.bench
+bench: setup
+	$(PYTHON) -m voicefleet_localdev.bench
 
 # Turn latency and active calls over the last MINUTES (default 30) from the local Prometheus, as
 # a PNG: <state>/logs/voicefleet-calls.png (OUTPUT=path to choose).
 .PHONY: plot
-plot:
-	$(PYTHON) -m e2e.plot --minutes $(or $(MINUTES),30) $(if $(OUTPUT),--output $(OUTPUT))
+plot: setup
+	$(PYTHON) -m voicefleet_localdev.plot --minutes $(or $(MINUTES),30) $(if $(OUTPUT),--output $(OUTPUT))

@@ -1,5 +1,10 @@
 """Fixtures for the integration tests: plain imports from the fixture modules."""
 
-from e2e.fixtures_cluster import cluster_with_node, control_plane  # noqa: F401
-from e2e.fixtures_livekit import livekit, prometheus, sip  # noqa: F401
-from e2e.fixtures_providers import providers  # noqa: F401
+from voicefleet_localdev.pytest_plugin import (  # noqa: F401  # noqa: F401
+    cluster_with_node,
+    control_plane,
+    livekit,
+    prometheus,
+    providers,
+    sip,
+)

@@ -27,13 +27,12 @@ from aiohttp import web
 from google.protobuf.json_format import MessageToJson
 from kubernetes import client as k8s
 from livekit.protocol import agent_worker
+from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import handlers, render
 from voicefleet_operator.api import parse_spec
 from voicefleet_operator.kube import Kube
 from voicefleet_operator.scaling import DELETION_COST_ANNOTATION, SCALE_DOWN_ANNOTATION
 from voicefleet_operator.settings import PlatformSettings
-
-from e2e.fixtures_cluster import ClusterHandle
 
 pytestmark = pytest.mark.integration
 

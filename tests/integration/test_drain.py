@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 from livekit import rtc
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.participant import ParticipantError, TestParticipant, participant_token
+from voicefleet_testkit.providers import LLMReply, ProviderServer
 
-from e2e.infra.livekit import LiveKitEndpoint
-from e2e.participant import ParticipantError, TestParticipant, participant_token
-from e2e.providers import LLMReply, ProviderServer
 from tests.integration.test_runtime_worker import running_worker, runtime_config, wait_until
 
 pytestmark = pytest.mark.integration

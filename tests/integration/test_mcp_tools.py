@@ -30,9 +30,9 @@ import pytest_asyncio
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Receive, Scope, Send
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 
-from e2e.infra.livekit import LiveKitEndpoint
-from e2e.providers import LLMReply, ProviderServer, ToolCall
 from tests.integration import test_runtime_worker as runtime_tests
 from tests.integration.test_runtime_worker import (
     BILLING_INSTRUCTIONS,

@@ -29,14 +29,13 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as k8s
+from voicefleet_localdev import paths
+from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
 from voicefleet_operator import render
 from voicefleet_operator.__main__ import run_operator
 from voicefleet_operator.api import VoiceAgentStatus
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.config import parse_config
-
-from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra import paths
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,9 @@ import uuid
 
 import pytest
 from livekit import api
-
-from e2e.infra.livekit import LiveKitEndpoint
-from e2e.participant import ParticipantError, TestParticipant, participant_token
-from e2e.providers import LLMReply, ProviderServer
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.participant import ParticipantError, TestParticipant, participant_token
+from voicefleet_testkit.providers import LLMReply, ProviderServer
 
 pytestmark = pytest.mark.integration
 

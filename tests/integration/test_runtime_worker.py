@@ -33,10 +33,9 @@ import yaml
 from aiohttp import web
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
-
-from e2e.infra.livekit import LiveKitEndpoint
-from e2e.participant import TestParticipant, participant_token
-from e2e.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.participant import TestParticipant, participant_token
+from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 
 pytestmark = pytest.mark.integration
 
@@ -520,7 +519,7 @@ async def test_webhook_tool_gets_the_arguments_the_llm_chose(
         LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "A-1234"})], match="order")
     )
     before = len(webhooks.calls)
-    # The attributes livekit-sip gives a phone caller (e2e/test_telephony.py has the real one).
+    # The attributes livekit-sip gives a phone caller (tests/e2e/test_telephony.py: the real one).
     phone = {"sip.phoneNumber": "+15550001111", "sip.trunkPhoneNumber": "+15557654321"}
     async with dispatched_call(livekit, worker.config["dispatchName"], phone) as call:
         await call.wait_for_greeting()

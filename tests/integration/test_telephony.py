@@ -19,6 +19,7 @@ from livekit.protocol.sip import (
     DeleteSIPTrunkRequest,
     SIPInboundTrunkInfo,
 )
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_operator import telephony
 from voicefleet_operator.telephony import (
     SipAuth,
@@ -27,9 +28,7 @@ from voicefleet_operator.telephony import (
     TelephonyTarget,
 )
 from voicefleet_runtime.telephony import CallControls, PhoneCall
-
-from e2e import sipcall
-from e2e.infra.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_testkit import sipcall
 
 pytestmark = pytest.mark.integration
 

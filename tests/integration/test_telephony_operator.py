@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from livekit import api
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
 from voicefleet_operator import telephony, telephony_handlers
 
-from e2e.fixtures_cluster import ClusterHandle, wait_for
-from e2e.infra.livekit import LiveKitEndpoint
 from tests.integration.test_operator import (
     CRD,
     GROUP,

@@ -18,9 +18,8 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
+from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
 from voicefleet_operator import api, crd
-
-from e2e.fixtures_cluster import ClusterHandle, wait_for
 
 pytestmark = pytest.mark.integration
 

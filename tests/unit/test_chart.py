@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from voicefleet_testkit import observability
 
-from e2e.infra import paths
-
-CHART = paths.REPO_ROOT / "charts" / "voicefleet"
+CHART = observability.CHART
 GOLDEN = Path(__file__).resolve().parent / "golden" / "chart"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 NAMESPACE = "voicefleet-system"
@@ -57,14 +56,10 @@ CASES: dict[str, list[str]] = {
 
 
 def helm_binary() -> Path:
-    helm = paths.binary("helm")
-    if not helm.exists():
-        pytest.fail(
-            f"helm is not built at {helm}; run `make infra` (it builds the pinned helm from "
-            "e2e/versions.toml)",
-            pytrace=False,
-        )
-    return helm
+    try:
+        return observability.helm()
+    except observability.ToolMissing as missing:
+        pytest.fail(str(missing), pytrace=False)
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -222,4 +217,4 @@ def test_livekit_secret_is_created_only_without_an_existing_one() -> None:
 def test_chart_ships_the_generated_crd() -> None:
     chart_crd = CHART / "crds" / "voiceagents.voicefleet.dev.yaml"
     assert chart_crd.exists()
-    assert chart_crd.read_text() == (paths.REPO_ROOT / "crds" / chart_crd.name).read_text()
+    assert chart_crd.read_text() == (observability.REPO_ROOT / "crds" / chart_crd.name).read_text()

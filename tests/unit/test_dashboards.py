@@ -12,9 +12,8 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from voicefleet_operator import metrics as operator_metrics
 from voicefleet_runtime import metrics as runtime_metrics
-
-from e2e import observability
-from e2e.observability import PanelQuery
+from voicefleet_testkit import observability
+from voicefleet_testkit.observability import PanelQuery
 
 EXPECTED = {"fleet-overview.json", "call-quality.json", "usage.json", "operator-health.json"}
 # PromQL words that look like metric names in a query but are not.

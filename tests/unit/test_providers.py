@@ -26,8 +26,7 @@ from livekit.plugins import deepgram as lk_deepgram
 from livekit.plugins import elevenlabs as lk_elevenlabs
 from livekit.plugins import openai as lk_openai
 from openai.types.chat import ChatCompletionChunk
-
-from e2e.providers import (
+from voicefleet_testkit.providers import (
     DEFAULT_GREETING_REPLY,
     LLMReply,
     ProviderControl,
@@ -36,7 +35,7 @@ from e2e.providers import (
     ToolCall,
     Transcript,
 )
-from e2e.providers.audio import PcmAudio, decode_audio, synthesize
+from voicefleet_testkit.providers.audio import PcmAudio, decode_audio, synthesize
 
 REPO = Path(__file__).resolve().parents[2]
 LOOKUP_TOOL = {
@@ -460,7 +459,7 @@ async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "e2e.providers",
+        "voicefleet_testkit.providers",
         "--host",
         "127.0.0.1",
         "--port",

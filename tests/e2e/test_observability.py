@@ -1,0 +1,441 @@
+"""Dashboards and alerts against the real Prometheus of the local stack.
+
+`helm install` of the chart (operator pod with scrape annotations, dashboards enabled) serving one
+tenant namespace, whose VoiceAgents' worker pods carry the operator's scrape annotations; the
+local Prometheus discovers both through the cluster and loads the chart's PrometheusRule groups
+(rendered with short `for:` durations). Then, in that tenant:
+
+  quality  a healthy agent taking a few calls with several turns each (turn latency, usage);
+  full     a deliberately broken setup: 1 job per worker, at most 1 worker, 5 spare jobs wanted,
+           2 idle processes; three dispatches arrive at once (one job takes the slot and holds
+           it; with two idle processes livekit-agents lets an overlapping request through to
+           the worker's capacity gate, which refuses it), so the agent is at capacity;
+  broken   a VoiceAgent whose ConfigMap name is taken by a foreign object (reconcile error) and
+           whose SIP auth Secret does not exist (telephony provisioning error).
+
+Every dashboard panel's query must then return at least one series (a real number for the
+quantiles), the capacity alert must fire for `full` and not for `quality`, and the reconcile and
+telephony alerts must fire for `broken`. The plot command draws the run to
+<state>/logs/observability-e2e.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from livekit import api
+from voicefleet_localdev import chart, paths, plot
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.prometheus import PrometheusClient
+from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart, wait_for
+from voicefleet_operator.render import ChildNames, dispatch_name
+from voicefleet_testkit import observability
+from voicefleet_testkit.participant import TestParticipant, participant_token
+from voicefleet_testkit.providers import ProviderServer, openai_pipeline
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+RELEASE = "vf-observability"
+HEALTH_PORT = 8081
+RULES_NAME = "voicefleet-e2e"
+# Short `for:` so the test need not wait minutes; the expressions are the chart's own.
+RULE_OVERRIDES = (
+    "--set", "monitoring.prometheusRule.noSpareCapacity.for=15s",
+    "--set", "monitoring.prometheusRule.reconcileErrors.for=15s",
+    "--set", "monitoring.prometheusRule.telephonyNotReady.for=15s",
+)  # fmt: skip
+TURNS_PER_CALL = 3
+PLOT_FILE = paths.logs_dir() / "observability-e2e.png"
+RESULTS_FILE = paths.logs_dir() / "observability-e2e.json"
+
+
+# --- the stack --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def namespaces(cluster_with_node: ClusterHandle) -> Iterator[tuple[str, str]]:
+    """(platform namespace, tenant namespace)."""
+    suffix = secrets.token_hex(3)
+    platform, tenant = f"vf-obs-system-{suffix}", f"obs-{suffix}"
+    for namespace in (platform, tenant):
+        cluster_with_node.kubectl("create", "namespace", namespace)
+    yield platform, tenant
+    for namespace in (tenant, platform):
+        with contextlib.suppress(AssertionError):
+            cluster_with_node.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def _kubectl_json(cluster: ClusterHandle, *args: str) -> Any:
+    return json.loads(cluster.kubectl(*args, "-o", "json"))
+
+
+def _apply(cluster: ClusterHandle, obj: dict[str, Any]) -> None:
+    manifest = paths.state_dir() / f"observability-e2e-{obj['kind']}-{obj['metadata']['name']}.json"
+    manifest.write_text(json.dumps(obj))
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(manifest))
+    finally:
+        manifest.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def release(
+    cluster_with_node: ClusterHandle,
+    livekit: LiveKitEndpoint,
+    project_images: dict[str, str],
+    namespaces: tuple[str, str],
+) -> Iterator[str]:
+    """The chart installed with dashboards on; the operator serves only the tenant namespace."""
+    platform, tenant = namespaces
+    # project_images (requested above) has built the images local_values names.
+    values = chart.local_values(watch_namespaces=[tenant], livekit=livekit)
+    values["monitoring"] = {"dashboards": {"enabled": True}}
+    with installed_chart(
+        cluster_with_node, RELEASE, platform, values, tenants=[tenant], skip_crds=True
+    ):
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def alert_rules(prometheus: PrometheusClient) -> Iterator[list[str]]:
+    """The chart's PrometheusRule groups, loaded into the local Prometheus."""
+    groups = observability.alert_rule_groups(*RULE_OVERRIDES)
+    loaded = prometheus.load_rules(RULES_NAME, observability.rule_file_text(groups))
+    missing = {g["name"] for g in groups} - set(loaded)
+    assert not missing, f"Prometheus did not load rule groups {missing}; it has {loaded}"
+    yield loaded
+    prometheus.remove_rules(RULES_NAME)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
+    """The fake OpenAI servers, on the host address pods reach."""
+    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
+        yield server
+
+
+def voiceagent(
+    tenant: str, name: str, providers: ProviderServer, *, worker: dict[str, Any],
+    scaling: dict[str, Any], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "metadata": {"name": name, "namespace": tenant},
+        "spec": {
+            "agents": [
+                {
+                    "name": "front",
+                    "instructions": "You answer calls for the observability test.",
+                    "greeting": "Hello, this is the observability test.",
+                }
+            ],
+            "entry": "front",
+            "pipeline": openai_pipeline(providers.base_url),
+            "secretRefs": [{"name": "provider-keys"}],
+            "worker": {"healthPort": HEALTH_PORT, **worker},
+            "scaling": scaling,
+            **(extra or {}),
+        },
+    }
+
+
+def _condition(agent: dict[str, Any], kind: str) -> str | None:
+    for condition in (agent.get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            return str(condition["status"])
+    return None
+
+
+def _worker_logs(cluster: ClusterHandle, tenant: str, agent: str) -> str:
+    try:
+        return cluster.kubectl(
+            "-n",
+            tenant,
+            "logs",
+            "--tail=80",
+            "--prefix",
+            "-l",
+            f"voicefleet.dev/voiceagent={agent}",
+        )
+    except AssertionError as error:
+        return str(error)
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+
+async def _call(livekit: LiveKitEndpoint, tenant: str, agent: str, index: int) -> TestParticipant:
+    room = f"obs-{agent}-{index}-{int(time.time())}"
+    token = participant_token(
+        livekit.api_key,
+        livekit.api_secret,
+        room,
+        identity=f"caller-{agent}-{index}",
+        dispatch_agent=dispatch_name(tenant, agent),
+    )
+    caller = TestParticipant(livekit.url, token)
+    await caller.join()
+    return caller
+
+
+async def _conversation(livekit: LiveKitEndpoint, tenant: str, agent: str, index: int) -> int:
+    """One call: the greeting, then TURNS_PER_CALL questions each answered; returns turns."""
+    caller = await _call(livekit, tenant, agent, index)
+    try:
+        await caller.wait_for_participant(agent=True, timeout_s=60)
+        greeting = await caller.wait_for_audio(timeout_s=60)
+        await caller.wait_for_speech_end(after=greeting - 0.1, timeout_s=60)
+        for turn in range(TURNS_PER_CALL):
+            phrase = await caller.say(f"Question number {turn + 1}: are you open on Sunday?")
+            assert phrase.ended_at is not None
+            reply = await caller.wait_for_audio(after=phrase.ended_at, timeout_s=60)
+            await caller.wait_for_speech_end(after=reply - 0.1, timeout_s=60)
+        return TURNS_PER_CALL
+    finally:
+        await caller.leave()
+
+
+# --- the test ---------------------------------------------------------------------------------
+
+
+def _series_of(prometheus: PrometheusClient, query: observability.PanelQuery) -> list[Any]:
+    samples = prometheus.query(query.promql(rate_interval="5m", time_range="1h"))
+    if "histogram_quantile" in query.expr:
+        # A quantile of buckets that did not grow is NaN: a series, but no answer.
+        return [s for s in samples if not math.isnan(s.value)]
+    return samples
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
+    cluster_with_node: ClusterHandle,
+    livekit: LiveKitEndpoint,
+    prometheus: PrometheusClient,
+    release: str,
+    namespaces: tuple[str, str],
+    alert_rules: list[str],
+    pod_providers: ProviderServer,
+) -> None:
+    cluster = cluster_with_node
+    platform, tenant = namespaces
+    started = time.time()
+    results: dict[str, Any] = {"tenant": tenant, "platform": platform}
+
+    # Dashboards reached the cluster as ConfigMaps for the Grafana sidecar.
+    maps = _kubectl_json(cluster, "-n", platform, "get", "configmaps", "-l", "grafana_dashboard=1")
+    assert len(maps["items"]) == len(observability.dashboards())
+
+    _apply(cluster, {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "provider-keys", "namespace": tenant},
+        "stringData": {"OPENAI_API_KEY": "sk-local-test-key"},
+    })  # fmt: skip
+    healthy = voiceagent(
+        tenant, "quality", pod_providers,
+        worker={"jobsPerWorker": 4, "idleProcesses": 2},
+        scaling={"minReplicas": 1, "maxReplicas": 1, "spareJobs": 0},
+    )  # fmt: skip
+    full = voiceagent(
+        tenant, "full", pod_providers,
+        worker={"jobsPerWorker": 1, "idleProcesses": 2, "loadThreshold": 0.7},
+        scaling={"minReplicas": 1, "maxReplicas": 1, "spareJobs": 5},
+    )  # fmt: skip
+    # Broken twice over: a foreign ConfigMap holds its child's name, the SIP auth Secret is
+    # missing. It never gets workers; the operator reports both.
+    number = "+1555" + "".join(str(secrets.randbelow(10)) for _ in range(7))
+    broken = voiceagent(
+        tenant, "broken", pod_providers,
+        worker={"jobsPerWorker": 1}, scaling={"minReplicas": 1, "maxReplicas": 1},
+        extra={"telephony": {"numbers": [number],
+                             "inbound": {"authSecretRef": {"name": "missing-sip-auth"}}}},
+    )  # fmt: skip
+    _apply(cluster, {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ChildNames.of("broken").config_map, "namespace": tenant},
+        "data": {"owner": "someone else"},
+    })  # fmt: skip
+    for agent in (healthy, full, broken):
+        _apply(cluster, agent)
+
+    def ready(name: str) -> bool:
+        return (
+            _condition(_kubectl_json(cluster, "-n", tenant, "get", "va", name), "Ready") == "True"
+        )
+
+    # Ready means a worker is registered with LiveKit (the runtime's /ready): calls can go.
+    for name in ("quality", "full"):
+        try:
+            wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), 400, 3)
+        except AssertionError as error:
+            status = _kubectl_json(cluster, "-n", tenant, "get", "va", name).get("status")
+            pods = cluster.kubectl("-n", tenant, "get", "pods", "-o", "wide")
+            details = f"status: {json.dumps(status, indent=1)}\n{pods}"
+            raise AssertionError(
+                f"{error}\n{details}\n{_worker_logs(cluster, tenant, name)}"
+            ) from error
+    await asyncio.sleep(5)  # its idle job processes warm up
+
+    # Prometheus scrapes the operator pod and every worker pod (annotations, pod discovery).
+    operator_targets = await asyncio.to_thread(
+        prometheus.wait_for_targets, "kubernetes-pods", {"namespace": platform}, 120
+    )
+    worker_pods = {
+        pod["metadata"]["name"]
+        for pod in _kubectl_json(
+            cluster, "-n", tenant, "get", "pods", "-l", "app.kubernetes.io/component=worker"
+        )["items"]
+    }
+
+    def all_workers_scraped() -> set[str] | None:
+        prometheus.sync_discovery()
+        up = {
+            t["labels"].get("pod")
+            for t in prometheus.active_targets()
+            if t["labels"].get("namespace") == tenant and t["health"] == "up"
+        }
+        return up if worker_pods <= up else None
+
+    wait_for("every worker pod scraped", all_workers_scraped, timeout=120, interval=2)
+    assert all(t["health"] == "up" for t in operator_targets), operator_targets
+    results["worker_pods"] = sorted(worker_pods)
+
+    # A few calls with several turns each on the healthy agent: two at once, then one more.
+    try:
+        turns = await asyncio.gather(
+            *(_conversation(livekit, tenant, "quality", i) for i in (0, 1))
+        )
+        turns.append(await _conversation(livekit, tenant, "quality", 2))
+    except Exception as error:
+        raise AssertionError(f"{error!r}\n{_worker_logs(cluster, tenant, 'quality')}") from error
+    results["turns"] = sum(turns)
+
+    # The broken setup: dispatches arrive at once on a worker with one slot. One job takes the
+    # slot and holds it (its agent waits in the room for a caller); while it is still being
+    # accepted, livekit-agents (two idle processes) lets the next request through to the
+    # runtime's capacity gate, which refuses it. That needs the requests to overlap, so bursts
+    # are repeated (a few at most) until the worker counted a rejection.
+    rooms: list[str] = []
+    try:
+        rooms, bursts = await _burst_until_rejected(livekit, prometheus, tenant, "full")
+        results["full_bursts"] = bursts
+
+        # Every panel's query has data (Prometheus scrapes every 5 s; rates need two samples).
+        pending = observability.all_queries()
+        deadline = time.monotonic() + 180
+        empty: list[str] = []
+        while time.monotonic() < deadline:
+            empty = [str(q) for q in pending if not _series_of(prometheus, q)]
+            if not empty:
+                break
+            await asyncio.sleep(5)
+        results["empty_queries"] = empty
+        assert not empty, "queries without a series:\n" + "\n".join(empty)
+
+        # The capacity alert fires for the full agent, and only for it.
+        def capacity_alert() -> list[dict[str, Any]] | None:
+            firing = [
+                a for a in prometheus.alerts()
+                if a["labels"]["alertname"] == "VoiceFleetNoSpareCapacity"
+                and a["state"] == "firing" and a["labels"].get("tenant") == tenant
+            ]  # fmt: skip
+            return firing or None
+
+        firing = await asyncio.to_thread(
+            wait_for, "VoiceFleetNoSpareCapacity to fire", capacity_alert, 120, 2
+        )
+        assert {a["labels"]["agent"] for a in firing} == {"full"}, firing
+        alert = firing[0]
+        assert alert["annotations"]["runbook_url"].endswith("#voicefleetnosparecapacity")
+        assert f"{tenant}/full" in alert["annotations"]["summary"]
+        results["capacity_alert"] = alert
+    finally:
+        await _delete_rooms(livekit, rooms)
+
+    # The operator's reconcile and telephony errors reach their alerts too.
+    def firing_for(name: str) -> list[dict[str, Any]] | None:
+        found = [
+            a for a in prometheus.alerts()
+            if a["labels"]["alertname"] == name and a["state"] == "firing"
+            and a["labels"].get("tenant") == tenant
+        ]  # fmt: skip
+        return found or None
+
+    for name in ("VoiceFleetReconcileErrors", "VoiceFleetTelephonyNotReady"):
+        found = await asyncio.to_thread(
+            wait_for, f"{name} to fire", lambda n=name: firing_for(n), 120, 2
+        )
+        assert {a["labels"]["agent"] for a in found} == {"broken"}, found
+        results[name] = found[0]["labels"]
+
+    # The plot of this run, from the same Prometheus.
+    output, lines = plot.plot(PLOT_FILE, start=started - 60, end=time.time(), tenant=tenant)
+    assert output.stat().st_size > 10_000
+    assert any(line.label.startswith(f"{tenant}/quality") for line in lines["latency"])
+    assert any(line.label == f"{tenant}/full" for line in lines["calls"])
+    results["plot"] = str(output)
+    RESULTS_FILE.write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
+
+
+BURST = 3
+MAX_BURSTS = 5
+
+
+async def _delete_rooms(livekit: LiveKitEndpoint, rooms: list[str]) -> None:
+    async with livekit.api() as lkapi:
+        for room in rooms:
+            with contextlib.suppress(Exception):
+                await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
+
+
+def _value(prometheus: PrometheusClient, expr: str) -> float:
+    return sum(sample.value for sample in prometheus.query(expr))
+
+
+async def _burst_until_rejected(
+    livekit: LiveKitEndpoint, prometheus: PrometheusClient, tenant: str, agent: str
+) -> tuple[list[str], int]:
+    """Dispatch BURST rooms at once to an idle one-slot agent until its worker refused one;
+    returns the last burst's rooms (one of them holds the slot) and the bursts it took."""
+    labels = f'tenant="{tenant}", agent="{agent}"'
+    rejected = f"sum(voicefleet_dispatch_rejected_total{{{labels}}})"
+    active = f"sum(voicefleet_active_jobs{{{labels}}})"
+    name = dispatch_name(tenant, agent)
+    for burst in range(1, MAX_BURSTS + 1):
+        rooms = [f"obs-{agent}-burst{burst}-{i}-{int(time.time())}" for i in range(BURST)]
+        async with livekit.api() as lkapi:
+            for room in rooms:
+                await lkapi.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=600))
+            await asyncio.gather(
+                *(
+                    lkapi.agent_dispatch.create_dispatch(
+                        api.CreateAgentDispatchRequest(agent_name=name, room=room)
+                    )
+                    for room in rooms
+                )
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _value(prometheus, rejected) > 0 and _value(prometheus, active) >= 1:
+                return rooms, burst
+            await asyncio.sleep(2)
+        # No overlap this time: free the slot and try again from an idle worker.
+        await _delete_rooms(livekit, rooms)
+        await asyncio.to_thread(
+            wait_for, f"{agent} to be idle again", lambda: _value(prometheus, active) == 0, 60, 2
+        )
+    raise AssertionError(
+        f"{MAX_BURSTS} bursts of {BURST} simultaneous dispatches to {tenant}/{agent} (one slot) "
+        "never reached the runtime's capacity gate: livekit-agents answered them all itself"
+    )
