@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 import prometheus_client
+from aiohttp import web
 
 from voicefleet_operator import handlers, render, telephony_handlers
 from voicefleet_operator.context import OperatorContext
+from voicefleet_operator.election import ElectionConfig, LeaderElector, default_identity
 from voicefleet_operator.kube import Kube, authorization_header, client_configuration
 from voicefleet_operator.metrics import REGISTRY
 from voicefleet_operator.settings import PlatformSettings, SettingsError
@@ -99,12 +103,66 @@ async def run_operator(
     ready_flag: asyncio.Event | threading.Event | None = None,
     liveness: bool = True,
     kubeconfig: str | None = None,
+    identity: str | None = None,
+    on_lost_leadership: Callable[[], None] | None = None,
 ) -> None:
     """Run until `stop_flag` is set (or the task is cancelled).
 
     Credentials: `kubeconfig` if given, else in-cluster, else $KUBECONFIG.
+
+    With `settings.leader_election` this replica stands by (answering /healthz) until it holds
+    the Lease, then runs kopf while renewing it; on a clean stop it hands the Lease back. When
+    it cannot renew in time it calls `on_lost_leadership` (default: end the process at once,
+    so that nothing of a deposed leader still runs when the next one starts).
     """
-    registry, kopf_settings, _ = build(settings, Kube(client_configuration(kubeconfig)))
+    kube = Kube(client_configuration(kubeconfig))
+    if not settings.leader_election:
+        await _run_kopf(settings, kube, stop_flag, ready_flag, liveness)
+        return
+    elector = LeaderElector(
+        kube,
+        ElectionConfig(
+            name=settings.lease_name,
+            namespace=settings.effective_lease_namespace,
+            identity=identity or default_identity(),
+            lease_seconds=settings.lease_seconds,
+            renew_seconds=settings.lease_renew_seconds,
+            retry_seconds=settings.lease_retry_seconds,
+        ),
+    )
+    standby_health = await _serve_standby_health(settings.liveness_port) if liveness else None
+    try:
+        acquired = await elector.acquire(stop_flag)
+    finally:
+        if standby_health is not None:
+            await standby_health.cleanup()
+    if not acquired:
+        await kube.close()
+        return
+    kopf_task = asyncio.create_task(_run_kopf(settings, kube, stop_flag, ready_flag, liveness))
+    hold_task = asyncio.create_task(elector.hold())
+    try:
+        await asyncio.wait({kopf_task, hold_task}, return_when=asyncio.FIRST_COMPLETED)
+        if hold_task.done():
+            (on_lost_leadership or _exit_at_once)()
+            return
+        kopf_task.result()  # kopf's own failure, if any
+    finally:
+        for task in (kopf_task, hold_task):
+            task.cancel()
+        await asyncio.gather(kopf_task, hold_task, return_exceptions=True)
+        await elector.release()  # only if this replica still holds it; kopf has stopped
+        await kube.close()
+
+
+async def _run_kopf(
+    settings: PlatformSettings,
+    kube: Kube,
+    stop_flag: asyncio.Event | threading.Event | None,
+    ready_flag: asyncio.Event | threading.Event | None,
+    liveness: bool,
+) -> None:
+    registry, kopf_settings, _ = build(settings, kube)
     await kopf.operator(
         registry=registry,
         settings=kopf_settings,
@@ -117,6 +175,28 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+async def _serve_standby_health(port: int) -> web.AppRunner:
+    """/healthz while standing by (kopf serves it once this replica leads)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"role": "standby"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+def _exit_at_once() -> None:
+    logging.getLogger(__name__).critical(
+        "leadership lost: exiting so that only the new leader acts"
+    )
+    logging.shutdown()
+    os._exit(3)
 
 
 def main() -> int:

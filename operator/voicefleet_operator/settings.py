@@ -10,7 +10,14 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "VOICEFLEET_"
 LIVEKIT_API_KEY = "LIVEKIT_API_KEY"
@@ -68,12 +75,48 @@ class PlatformSettings(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
     """VOICEFLEET_METRICS_PORT: port of the operator's Prometheus /metrics; 0 disables it."""
 
+    leader_election: bool = False
+    """VOICEFLEET_LEADER_ELECTION: run as one of several replicas, of which the holder of a
+    coordination.k8s.io Lease is the only active one (election.py); the chart turns it on."""
+
+    lease_name: Annotated[str, Field(min_length=1)] = "voicefleet-operator"
+    """VOICEFLEET_LEASE_NAME: the Lease the replicas compete for."""
+
+    lease_namespace: str | None = None
+    """VOICEFLEET_LEASE_NAMESPACE: its namespace (defaults to POD_NAMESPACE, then to the
+    LiveKit Secret's namespace)."""
+
+    lease_seconds: Annotated[float, Field(gt=0)] = 15.0
+    """VOICEFLEET_LEASE_SECONDS: a standby takes over after the leader has not renewed the
+    Lease for this long (the bound on takeover after a leader's crash)."""
+
+    lease_renew_seconds: Annotated[float, Field(gt=0)] = 10.0
+    """VOICEFLEET_LEASE_RENEW_SECONDS: a leader that could not renew for this long stops
+    (exits) before a standby may take over; must be less than lease_seconds."""
+
+    lease_retry_seconds: Annotated[float, Field(gt=0)] = 2.0
+    """VOICEFLEET_LEASE_RETRY_SECONDS: how often the leader renews and a standby tries."""
+
     @field_validator("watch_namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> PlatformSettings:
+        if not self.lease_retry_seconds < self.lease_renew_seconds < self.lease_seconds:
+            raise ValueError(
+                "VOICEFLEET_LEASE_RETRY_SECONDS < VOICEFLEET_LEASE_RENEW_SECONDS < "
+                f"VOICEFLEET_LEASE_SECONDS must hold (got {self.lease_retry_seconds:g}, "
+                f"{self.lease_renew_seconds:g}, {self.lease_seconds:g})"
+            )
+        return self
+
+    @property
+    def effective_lease_namespace(self) -> str:
+        return self.lease_namespace or self.livekit_secret_namespace
 
     @property
     def effective_livekit_api_url(self) -> str:
@@ -89,14 +132,18 @@ class PlatformSettings(BaseModel):
             key = ENV_PREFIX + name.upper()
             if key in environ and environ[key] != "":
                 values[name] = environ[key]
-        if "livekit_secret_namespace" not in values and environ.get("POD_NAMESPACE"):
-            values["livekit_secret_namespace"] = environ["POD_NAMESPACE"]
+        for defaulted in ("livekit_secret_namespace", "lease_namespace"):
+            if defaulted not in values and environ.get("POD_NAMESPACE"):
+                values[defaulted] = environ["POD_NAMESPACE"]
         try:
             return cls.model_validate(values)
         except ValidationError as error:
             lines = []
             for item in error.errors():
-                field = str(item["loc"][0]) if item["loc"] else "?"
+                if not item["loc"]:  # a rule across fields: the message names them
+                    lines.append(str(item["msg"]).removeprefix("Value error, "))
+                    continue
+                field = str(item["loc"][0])
                 variable = ENV_PREFIX + field.upper()
                 message = item["msg"]
                 if item["type"] == "missing":

@@ -53,3 +53,24 @@ def test_errors_name_the_variable() -> None:
     assert "VOICEFLEET_LIVEKIT_URL" in text
     assert "VOICEFLEET_RUNTIME_IMAGE: is required" in text
     assert "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE: is required" in text and "POD_NAMESPACE" in text
+
+
+def test_leader_election_settings() -> None:
+    settings = PlatformSettings.from_environment(BASE)
+    assert not settings.leader_election  # one process, as in tests and `python -m` by hand
+    assert settings.effective_lease_namespace == "voicefleet-system"  # POD_NAMESPACE
+    elected = PlatformSettings.from_environment(
+        {
+            **BASE,
+            "VOICEFLEET_LEADER_ELECTION": "true",
+            "VOICEFLEET_LEASE_NAME": "vf-voicefleet",
+            "VOICEFLEET_LEASE_SECONDS": "8",
+            "VOICEFLEET_LEASE_RENEW_SECONDS": "5",
+            "VOICEFLEET_LEASE_RETRY_SECONDS": "1",
+        }
+    )
+    assert elected.leader_election and elected.lease_name == "vf-voicefleet"
+    assert (elected.lease_seconds, elected.lease_renew_seconds) == (8.0, 5.0)
+    with pytest.raises(SettingsError) as error:
+        PlatformSettings.from_environment({**BASE, "VOICEFLEET_LEASE_RENEW_SECONDS": "20"})
+    assert "VOICEFLEET_LEASE_RENEW_SECONDS < VOICEFLEET_LEASE_SECONDS" in str(error.value)
