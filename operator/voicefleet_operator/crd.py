@@ -169,8 +169,11 @@ class _Converter:
                 out[key] = copy.deepcopy(value)
         default = out.get("default")
         if "description" in out and default is not None and not isinstance(default, dict | list):
-            # kubectl explain shows descriptions but not defaults.
-            out["description"] += f" Defaults to {json.dumps(default)}."
+            # kubectl explain shows descriptions but not defaults. Once: a node converted
+            # through an optional reference (_union) comes through here twice.
+            stated = f" Defaults to {json.dumps(default)}."
+            if not out["description"].endswith(stated):
+                out["description"] += stated
         if "anyOf" in out:
             for branch in out["anyOf"]:
                 if set(branch) - {"type"} or branch.get("type") not in ("integer", "string"):
