@@ -55,6 +55,10 @@ still claimable (< 0.7), the least likely to be picked."""
 FULL_LOAD = 1.0
 """Load reported by a worker that can take nothing (agent budget and overflow slots used)."""
 
+DEFAULT_OVERFLOW_SLOTS = 4
+"""Overflow treatments a worker gives at once when it has fewer jobsPerWorker: a burst of
+callers beyond capacity is told, not refused."""
+
 LIVEKIT_LOAD_THRESHOLD = 0.95
 """load_threshold given to livekit-agents: only FULL_LOAD reaches it (the worker turns FULL)."""
 
@@ -141,8 +145,8 @@ class AdmissionSettings(_Model):
     limit_reason: OverflowReason = OverflowReason.CAPACITY
     """Which limit `maxAgentJobs` comes from (the overflow reason counted when it is reached)."""
     overflow_slots: Annotated[int | None, Field(ge=0, le=100)] = None
-    """Overflow treatments this worker gives at once (each is a short job process); omitted =
-    max(2, jobsPerWorker - maxAgentJobs)."""
+    """Overflow treatments this worker gives at once (each is a short job process: a few
+    seconds of TTS, no STT/LLM/VAD); omitted = max(DEFAULT_OVERFLOW_SLOTS, jobsPerWorker)."""
 
 
 def worker_capacity(jobs_per_worker: int, load_threshold: float) -> int:
@@ -185,7 +189,7 @@ class AdmissionGate:
         reason = settings.limit_reason if budget < capacity else OverflowReason.CAPACITY
         slots = settings.overflow_slots
         if slots is None:
-            slots = max(2, jobs_per_worker - budget)
+            slots = max(DEFAULT_OVERFLOW_SLOTS, jobs_per_worker)
         return cls(budget=budget, overflow_slots=slots, reason=reason)
 
     def admit(self, agent_jobs: int, overflow_jobs: int) -> tuple[Admit, str]:

@@ -99,7 +99,7 @@ def test_gate_from_settings() -> None:
     default = AdmissionGate.for_worker(10, 0.7, AdmissionSettings())
     assert (default.budget, default.overflow_slots, default.reason) == (
         7,
-        3,
+        10,
         OverflowReason.CAPACITY,
     )
     capped = AdmissionGate.for_worker(
@@ -107,17 +107,19 @@ def test_gate_from_settings() -> None:
     )
     assert (capped.budget, capped.overflow_slots, capped.reason) == (
         3,
-        7,
+        10,
         OverflowReason.AGENT_LIMIT,
     )
     # A share above what the worker can take is no limit: the worker's capacity is.
     roomy = AdmissionGate.for_worker(
         2, 1.0, AdmissionSettings(max_agent_jobs=5, limit_reason=OverflowReason.NAMESPACE_LIMIT)
     )
-    assert (roomy.budget, roomy.overflow_slots, roomy.reason) == (2, 2, OverflowReason.CAPACITY)
+    assert (roomy.budget, roomy.overflow_slots, roomy.reason) == (2, 4, OverflowReason.CAPACITY)
 
 
-def runtime(tenant: str, jobs_per_worker: int = 2, load_threshold: float = 1.0) -> WorkerRuntime:
+def runtime(
+    tenant: str, jobs_per_worker: int = 2, load_threshold: float = 1.0, overflow_slots: int = 4
+) -> WorkerRuntime:
     config = RuntimeConfig.model_validate(
         {
             "tenant": tenant,
@@ -126,16 +128,17 @@ def runtime(tenant: str, jobs_per_worker: int = 2, load_threshold: float = 1.0) 
             "agents": [{"name": "main", "instructions": "Help."}],
             "entry": "main",
             "worker": {"jobsPerWorker": jobs_per_worker, "loadThreshold": load_threshold},
+            "admission": {"overflowSlots": overflow_slots},
         }
     )
     return WorkerRuntime(config, TurnDetectionPlan("vad", "vad"))
 
 
 async def test_concurrent_offers_inside_the_report_window() -> None:
-    """Five offers at once to a worker that takes 2 calls: 2 agent calls, 2 overflow
-    treatments (its overflow slots), 1 refused without terminating the job."""
+    """Five offers at once to a worker that takes 2 calls and gives 2 overflow treatments at
+    once: 2 agent calls, 2 overflow treatments, 1 refused without terminating the job."""
     tenant = f"t{uuid.uuid4().hex[:8]}"
-    worker = runtime(tenant)
+    worker = runtime(tenant, overflow_slots=2)
     assignments = asyncio.Event()
     answers: dict[str, str] = {}
 
