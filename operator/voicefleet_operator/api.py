@@ -577,6 +577,7 @@ CONDITION_RECONCILED: Final = "Reconciled"
 CONDITION_WORKERS_AVAILABLE: Final = "WorkersAvailable"
 CONDITION_TELEPHONY_READY: Final = "TelephonyReady"
 CONDITION_SCALING_ACTIVE: Final = "ScalingActive"
+CONDITION_CAPACITY_LIMITED: Final = "CapacityLimited"
 CONDITION_TYPES: Final = (
     CONDITION_READY,
     CONDITION_CONFIG_VALID,
@@ -584,6 +585,7 @@ CONDITION_TYPES: Final = (
     CONDITION_WORKERS_AVAILABLE,
     CONDITION_TELEPHONY_READY,
     CONDITION_SCALING_ACTIVE,
+    CONDITION_CAPACITY_LIMITED,
 )
 
 
@@ -591,8 +593,8 @@ class Condition(Model):
     """One aspect of the VoiceAgent's state (the metav1.Condition shape)."""
 
     type: Annotated[str, Field(min_length=1, max_length=316, pattern=CONDITION_TYPE)]
-    """Condition type: Ready, ConfigValid, Reconciled, WorkersAvailable, TelephonyReady or
-    ScalingActive."""
+    """Condition type: Ready, ConfigValid, Reconciled, WorkersAvailable, TelephonyReady,
+    ScalingActive or CapacityLimited."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds: True, False or Unknown."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON)]
@@ -622,8 +624,9 @@ class VoiceAgentStatus(Model):
     phase: Phase | None = None
     """Summary: Pending, Progressing, Ready, Degraded or Failed."""
     conditions: Annotated[list[Condition], Field(max_length=16)] = []
-    """Ready, ConfigValid, Reconciled (children applied), WorkersAvailable, TelephonyReady and
-    ScalingActive."""
+    """Ready, ConfigValid, Reconciled (children applied), WorkersAvailable, TelephonyReady,
+    ScalingActive and CapacityLimited (callers get spec.overflow because the fleet cannot grow:
+    PodsUnschedulable, MaxReplicasReached, TenantLimitReached)."""
     observed_generation: Annotated[int | None, Field(ge=0)] = None
     """metadata.generation the operator last acted on."""
     replicas: Annotated[int | None, Field(ge=0)] = None

@@ -25,6 +25,7 @@ from typing import Any
 
 from voicefleet_operator import metrics
 from voicefleet_operator.api import CONDITION_SCALING_ACTIVE, SpecError, parse_spec
+from voicefleet_operator.capacity import capacity_condition, unschedulable_pods
 from voicefleet_operator.kube import KINDS, Kube, NotFound
 from voicefleet_operator.render import ChildNames, VoiceAgentRef, selector_labels
 from voicefleet_operator.scaling import (
@@ -73,6 +74,8 @@ class Evaluation:
     replicas_before: int | None = None
     deployment: dict[str, Any] | None = None
     """The worker Deployment as last read or written (None when there is none)."""
+    capacity: ConditionUpdate | None = None
+    """CapacityLimited (capacity.py), when the workers were read."""
 
 
 def _selector(name: str) -> str:
@@ -120,9 +123,8 @@ async def evaluate(
         return _inactive("NoDeployment", "the worker Deployment does not exist yet")
 
     started = time.monotonic()
-    pods = [
-        WorkerPod.from_pod(p) for p in await kube.list("Pod", ref.namespace, _selector(ref.name))
-    ]
+    raw_pods = await kube.list("Pod", ref.namespace, _selector(ref.name))
+    pods = [WorkerPod.from_pod(p) for p in raw_pods]
     fleet = await read_fleet(pods, spec.worker.health_port, request_seconds=request_seconds)
     metrics.WORKER_READ_SECONDS.labels(*labels).observe(time.monotonic() - started)
 
@@ -135,6 +137,8 @@ async def evaluate(
     metrics.OBSERVED_ACTIVE_JOBS.labels(*labels).set(active_jobs)
     metrics.OBSERVED_LOAD.labels(*labels).set(load)
     metrics.UNREACHABLE_WORKERS.labels(*labels).set(unreachable)
+    metrics.UNSCHEDULABLE_WORKERS.labels(*labels).set(len(unschedulable_pods(raw_pods)))
+    capacity = capacity_condition(spec, pods=raw_pods, active_jobs=active_jobs)
     readings = _readings_note(fleet)
 
     current = int((deployment.get("spec") or {}).get("replicas", 1))
@@ -156,6 +160,7 @@ async def evaluate(
             fleet=fleet,
             replicas_before=current,
             deployment=deployment,
+            capacity=capacity,
         )
 
     annotations = deployment.get("metadata", {}).get("annotations") or {}
@@ -207,7 +212,7 @@ async def evaluate(
         condition = ConditionUpdate.true(
             CONDITION_SCALING_ACTIVE, decision.reason.value, decision.message + readings
         )
-    return Evaluation(condition, fields, event, decision, fleet, current, deployment)
+    return Evaluation(condition, fields, event, decision, fleet, current, deployment, capacity)
 
 
 def _readings_note(fleet: FleetLoad) -> str:

@@ -59,6 +59,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Calls in progress across all workers.",
     },
     {
+        "name": "Capacity",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="CapacityLimited")].reason',
+        "description": "Why callers get spec.overflow when the fleet cannot grow "
+        "(PodsUnschedulable, MaxReplicasReached, TenantLimitReached), else WithinCapacity.",
+    },
+    {
         "name": "Numbers",
         "type": "string",
         "jsonPath": ".status.numbers",

@@ -52,6 +52,7 @@ from voicefleet_operator.api import (
     VoiceAgentSpec,
     parse_spec,
 )
+from voicefleet_operator.capacity import CONDITION_CAPACITY_LIMITED, capacity_event
 from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.kube import Kube, KubeError
 from voicefleet_operator.reporting import post_event, write_status
@@ -61,6 +62,7 @@ from voicefleet_operator.status import (
     CONDITION_RECONCILED,
     ConditionUpdate,
     WorkloadFacts,
+    find_condition,
     is_false,
 )
 
@@ -493,11 +495,19 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
         facts = None
         if evaluation.deployment is not None:
             facts = WorkloadFacts.from_deployment(evaluation.deployment)
+        updates = [evaluation.condition]
+        capacity_change = None
+        if evaluation.capacity is not None:
+            updates.append(evaluation.capacity)
+            previous = find_condition(
+                (body.get("status") or {}).get("conditions") or [], CONDITION_CAPACITY_LIMITED
+            )
+            capacity_change = capacity_event(previous, evaluation.capacity)
         await write_status(
             ctx,
             namespace,
             name,
-            updates=[evaluation.condition],
+            updates=updates,
             facts=facts,
             fields=evaluation.status_fields,
             uid=body["metadata"]["uid"],
@@ -505,6 +515,8 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
     if evaluation.event is not None:
         event = evaluation.event
         post_event(body, event.type, event.reason, event.message)
+    if capacity_change is not None:
+        post_event(body, *capacity_change)
 
 
 # --- kopf wiring ---------------------------------------------------------------------------

@@ -68,6 +68,13 @@ OBSERVED_LOAD = Gauge(
     VOICEAGENT_LABELS,
     registry=REGISTRY,
 )
+UNSCHEDULABLE_WORKERS = Gauge(
+    "voicefleet_operator_unschedulable_workers",
+    "Worker pods the scheduler cannot place (PodScheduled=False, Unschedulable): wanted "
+    "capacity that does not exist (VoiceAgent condition CapacityLimited=PodsUnschedulable).",
+    VOICEAGENT_LABELS,
+    registry=REGISTRY,
+)
 UNREACHABLE_WORKERS = Gauge(
     "voicefleet_operator_unreachable_workers",
     "Ready worker pods whose /worker endpoint did not answer (counted as full).",
@@ -155,6 +162,7 @@ _PER_VOICEAGENT = (
     OBSERVED_ACTIVE_JOBS,
     OBSERVED_LOAD,
     UNREACHABLE_WORKERS,
+    UNSCHEDULABLE_WORKERS,
     WORKER_READ_SECONDS,
     WORKER_REPLICAS,
     WORKER_READY_REPLICAS,

@@ -79,9 +79,12 @@ def test_names_scope_and_subresources() -> None:
 def test_printer_columns() -> None:
     columns = crd.custom_resource_definition()["spec"]["versions"][0]["additionalPrinterColumns"]
     default_view = [c["name"] for c in columns if not c.get("priority")]
-    assert default_view == ["Ready", "Replicas", "Jobs", "Numbers", "Age"]
+    assert default_view == ["Ready", "Replicas", "Jobs", "Capacity", "Numbers", "Age"]
     by_name = {c["name"]: c for c in columns}
     assert by_name["Ready"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert (
+        by_name["Capacity"]["jsonPath"] == '.status.conditions[?(@.type=="CapacityLimited")].reason'
+    )
     # Every column reads a field the schema defines.
     paths = dict(walk(schema()))
     for column in columns:

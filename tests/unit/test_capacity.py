@@ -1,0 +1,115 @@
+"""The CapacityLimited condition and its Events, from the pods and calls the autoscaler saw."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from voicefleet_operator.api import parse_spec
+from voicefleet_operator.capacity import (
+    MAX_REPLICAS_REACHED,
+    PODS_UNSCHEDULABLE,
+    TENANT_LIMIT_REACHED,
+    WITHIN_CAPACITY,
+    capacity_condition,
+    capacity_event,
+    unschedulable_pods,
+)
+from voicefleet_operator.status import ConditionUpdate
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
+INSUFFICIENT_CPU = "0/1 nodes are available: 1 Insufficient cpu."
+
+
+def spec(**sections: Any) -> Any:
+    document = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text())["spec"])
+    for name, value in sections.items():
+        document[name] = {**document.get(name, {}), **value}
+    return parse_spec(document)
+
+
+def pod(name: str, scheduled: str = "True", reason: str = "", **metadata: Any) -> dict[str, Any]:
+    condition = {"type": "PodScheduled", "status": scheduled}
+    if reason:
+        condition |= {"reason": reason, "message": INSUFFICIENT_CPU}
+    return {"metadata": {"name": name, **metadata}, "status": {"conditions": [condition]}}
+
+
+def test_unschedulable_pods() -> None:
+    pods = [
+        pod("a"),
+        pod("b", "False", "Unschedulable"),
+        pod("c", "False", "SchedulingGated"),
+        pod("d", "False", "Unschedulable", deletionTimestamp="2026-01-01T00:00:00Z"),
+        {"metadata": {"name": "e"}, "status": {}},
+    ]
+    assert [(p.pod, p.message) for p in unschedulable_pods(pods)] == [("b", INSUFFICIENT_CPU)]
+
+
+# One pod at most (maxReplicas 1) of floor(2 x 1.0) = 2 calls.
+SMALL = {"worker": {"jobsPerWorker": 2, "loadThreshold": 1.0}, "scaling": {"maxReplicas": 1}}
+
+
+@pytest.mark.parametrize(
+    ("sections", "pods", "active", "status", "reason"),
+    [
+        (SMALL, [pod("a")], 1, "False", WITHIN_CAPACITY),
+        (SMALL, [pod("a")], 2, "True", MAX_REPLICAS_REACHED),
+        (SMALL, [pod("a"), pod("b", "False", "Unschedulable")], 0, "True", PODS_UNSCHEDULABLE),
+        # The cap is reached before the pods are full.
+        (
+            {**SMALL, "limits": {"maxConcurrentCalls": 2}},
+            [pod("a")],
+            2,
+            "True",
+            TENANT_LIMIT_REACHED,
+        ),
+        (
+            {"limits": {"maxConcurrentCalls": 3}, "scaling": {"minReplicas": 0}},
+            [pod("a")],
+            3,
+            "True",
+            TENANT_LIMIT_REACHED,
+        ),
+        (
+            {"limits": {"maxConcurrentCalls": 3}, "scaling": {"minReplicas": 0}},
+            [pod("a")],
+            2,
+            "False",
+            WITHIN_CAPACITY,
+        ),
+    ],
+)
+def test_capacity_condition(
+    sections: dict[str, Any], pods: list[dict[str, Any]], active: int, status: str, reason: str
+) -> None:
+    update = capacity_condition(spec(**sections), pods=pods, active_jobs=active)
+    assert (update.type, update.status, update.reason) == ("CapacityLimited", status, reason)
+    assert update.message
+
+
+def test_unschedulable_message_names_the_pod_and_the_scheduler_reason() -> None:
+    update = capacity_condition(
+        spec(**SMALL), pods=[pod("support-7", "False", "Unschedulable")], active_jobs=0
+    )
+    assert "support-7" in update.message and INSUFFICIENT_CPU in update.message
+
+
+def test_events_on_changes_only() -> None:
+    limited = ConditionUpdate.true("CapacityLimited", PODS_UNSCHEDULABLE, "stuck")
+    fine = ConditionUpdate.false("CapacityLimited", WITHIN_CAPACITY, "ok")
+    assert capacity_event(None, limited) == ("Warning", PODS_UNSCHEDULABLE, "stuck")
+    assert capacity_event({"status": "True", "reason": PODS_UNSCHEDULABLE}, limited) is None
+    assert capacity_event(
+        {"status": "True", "reason": PODS_UNSCHEDULABLE},
+        ConditionUpdate.true("CapacityLimited", MAX_REPLICAS_REACHED, "full"),
+    ) == ("Warning", MAX_REPLICAS_REACHED, "full")
+    assert capacity_event({"status": "True", "reason": PODS_UNSCHEDULABLE}, fine) == (
+        "Normal",
+        "CapacityRestored",
+        "ok",
+    )
+    assert capacity_event(None, fine) is None
