@@ -60,13 +60,17 @@ def end_reason(
     hung_up_by_agent: bool = False,
     transferred: bool = False,
     failed: bool = False,
+    overflowed: bool = False,
 ) -> EndReason:
     """How the call ended, from what the agent did and what livekit-agents reported.
 
-    The agent's own actions win (its end_call deletes the room, which also disconnects the
+    An overflow call (the caller got spec.overflow, not an agent) is `overflow`, whatever
+    ended it. The agent's own actions win (its end_call deletes the room, which also disconnects the
     caller); then failures; then the session's close reason; then the job's shutdown reason
     ("parent process shutdown" is the worker exiting with the call still running).
     """
+    if overflowed:
+        return "overflow"
     if transferred:
         return "transferred"
     if hung_up_by_agent:
@@ -274,6 +278,7 @@ class CallRecorder:
         *,
         hung_up_by_agent: bool = False,
         transferred: bool = False,
+        overflowed: bool = False,
     ) -> CallRecord:
         ended = self._clock()
         ended_at = utc(ended)
@@ -285,6 +290,7 @@ class CallRecorder:
             hung_up_by_agent=hung_up_by_agent,
             transferred=transferred,
             failed=self.failed,
+            overflowed=overflowed,
         )
         detail = "; ".join(
             part

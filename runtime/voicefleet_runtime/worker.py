@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from livekit import rtc
 from livekit.agents import (
     AgentServer,
     AgentSession,
@@ -359,6 +360,13 @@ async def entrypoint(ctx: JobContext) -> None:
     config = runtime_config()
     overflow_reason = (ctx.token_claims().attributes or {}).get(OVERFLOW_ATTRIBUTE)
     if overflow_reason:
+        if config.records_webhook is not None:
+            # Overflow calls are accounted for too (endReason overflow), however the treatment ends.
+            async def record_overflow(shutdown_reason: str) -> None:
+                await spool_overflow_record(config, ctx, overflow_reason, shutdown_reason)
+
+            # (a closure: livekit-agents reads the callback's __code__ to pass the reason)
+            ctx.add_shutdown_callback(record_overflow)
         await overflow.give_overflow_treatment(ctx, config, overflow_reason)
         return
     labels = metric_labels(config)
@@ -443,11 +451,41 @@ async def entrypoint(ctx: JobContext) -> None:
         raise
 
 
+async def spool_overflow_record(
+    config: RuntimeConfig, ctx: JobContext, overflow_reason: str, shutdown_reason: str
+) -> None:
+    """The record of a caller who got the overflow treatment instead of the agent."""
+    recorder = CallRecorder(
+        tenant=config.tenant,
+        voice_agent=config.name,
+        dispatch_name=config.dispatch_name,
+        config_hash=runtime_config_hash(),
+        job_id=ctx.job.id,
+        room=ctx.job.room.name,
+        dispatch_received_at=getattr(getattr(ctx, "_info", None), "received_at", 0.0),
+    )
+    callers = [
+        p
+        for p in ctx.room.remote_participants.values()
+        if p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    ]
+    if callers:
+        phone = PhoneCall.from_participant(ctx.room.name, callers[0])
+        recorder.set_caller(
+            phone=phone is not None,
+            caller_number=phone.caller_number if phone else "",
+            dialed_number=phone.dialed_number if phone else "",
+            sip_call_id=phone.sip_call_id if phone else "",
+        )
+    spool_record(config, recorder, shutdown_reason or f"overflow ({overflow_reason})", None, True)
+
+
 def spool_record(
     config: RuntimeConfig,
     recorder: CallRecorder,
     shutdown_reason: str,
     controls: CallControls | None,
+    overflowed: bool = False,
 ) -> None:
     """The call's record into the spool (job process, at shutdown); never raises."""
     try:
@@ -455,6 +493,7 @@ def spool_record(
             shutdown_reason,
             hung_up_by_agent=controls is not None and controls.hung_up,
             transferred=controls is not None and bool(controls.transfers),
+            overflowed=overflowed,
         )
         path = Spool(spool_directory(config)).put(record)
     except Exception:

@@ -234,6 +234,13 @@ def test_record_of_a_call_that_failed_before_anyone_spoke() -> None:
         (None, "job crashed", {}, "error"),
         ("job_shutdown", "parent process shutdown", {}, "drained"),
         (None, "room disconnected", {}, "room_closed"),
+        (None, "overflow: message (capacity)", {"overflowed": True}, "overflow"),
+        (
+            "participant_disconnected",
+            "",
+            {"overflowed": True, "hung_up_by_agent": True},
+            "overflow",
+        ),
     ],
 )
 def test_end_reason(
