@@ -92,6 +92,11 @@ INVALID: list[tuple[str, Any, str]] = [
     ("telephony.numbers", ["+15551230001", "+15551230001"], "telephony number"),
     ("telephony.transferTo", "555-HUMAN", "spec.telephony.transferTo"),
     ("telephony.inbound.allowedAddresses", ["10.0.0.300"], "allowedAddresses[0]"),
+    (
+        "telephony.inbound.allowedAddresses",
+        ["10.0.0.0/8", "192.0.2.10", "10.0.0.0/8"],
+        "spec.telephony.inbound: allowedAddresses entry '10.0.0.0/8' appears twice",
+    ),
     ("agents.0.name", "Receptionist", "spec.agents[0].name"),
     ("agents.0.instructions", "", "spec.agents[0].instructions"),
     ("entry", "nobody", "entry 'nobody' names no agent"),
@@ -138,6 +143,19 @@ def test_metadata_name_must_fit_child_names() -> None:
     document["metadata"]["name"] = "a" * 51
     with pytest.raises(ValueError, match="at most 50 characters"):
         VoiceAgent.model_validate(document)
+    document["metadata"]["name"] = "a" * 50  # the longest name that still fits
+    assert VoiceAgent.model_validate(document).metadata["name"] == "a" * 50
+    assert (
+        "size(self.metadata.name) <= 50 "
+        in VoiceAgent.model_json_schema()["x-kubernetes-validations"][0]["rule"]
+    )
+
+
+def test_job_memory_limit_zero_disables_the_limit_and_its_order_check() -> None:
+    spec = _mutate("worker.jobMemoryLimitMB", 0)
+    spec["worker"]["jobMemoryWarnMB"] = 2000  # above any limit, but there is none
+    worker = parse_spec(spec).worker
+    assert (worker.job_memory_warn_mb, worker.job_memory_limit_mb) == (2000, 0)
 
 
 def test_status_round_trip_uses_kubernetes_spelling() -> None:

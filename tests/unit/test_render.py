@@ -296,6 +296,16 @@ def test_resources_are_derived_from_job_capacity() -> None:
     assert render.derived_resources(small.worker)["requests"] == {"cpu": "300m", "memory": "1012Mi"}
 
 
+def test_without_a_job_memory_limit_each_process_may_reach_twice_its_warning() -> None:
+    unlimited = parse_spec({**example_spec(), "worker": {"jobMemoryLimitMB": 0}})
+    derived = render.derived_resources(unlimited.worker)
+    # 10 jobs + 2 warm processes at 2 x 500 MB, plus the 512 MiB base.
+    assert derived["limits"]["memory"] == f"{512 + 12 * 1000}Mi"
+    warn_300 = {"jobMemoryLimitMB": 0, "jobMemoryWarnMB": 300, "jobsPerWorker": 2}
+    small = parse_spec({**example_spec(), "worker": {**warn_300, "idleProcesses": 0}})
+    assert render.derived_resources(small.worker)["limits"]["memory"] == f"{512 + 2 * 600}Mi"
+
+
 def test_resources_override_field_by_field() -> None:
     spec_dict = example_spec()
     spec_dict["worker"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}}

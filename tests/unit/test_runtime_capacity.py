@@ -56,6 +56,8 @@ def gate(budget: int = 2, slots: int = 2, **kwargs: object) -> AdmissionGate:
         (2, 0, 1, 1, False, (Admit.REFUSE, "overflow_full")),
         (2, 0, 2, 0, False, (Admit.REFUSE, "overflow_full")),
         (0, 0, 0, 0, True, (Admit.REFUSE, "draining")),
+        # full and draining: refused because it drains (it would take nothing even if it had room)
+        (2, 0, 2, 0, True, (Admit.REFUSE, "draining")),
     ],
 )
 def test_admit(
@@ -226,3 +228,47 @@ def test_running_jobs_are_told_apart_by_the_overflow_attribute() -> None:
     assert worker.running_jobs(server) == (2, 1)  # type: ignore[arg-type]
     # The load LiveKit sees is the steering load; the metric is agent calls / jobsPerWorker.
     assert worker.load(server) == OVER_BUDGET_LOAD  # type: ignore[arg-type]
+
+
+async def test_a_draining_worker_refuses_offers_even_with_free_slots() -> None:
+    from types import SimpleNamespace
+
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    worker = runtime(tenant)
+    running = SimpleNamespace(accept_arguments=SimpleNamespace(attributes={}))
+    worker.server = SimpleNamespace(draining=True, active_jobs=[running])  # type: ignore[assignment]
+    answers: list[str] = []
+
+    async def on_accept(args: JobAcceptArguments) -> None:
+        answers.append("accepted")
+
+    async def on_reject(terminate: bool) -> None:
+        answers.append(f"rejected terminate={terminate}")
+
+    job = agent_pb.Job(id="AJ_drain", room=models.Room(name="room-drain"))
+    await worker.on_request(JobRequest(job=job, on_reject=on_reject, on_accept=on_accept))
+    assert answers == ["rejected terminate=False"]
+    labels = {"tenant": tenant, "agent": "support"}
+    assert (
+        REGISTRY.get_sample_value(
+            "voicefleet_dispatch_rejected_total", {**labels, "reason": "draining"}
+        )
+        == 1
+    )
+
+
+def test_refusals_by_livekit_agents_say_draining_or_overflow_full() -> None:
+    from voicefleet_runtime.worker import CountingAgentServer
+
+    server = CountingAgentServer(load_threshold=LIVEKIT_LOAD_THRESHOLD)
+    reasons: list[str] = []
+    server.on_refused = reasons.append
+    server._devmode = False  # set by run(), which a unit test does not call
+    server._worker_load = FULL_LOAD  # no agent slot and no overflow slot left
+    assert server._is_available() is False
+    server._worker_load = 0.0
+    server._draining = True
+    assert server._is_available() is False
+    server._draining = False
+    assert server._is_available() is True
+    assert reasons == ["overflow_full", "draining"]

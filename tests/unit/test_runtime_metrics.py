@@ -195,3 +195,20 @@ def test_exposition_survives_a_job_process_that_is_just_creating_its_file(tmp_pa
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == '{"plain": "struct.error", "served": true}'
+
+
+def test_reaping_removes_only_the_files_of_dead_processes(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped by us: its pid names no process now
+    alive, dead = os.getpid(), child.pid
+    files = {
+        pid: [tmp_path / f"gauge_livesum_{pid}.db", tmp_path / f"gauge_liveall_{pid}.db"]
+        for pid in (alive, dead)
+    }
+    counter = tmp_path / f"counter_{dead}.db"  # counters of dead processes keep counting
+    for path in [*files[alive], *files[dead], counter]:
+        path.write_bytes(b"")
+    assert metrics.reap_dead_processes(str(tmp_path)) == [dead]
+    assert all(path.exists() for path in files[alive])
+    assert not any(path.exists() for path in files[dead])
+    assert counter.exists()

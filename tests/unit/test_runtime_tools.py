@@ -259,3 +259,13 @@ def test_mcp_servers_become_one_toolset_each_named_after_the_server() -> None:
         "https://crm.example.com/mcp",
         "https://stock.example.com/mcp",
     ]
+
+
+def test_a_header_takes_exactly_one_of_value_and_value_from_env() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set exactly one of value or valueFromEnv"):
+        HttpHeader(name="Authorization", value="Bearer x", value_from_env="ORDERS_TOKEN")
+    with pytest.raises(ValidationError, match="set exactly one of value or valueFromEnv"):
+        HttpHeader(name="Authorization")
+    assert HttpHeader(name="Authorization", value_from_env="ORDERS_TOKEN").value is None

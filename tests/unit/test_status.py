@@ -160,6 +160,8 @@ def test_telephony_gates_ready_only_while_present_and_scaling_never_does() -> No
         (deployment(ready=0, progressing=("True", "ReplicaSetUpdated")), True, False),
         # surge: a third pod with the new template while two old ones serve
         (deployment(replicas=3, updated=1, progressing=("True", "ReplicaSetUpdated")), True, False),
+        # every replica runs the new template, but an old pod lingers (being scaled down)
+        (deployment(replicas=3, updated=2, progressing=("True", "ReplicaSetUpdated")), True, False),
         # rollout done, then a pod died: not a rollout
         (deployment(ready=1, available=1), False, False),
         (deployment(ready=0, progressing=("False", "ProgressDeadlineExceeded")), True, True),

@@ -231,6 +231,24 @@ def test_simultaneous_claims_tie_break_on_namespace_then_name() -> None:
     assert telephony.resolve_numbers(b, [], claims).in_service == ()
 
 
+def test_simultaneous_claims_in_one_namespace_tie_break_on_name() -> None:
+    same_second = "2025-01-02T03:04:05Z"
+    a = target(namespace="acme", name="alpha", created=same_second)
+    b = target(namespace="acme", name="beta", created=same_second)
+    claims = [b.claim, a.claim]
+    assert telephony.resolve_numbers(a, [], claims).in_service == (NUMBER_A,)
+    assert telephony.resolve_numbers(b, [], claims).in_service == ()
+
+
+def test_the_namespace_decides_a_tie_before_the_name() -> None:
+    same_second = "2025-01-02T03:04:05Z"
+    first = target(namespace="alpha", name="zulu", created=same_second)
+    second = target(namespace="beta", name="able", created=same_second)
+    claims = [second.claim, first.claim]
+    assert telephony.resolve_numbers(first, [], claims).in_service == (NUMBER_A,)
+    assert telephony.resolve_numbers(second, [], claims).in_service == ()
+
+
 def test_exactly_one_claimant_wins_whatever_the_order_of_facts() -> None:
     claimants = [
         target(namespace=f"t{i}", name="agent", created=f"2025-01-0{i}T00:00:00Z")
