@@ -60,7 +60,7 @@ e2e-telephony: setup infra
 # Everything CI runs (README's test command): checks, then every integration and e2e test in one
 # pytest session so the cluster and LiveKit stack are started once.
 test: check infra
-	$(PYTEST) --durations=25 tests/integration tests/e2e
+	$(PYTEST) --durations=25 -rs tests/integration tests/e2e
 
 # ---------------------------------------------------------------- code generation
 

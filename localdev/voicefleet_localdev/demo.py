@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from voicefleet_testkit import waiting
 
-from voicefleet_localdev import chart, paths, procs
+from voicefleet_localdev import chart, leases, paths, procs
 from voicefleet_localdev import livekit as stack
+from voicefleet_localdev.kubectl import KubectlError, diagnostics, kubectl, kubectl_json
 from voicefleet_localdev.procs import CommandError, ComponentError
 
 EXAMPLE = paths.REPO_ROOT / "examples" / "voiceagent.yaml"
@@ -90,51 +92,12 @@ class Clock:
         return result
 
 
-# --- kubectl ---------------------------------------------------------------------------------
-
-
-def kubectl(*args: str, timeout: float = 60, check: bool = True, stdin: str | None = None) -> str:
-    argv = [str(paths.binary("kubernetes", "kubectl")), f"--kubeconfig={paths.kubeconfig()}"]
-    done = subprocess.run(
-        [*argv, *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False
-    )
-    if check and done.returncode != 0:
-        raise DemoError(f"kubectl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
-
-
-def kubectl_json(*args: str) -> Any:
-    return json.loads(kubectl(*args, "-o", "json"))
+# --- waiting ----------------------------------------------------------------------------------
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (DemoError, OSError, ValueError) as error:
-            last = error
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
-def diagnostics(namespace: str, selector: str | None = None) -> str:
-    parts = []
-    commands: list[tuple[str, ...]] = [
-        ("get", "pods", "-o", "wide"),
-        ("get", "va", "-o", "yaml"),
-        ("get", "events", "--sort-by=.lastTimestamp"),
-    ]
-    if selector:
-        commands.append(("logs", "--tail=40", "--all-containers", "--prefix", "-l", selector))
-    for args in commands:
-        out = kubectl("-n", namespace, *args, check=False)
-        parts.append(f"$ kubectl -n {namespace} {' '.join(args)}\n{out[-4000:]}")
-    return "\n".join(parts)
+    """voicefleet_testkit's wait_for, failing with a DemoError (the demo's one failure type)."""
+    return waiting.wait_for(what, probe, timeout, interval, error=DemoError)
 
 
 # --- bring-up --------------------------------------------------------------------------------
@@ -226,6 +189,11 @@ def providers_up(host: str) -> str:
     procs.wait_until(
         PROVIDERS_PROCESS, "answering", lambda: stack.http_ok(f"{url}/_control/health"), timeout=60
     )
+    # The demo holds the platform as long as its provider server runs: test sessions then
+    # leave the cluster and the LiveKit stack up when they end (voicefleet_localdev.leases).
+    provider_pid = procs.pid_of(PROVIDERS_PROCESS)
+    if provider_pid is not None:
+        leases.hold(leases.DEMO, provider_pid)
     print(f"    {url}/v1 (log {paths.log_file(PROVIDERS_PROCESS)})")
     return url
 
@@ -320,7 +288,9 @@ def wait_ready(name: str, clock: Clock, timeout: float) -> dict[str, Any]:
     try:
         return wait_for(f"VoiceAgent {TENANT}/{name} Ready", probe, timeout, interval=2)
     except DemoError as error:
-        raise DemoError(f"{error}\n{diagnostics(TENANT, selector_for(name))}") from None
+        raise DemoError(
+            f"{error}\n{diagnostics(TENANT, log_selector=selector_for(name))}"
+        ) from None
 
 
 def selector_for(name: str) -> str:
@@ -557,6 +527,9 @@ Tear it all down:
 
 def up(args: argparse.Namespace) -> int:
     clock = Clock()
+    # Held while this process brings the platform up; the provider server's lease (taken once it
+    # runs) holds it after this process exits, until `make demo-down`.
+    leases.hold(leases.DEMO)
     started_unix = time.time()
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
@@ -576,7 +549,7 @@ def up(args: argparse.Namespace) -> int:
         results["apply_to_ready_s"] = round(time.monotonic() - applied, 1)
         print(kubectl("-n", TENANT, "get", "va", "-o", "wide"))
         return calls(args, clock, agent, status, url, results, started_unix)
-    except (DemoError, ComponentError, CommandError) as error:
+    except (DemoError, KubectlError, ComponentError, CommandError) as error:
         clock.say(f"FAILED: {error}")
         results["error"] = str(error)[-4000:]
         write_results(results, clock)
@@ -647,28 +620,21 @@ def call_again(args: argparse.Namespace) -> int:
     return calls(args, clock, agent, status, providers_url(host), {}, time.time() - 300)
 
 
-def other_test_sessions() -> list[int]:
-    """Pids of live pytest sessions holding a cluster lease (voicefleet_localdev.pytest_plugin)."""
-    leases = paths.state_dir() / "leases"
-    alive = []
-    for lease in leases.glob("*") if leases.exists() else []:
-        if lease.name.isdigit() and Path(f"/proc/{lease.name}").exists():
-            alive.append(int(lease.name))
-    return alive
-
-
 def down(args: argparse.Namespace) -> int:
     from voicefleet_localdev import cluster
 
     clock = Clock()
-    busy = other_test_sessions()
+    busy = [h for h in leases.holders() if h.kind != leases.DEMO]
     if busy and not args.force:
         print(
-            f"test sessions (pids {busy}) are using the cluster; not taking it down. "
+            f"{', '.join(map(str, busy))} still use the cluster; not taking it down. "
             "Wait for them, or run `make demo-down FORCE=1`.",
             file=sys.stderr,
         )
         return 1
+    for holder in leases.holders():
+        if holder.kind == leases.DEMO:
+            leases.release(leases.DEMO, holder.pid)
     stopped = procs.stop(PROVIDERS_PROCESS)
     clock.say(f"provider server {'stopped' if stopped else 'was not running'}")
     clock.step("LiveKit stack down", lambda: stack.down(report=lambda line: print(f"    {line}")))

@@ -284,6 +284,10 @@ def livekit_sip_config() -> str:
         "ws_url": LiveKitEndpoint().url,
         "redis": {"address": f"127.0.0.1:{REDIS_PORT}"},
         "sip_port": SIP_PORT,
+        # Advertise (Contact, SDP c=/o=) the address the stack documents for callers, not the
+        # first non-loopback interface livekit-sip finds (its default, pkg/sip/config.go
+        # getLocalIP): a caller that can only reach the address it dialled must get that one.
+        "nat_1_to_1_ip": SipEndpoint().host,
         "rtp_port": f"{SIP_RTP_PORTS[0]}-{SIP_RTP_PORTS[1]}",
         "health_port": SIP_HEALTH_PORT,
         "prometheus_port": SIP_METRICS_PORT,

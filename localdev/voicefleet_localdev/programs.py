@@ -64,6 +64,14 @@ def _first_word(node: ast.AST) -> str | None:
     return None
 
 
+def _shown(file: Path) -> str:
+    return (
+        str(file.relative_to(paths.REPO_ROOT))
+        if file.is_relative_to(paths.REPO_ROOT)
+        else str(file)
+    )
+
+
 def scan(root: Path) -> Iterator[Use | BuiltUse]:
     for file in sorted(root.rglob("*.py")):
         tree = ast.parse(file.read_text(), filename=str(file))
@@ -72,7 +80,7 @@ def scan(root: Path) -> Iterator[Use | BuiltUse]:
                 yield from _assigned(node, file)
             if not isinstance(node, ast.Call):
                 continue
-            where = f"{file.relative_to(paths.REPO_ROOT)}:{node.lineno}"
+            where = f"{_shown(file)}:{node.lineno}"
             callee = _callee(node)
             constants = [
                 a.value
@@ -94,7 +102,7 @@ def _assigned(node: ast.Assign, file: Path) -> Iterator[Use]:
     """`argv = ["sipp", ...]` and `ESPEAK_BINARY = "espeak-ng"`: programs named before the call."""
     target = node.targets[0]
     name = target.id if isinstance(target, ast.Name) else ""
-    where = f"{file.relative_to(paths.REPO_ROOT)}:{node.lineno}"
+    where = f"{_shown(file)}:{node.lineno}"
     if name in ("argv", "cmd", "command"):
         word = _first_word(node.value)
         if word is not None:
@@ -104,7 +112,7 @@ def _assigned(node: ast.Assign, file: Path) -> Iterator[Use]:
             yield Use(node.value.value, where)
 
 
-def problems(versions: dict) -> list[str]:
+def problems(versions: dict, roots: tuple[Path, ...] = SCANNED) -> list[str]:
     declared: dict[str, str] = versions.get("programs", {})
     debian = set(versions["debian"]["packages"])
     go = versions["go"]
@@ -122,7 +130,7 @@ def problems(versions: dict) -> list[str]:
                 f"[programs] {program} = {source_of!r}: say debian:PACKAGE, go:COMPONENT, "
                 "setup:WHAT (make setup), base (on every machine of this kind) or user:WHY"
             )
-    for root in SCANNED:
+    for root in roots:
         for use in scan(root):
             if isinstance(use, BuiltUse):
                 recipe = go.get(use.component)

@@ -7,7 +7,8 @@
 
 They start what is not running and fail (never skip) with the tail of the failing component's
 log. Several holders may share the platform: each test session and the demo hold a lease
-(<state>/leases/<pid>), and what a test session started is stopped by the last holder to finish;
+(voicefleet_localdev.leases), and what a test session started is stopped by the last holder to
+finish;
 a cluster started with `make cluster-up` keeps running. Register them with plain imports in a
 conftest.py (tests/integration/conftest.py, tests/e2e/conftest.py); unit tests never load them.
 """
@@ -16,21 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from voicefleet_testkit.providers import ProviderServer
+from voicefleet_testkit.waiting import wait_for
 
-from voicefleet_localdev import chart, cluster, images, paths
+from voicefleet_localdev import chart, cluster, images, leases
 from voicefleet_localdev import livekit as stack
+from voicefleet_localdev.kubectl import diagnostics, kubectl
 from voicefleet_localdev.procs import CommandError, ComponentError
 from voicefleet_localdev.prometheus import PrometheusClient
 
@@ -49,37 +50,13 @@ class ClusterHandle:
         return self.info.hostAddressFromPods
 
     def kubectl(self, *args: str, timeout: float = 60) -> str:
-        """Run kubectl against this cluster; return stdout, fail with its output on error."""
-        argv = [str(paths.binary("kubernetes", "kubectl")), f"--kubeconfig={self.kubeconfig}"]
-        proc = subprocess.run(
-            [*argv, *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if proc.returncode != 0:
-            raise AssertionError(
-                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
-            )
-        return proc.stdout
+        """Run kubectl against this cluster; return stdout; KubectlError (an AssertionError)
+        with its output on failure."""
+        return kubectl(*args, kubeconfig=self.kubeconfig, timeout=timeout)
 
     def diagnostics(self, namespace: str, *, log_selector: str = "app.kubernetes.io/name") -> str:
         """Pods, VoiceAgents, recent logs and events of `namespace`: for a failure message."""
-        parts = []
-        for args in (
-            ("get", "pods", "-o", "wide"),
-            ("get", "voiceagents", "-o", "yaml"),
-            ("logs", "--tail=80", "--all-containers", "--prefix", "-l", log_selector),
-            ("get", "events", "--sort-by=.lastTimestamp"),
-        ):
-            try:
-                parts.append(
-                    f"$ kubectl -n {namespace} {' '.join(args)}\n"
-                    + self.kubectl("-n", namespace, *args)
-                )
-            except AssertionError as error:
-                parts.append(str(error))
-        return "\n".join(parts)[-12000:]
-
-
-T = TypeVar("T")
+        return diagnostics(namespace, log_selector=log_selector, kubeconfig=self.kubeconfig)
 
 
 @contextlib.contextmanager
@@ -121,24 +98,6 @@ def installed_chart(
         chart.uninstall(release, namespace, kubeconfig=cluster.kubeconfig)
 
 
-def wait_for(
-    what: str, probe: Callable[[], T | None], timeout: float = 120, interval: float = 1.0
-) -> T:
-    """Poll until `probe` returns a truthy value; fail naming `what` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except Exception as exc:  # transient API errors while objects appear
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
 def _up(with_node: bool) -> cluster.ClusterInfo:
     try:
         return cluster.up(with_node=with_node, prepare_node=images.ensure_node_images)
@@ -152,32 +111,20 @@ def _handle(info: cluster.ClusterInfo) -> ClusterHandle:
     return ClusterHandle(kubeconfig=kubeconfig, api_client=api_client, info=info)
 
 
-def _leases_dir() -> Path:
-    return paths.state_dir() / "leases"
+def _other_holders() -> list[leases.Holder]:
+    """Other live holders of the platform: test sessions and the demo (see leases.py)."""
+    return leases.holders(excluding_pid=os.getpid())
 
 
-def _other_sessions() -> list[int]:
-    """Pids of other live test sessions using the cluster (each holds a lease file)."""
-    others = []
-    for lease in _leases_dir().glob("*"):
-        pid = int(lease.name) if lease.name.isdigit() else 0
-        if pid == os.getpid():
-            continue
-        if pid and Path(f"/proc/{pid}").exists():
-            others.append(pid)
-        else:
-            lease.unlink(missing_ok=True)  # a session that died without cleaning up
-    return others
-
-
-def wait_for_other_sessions(timeout: float) -> None:
-    """Wait until no other test session uses the cluster (before taking it down)."""
+def wait_for_other_holders(timeout: float) -> None:
+    """Wait until nothing else holds the platform (before taking it down)."""
     try:
-        wait_for("no other session", lambda: not _other_sessions(), timeout=timeout, interval=2)
+        wait_for("no other holder", lambda: not _other_holders(), timeout=timeout, interval=2)
     except AssertionError:
+        held = ", ".join(map(str, _other_holders()))
         raise AssertionError(
-            f"other test sessions still use the cluster after {timeout:.0f}s: pids "
-            f"{_other_sessions()} hold leases in {_leases_dir()}; rerun when they are done"
+            f"the cluster is still held after {timeout:.0f}s by {held} (leases in "
+            f"{leases.leases_dir()}); rerun when they are done"
         ) from None
 
 
@@ -186,9 +133,7 @@ def control_plane() -> Iterator[ClusterHandle]:
     """A control plane (etcd, kube-apiserver, controller-manager, scheduler); may have a node
     if one was already running. Stopped at the end by the last test session using it, if a
     test session started it (a cluster from `make cluster-up` is left running)."""
-    _leases_dir().mkdir(parents=True, exist_ok=True)
-    lease = _leases_dir() / str(os.getpid())
-    lease.touch()
+    lease = leases.hold(leases.TEST_SESSION)
     if cluster.provider().running() is None:
         _up(with_node=False)
         cluster.record_starter("startedBy", os.getpid())
@@ -201,7 +146,7 @@ def control_plane() -> Iterator[ClusterHandle]:
         handle.api_client.close()
         lease.unlink(missing_ok=True)
         current = cluster.read_info()
-        if current is not None and current.startedBy is not None and not _other_sessions():
+        if current is not None and current.startedBy is not None and not _other_holders():
             cluster.down()
 
 
@@ -220,7 +165,7 @@ def cluster_with_node(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
     finally:
         handle.api_client.close()
         current = cluster.read_info()
-        if current is not None and current.nodeStartedBy is not None and not _other_sessions():
+        if current is not None and current.nodeStartedBy is not None and not _other_holders():
             cluster.down(node_only=True)
 
 
@@ -244,6 +189,13 @@ def project_images(cluster_with_node: ClusterHandle) -> dict[str, str]:
 # ---------------------------------------------------------------- LiveKit stack
 
 
+def _stop_stack(result: stack.UpResult) -> None:
+    """Stop what this session started, unless another holder (the demo, a session that came
+    later) still uses it: it then keeps running, as after `make livekit-up`."""
+    if not _other_holders():
+        stack.down(tuple(result.started))
+
+
 def _start_stack(names: tuple[str, ...]) -> stack.UpResult:
     result = stack.UpResult()
     try:
@@ -260,7 +212,7 @@ def livekit() -> Iterator[stack.LiveKitEndpoint]:
     `.api()` -> livekit-api client (`async with livekit.api() as lkapi: ...`)."""
     result = _start_stack(("redis", "livekit-server"))
     yield stack.LiveKitEndpoint()
-    stack.down(tuple(result.started))
+    _stop_stack(result)
 
 
 @pytest.fixture(scope="session")
@@ -268,7 +220,7 @@ def sip(livekit: stack.LiveKitEndpoint) -> Iterator[stack.SipEndpoint]:
     """livekit-sip, registered with livekit-server through Redis: `.host`, `.port` (UDP+TCP)."""
     result = _start_stack(("livekit-sip",))
     yield stack.SipEndpoint()
-    stack.down(tuple(result.started))
+    _stop_stack(result)
 
 
 @pytest.fixture(scope="session")
@@ -279,7 +231,7 @@ def prometheus() -> Iterator[PrometheusClient]:
     client = PrometheusClient()
     client.sync_discovery()
     yield client
-    stack.down(tuple(result.started))
+    _stop_stack(result)
 
 
 # ---------------------------------------------------------------- provider servers

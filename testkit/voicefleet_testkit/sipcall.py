@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from voicefleet_testkit.net import free_port
+
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
 SILENCE_RMS = 0.003
 """Below this RMS (full scale 1.0, about -50 dBFS) a 20 ms frame counts as silence."""
-
-
-def free_udp_port(even: bool = False) -> int:
-    """A free UDP port on loopback (even, when RTP wants it)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if not even or port % 2 == 0:
-            return port
-    raise RuntimeError("no free UDP port found")
 
 
 def _ulaw_table() -> npt.NDArray[np.float64]:
@@ -214,6 +205,29 @@ class WireCapture:
     def received_requests(self, method: str) -> list[SipPacket]:
         return [p for p in self.sip if not p.outgoing and p.first_line.startswith(method + " ")]
 
+    def answer(self) -> SipPacket | None:
+        """The 200 OK livekit-sip answered the INVITE with (None if the call was not answered)."""
+        for packet in self.sip:
+            if packet.outgoing or not packet.first_line.startswith("SIP/2.0 200"):
+                continue
+            if re.search(r"^CSeq:\s*\d+\s+INVITE\s*$", packet.text, re.M | re.I):
+                return packet
+        return None
+
+    def advertised_addresses(self) -> dict[str, list[str]]:
+        """Where the answer tells the caller to send its ACK, BYE and RTP: the host of every
+        Contact header, and the SDP's connection (c=) and origin (o=) addresses."""
+        answer = self.answer()
+        if answer is None:
+            return {}
+        headers, _, body = answer.text.partition("\r\n\r\n")
+        contact = re.findall(
+            r"^(?:Contact|m):[^\n]*?sips?:(?:[^@>;\s]+@)?\[?([^\]>;:\s]+)", headers, re.M | re.I
+        )
+        connection = re.findall(r"^c=IN IP[46] ([^\s/]+)", body, re.M)
+        origin = re.findall(r"^o=\S+ \S+ \S+ IN IP[46] (\S+)", body, re.M)
+        return {"contact": contact, "sdp_connection": connection, "sdp_origin": origin}
+
     def responses(self) -> list[int]:
         """Status codes livekit-sip answered with, in order."""
         codes = []
@@ -280,8 +294,8 @@ def place_call(
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SIPP_DIR / scenario, workdir / scenario)
     caller_audio(workdir / "caller.ul", speech, lead_seconds=speech_delay)
-    local_port = free_udp_port()
-    media_port = free_udp_port(even=True)
+    local_port = free_port("udp")
+    media_port = free_port("udp", even=True)
     messages = workdir / "messages.log"
     errors = workdir / "errors.log"
     argv = [

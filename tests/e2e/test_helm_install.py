@@ -15,8 +15,9 @@ import pytest
 import yaml
 from voicefleet_localdev import chart, images, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint
-from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart, wait_for
+from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render
+from voicefleet_testkit.waiting import wait_for
 
 # Building and importing the images (setup) alone can take many minutes on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ from livekit import api, rtc
 from voicefleet_localdev import images, paths
 from voicefleet_localdev import livekit as stack
 from voicefleet_localdev.prometheus import PrometheusClient
-from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
+from voicefleet_localdev.pytest_plugin import ClusterHandle
+from voicefleet_testkit.net import free_port
+from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,19 +89,13 @@ async def test_sip_inbound_trunk_and_dispatch_rule_round_trip(
         assert rule.sip_dispatch_rule_id not in [r.sip_dispatch_rule_id for r in rules.items]
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def sipp_argv(endpoint: stack.SipEndpoint, number: str, workdir: Path, wait_ms: int) -> list[str]:
     """One call with sipp's built-in UAC scenario; every message is traced to messages.log."""
     return [
         "sipp",
         f"{endpoint.host}:{endpoint.port}",
         *("-sn", "uac", "-s", number, "-m", "1", "-t", "u1"),
-        *("-i", "127.0.0.1", "-p", str(free_udp_port())),
+        *("-i", "127.0.0.1", "-p", str(free_port("udp"))),
         # How long to wait for each expected answer; then sipp CANCELs and gives up.
         *("-recv_timeout", str(wait_ms), "-timeout", "60s"),
         *("-trace_msg", "-message_file", str(workdir / "messages.log")),

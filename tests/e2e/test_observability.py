@@ -37,11 +37,12 @@ from livekit import api
 from voicefleet_localdev import chart, paths, plot
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.prometheus import PrometheusClient
-from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart, wait_for
+from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator.render import ChildNames, dispatch_name
 from voicefleet_testkit import observability
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
+from voicefleet_testkit.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,8 @@ from voicefleet_operator.scaling import (
     WorkerState,
     read_worker,
 )
+from voicefleet_testkit import waiting
+from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import ParticipantError, TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
 
@@ -111,12 +112,6 @@ async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[Provi
         yield server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _log_tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -167,8 +162,8 @@ def operator_process(
         "VOICEFLEET_RUNTIME_IMAGE": runtime_image,
         "VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY": "IfNotPresent",
         "VOICEFLEET_WATCH_NAMESPACES": NAMESPACE,
-        "VOICEFLEET_LIVENESS_PORT": str(_free_port()),
-        "VOICEFLEET_METRICS_PORT": str(_free_port()),
+        "VOICEFLEET_LIVENESS_PORT": str(free_port()),
+        "VOICEFLEET_METRICS_PORT": str(free_port()),
     }
     OPERATOR_LOG.parent.mkdir(parents=True, exist_ok=True)
     with OPERATOR_LOG.open("ab") as log:
@@ -453,20 +448,20 @@ class CallCenter:
 
 
 async def wait_until(what: str, check: Any, within_seconds: float, watch: FleetWatch) -> None:
-    deadline = time.monotonic() + within_seconds
-    while not check():
-        if time.monotonic() > deadline:
-            pods = {
-                p.name: (p.ready_at is not None, p.jobs, p.terminating_at)
-                for p in watch.pods.values()
-                if p.gone_at is None
-            }
-            raise AssertionError(
-                f"timed out after {within_seconds:.0f}s waiting for {what}; replicas "
-                f"{watch.current_replicas()}, pods (ready, jobs, terminating) {pods}; "
-                f"operator log:\n{_log_tail(OPERATOR_LOG, 30)}"
-            )
-        await asyncio.sleep(0.5)
+    """voicefleet_testkit's wait_until, failing with the fleet's state and the operator's log."""
+
+    def fleet() -> str:
+        pods = {
+            p.name: (p.ready_at is not None, p.jobs, p.terminating_at)
+            for p in watch.pods.values()
+            if p.gone_at is None
+        }
+        return (
+            f"replicas {watch.current_replicas()}, pods (ready, jobs, terminating) {pods}; "
+            f"operator log:\n{_log_tail(OPERATOR_LOG, 30)}"
+        )
+
+    await waiting.wait_until(what, check, within_seconds, interval=0.5, describe=fleet)
 
 
 # --- the test -------------------------------------------------------------------------------

@@ -36,10 +36,11 @@ import pytest_asyncio
 from livekit import api
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
-from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart, wait_for
+from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render, telephony
 from voicefleet_testkit import sipcall
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall, openai_pipeline
+from voicefleet_testkit.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -299,6 +300,12 @@ async def test_phone_numbers_end_to_end(
     )
     assert result.returncode == 0, result.describe()
     assert result.answered_at is not None, result.describe()
+    # Dialled at 127.0.0.1: the 200 OK sends the ACK, BYE and RTP nowhere else.
+    assert result.capture.advertised_addresses() == {
+        "contact": ["127.0.0.1"],
+        "sdp_connection": ["127.0.0.1"],
+        "sdp_origin": ["127.0.0.1"],
+    }, result.describe()
     assert result.capture.voiced_seconds() > 1.0, result.describe()
     greeting_latency = result.invite_to_first_audio
     assert greeting_latency is not None

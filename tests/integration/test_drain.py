@@ -20,8 +20,9 @@ from livekit import rtc
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_testkit.participant import ParticipantError, TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer
+from voicefleet_testkit.waiting import wait_until
 
-from tests.integration.test_runtime_worker import running_worker, runtime_config, wait_until
+from tests.integration.test_runtime_worker import running_worker, runtime_config
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ async def test_sigterm_drains_the_held_call_and_takes_no_new_one(
             sigterm_at = time.monotonic()
             # Not Ready from the moment it drains (the pod leaves its Service's endpoints).
             await wait_until(
-                lambda: worker.readiness()[0] == 503, 10, "/ready turning 503 on SIGTERM"
+                "/ready turning 503 on SIGTERM", lambda: worker.readiness()[0] == 503, 10
             )
             assert "draining" in worker.readiness()[1]
 

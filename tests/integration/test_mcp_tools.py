@@ -31,7 +31,9 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Receive, Scope, Send
 from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.net import free_port
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_testkit.waiting import wait_until
 
 from tests.integration import test_runtime_worker as runtime_tests
 from tests.integration.test_runtime_worker import (
@@ -40,11 +42,9 @@ from tests.integration.test_runtime_worker import (
     RuntimeWorker,
     chat_messages,
     dispatched_call,
-    free_port,
     runtime_config,
     spoken,
     tool_names,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -275,9 +275,7 @@ async def test_mcp_tool_is_offered_called_with_the_llm_arguments_and_its_answer_
     # One MCP session for the call, ended when the call ends.
     sessions = stock_server.sessions_since(started)
     assert len(sessions) == 1, stock_server.requests_since(started)
-    await wait_until(
-        lambda: stock_server.all_closed(sessions), 30, "the call's MCP session was not ended"
-    )
+    await wait_until("the call's MCP session to end", lambda: stock_server.all_closed(sessions), 30)
     # 3. Every request of the call carried the header from the worker's environment.
     requests = stock_server.requests_since(started)
     assert {r.method for r in requests} >= {"POST", "GET", "DELETE"}, requests
@@ -323,9 +321,7 @@ async def test_mcp_tools_follow_a_handoff_to_the_next_agent(
     # and it ends with the call.
     sessions = stock_server.sessions_since(started)
     assert len(sessions) == 1, stock_server.requests_since(started)
-    await wait_until(
-        lambda: stock_server.all_closed(sessions), 30, "the call's MCP session was not ended"
-    )
+    await wait_until("the call's MCP session to end", lambda: stock_server.all_closed(sessions), 30)
 
 
 async def test_mcp_server_down_at_call_start_leaves_its_tools_out_and_the_call_goes_on(

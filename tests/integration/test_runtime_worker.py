@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +33,10 @@ from aiohttp import web
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
 from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_testkit.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,12 +46,6 @@ GREETING = "Hello, thanks for calling Acme. How can I help?"
 BILLING_INSTRUCTIONS = "You are the billing agent of Acme. Answer invoice questions briefly."
 # Preloading plugins in the forkserver is slow on a loaded 2-core machine.
 REGISTER_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -372,14 +367,6 @@ def sample_values(metrics_text: str, name: str) -> list[tuple[dict[str, str], fl
     ]
 
 
-async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {timeout_s}s", pytrace=False)
-        await asyncio.sleep(0.2)
-
-
 def worker_memory(main: psutil.Process) -> list[dict[str, Any]]:
     """RSS and USS per process of a worker. USS is memory only that process holds: job
     processes share the forkserver's pages copy-on-write, so their RSS counts shared libraries
@@ -452,7 +439,7 @@ async def test_worker_is_not_ready_until_registered_with_livekit(
                 return False
             return True
 
-        await wait_until(serving, REGISTER_TIMEOUT_S, "the worker's HTTP servers")
+        await wait_until("the worker's HTTP servers", serving, REGISTER_TIMEOUT_S)
         for _ in range(5):  # over a few connection retries
             assert http_get(f"http://127.0.0.1:{worker.health_port}/") == (200, "OK")
             code, body = worker.readiness()
@@ -614,11 +601,11 @@ async def test_metrics_include_job_processes_and_usage(
         during = worker.metrics()
         assert sample_values(during, "voicefleet_active_jobs")[0][1] >= 1
     # The caller hung up: the job ends and its slot is free again.
-    await wait_until(lambda: worker.status()["active_jobs"] == 0, 30, "the job did not end")
+    await wait_until("the job to end", lambda: worker.status()["active_jobs"] == 0, 30)
     await wait_until(
+        "voicefleet_active_jobs back at 0",
         lambda: sample_values(worker.metrics(), "voicefleet_active_jobs")[0][1] == 0,
         30,
-        "voicefleet_active_jobs did not return to 0",
     )
     text = worker.metrics()
     series = [line for line in text.splitlines() if line.startswith("voicefleet_")]
@@ -757,9 +744,9 @@ async def test_offers_above_load_threshold_are_refused_and_counted(
                     if labels.get("reason") == "load_threshold"
                 )
 
-            await wait_until(lambda: rejected() >= 1, 30, "a load_threshold refusal counted")
+            await wait_until("a load_threshold refusal counted", lambda: rejected() >= 1, 30)
             await wait_until(
-                lambda: worker.status()["active_jobs"] == 1, 30, "the first call running"
+                "the first call running", lambda: worker.status()["active_jobs"] == 1, 30
             )
             await asyncio.sleep(3)  # the refused offer is not taken later either
             assert worker.status()["active_jobs"] == 1

@@ -438,6 +438,12 @@ async def test_a_call_to_a_provisioned_number_reaches_a_room_with_the_agent_disp
 
     assert result.returncode == 0, result.describe()
     assert result.capture.responses()[-1] == 200, result.describe()
+    # The answer sends the caller's ACK, BYE and RTP only to the address it dialled.
+    assert result.capture.advertised_addresses() == {
+        "contact": [sip.host],
+        "sdp_connection": [sip.host],
+        "sdp_origin": [sip.host],
+    }, result.describe()
     # One room per call, named with the VoiceAgent's prefix, the agent dispatched with metadata.
     assert agent.room_name.startswith(f"call_{tenant}_agent_+15550001111_")
     assert [name for name, _ in agent.dispatched] == [target.dispatch_name]

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from livekit.plugins import deepgram as lk_deepgram
 from livekit.plugins import elevenlabs as lk_elevenlabs
 from livekit.plugins import openai as lk_openai
 from openai.types.chat import ChatCompletionChunk
+from voicefleet_testkit.net import free_port
 from voicefleet_testkit.providers import (
     DEFAULT_GREETING_REPLY,
     LLMReply,
@@ -448,14 +448,8 @@ async def test_control_api_scripts_reads_and_resets(providers: ProviderServer) -
     assert (await control.health())["pending"] == {"llm": 0, "transcripts": 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

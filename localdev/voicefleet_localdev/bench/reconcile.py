@@ -27,9 +27,10 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
+from voicefleet_testkit.net import free_port
 
 from voicefleet_localdev import paths
-from voicefleet_localdev.bench.workers import BenchError, free_port
+from voicefleet_localdev.bench.workers import BenchError
 from voicefleet_localdev.livekit import LiveKitEndpoint
 
 EXAMPLE = paths.REPO_ROOT / "examples" / "voiceagent.yaml"

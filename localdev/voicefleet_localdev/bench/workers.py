@@ -20,7 +20,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer
 
@@ -42,12 +42,6 @@ EXAMPLE = paths.REPO_ROOT / "examples" / "voiceagent.yaml"
 REGISTER_TIMEOUT_S = 120.0
 SETTLE_S = 4.0  # after a change, before reading memory (idle processes respawn, GC settles)
 MB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class BenchError(RuntimeError):
