@@ -452,7 +452,7 @@ def test_livekit_down_stops_every_process_and_up_restores_them(
     pids = stack.status()
     assert all(pids.values()), pids
     cli = [sys.executable, "-m", "voicefleet_localdev", "livekit"]
-    env = {**os.environ, "PYTHONPATH": str(paths.REPO_ROOT)}
+    env = dict(os.environ)  # the editable install makes voicefleet_localdev importable
 
     down = subprocess.run([*cli, "down"], capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -459,7 +458,6 @@ async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
         "--port",
         str(port),
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

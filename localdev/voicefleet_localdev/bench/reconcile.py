@@ -70,9 +70,6 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(paths.kubeconfig()),
-            "PYTHONPATH": os.pathsep.join(
-                str(paths.REPO_ROOT / p) for p in ("operator", "runtime", ".")
-            ),
             "VOICEFLEET_LIVEKIT_URL": f"ws://{host}:7880",
             "VOICEFLEET_LIVEKIT_API_URL": livekit.url.replace("ws://", "http://"),
             "VOICEFLEET_LIVEKIT_SECRET_NAME": "voicefleet-livekit",

@@ -154,7 +154,6 @@ def runtime_worker(
         "OPENAI_API_KEY": "bench",
         "DEEPGRAM_API_KEY": "bench",
         "ELEVEN_API_KEY": "bench",
-        "PYTHONPATH": os.pathsep.join(str(paths.REPO_ROOT / p) for p in ("operator", "runtime")),
     }
     for tool in spec.get("tools", []):
         for header in tool["http"].get("headers", []):
@@ -177,7 +176,6 @@ def bare_worker(livekit: LiveKitEndpoint, workdir: Path, idle_processes: int) ->
         "LIVEKIT_URL": livekit.url,
         "LIVEKIT_API_KEY": livekit.api_key,
         "LIVEKIT_API_SECRET": livekit.api_secret,
-        "PYTHONPATH": str(paths.REPO_ROOT),
     }
     return WorkerProcess("baseline", argv, env, workdir), name
 
