@@ -54,9 +54,17 @@ JOBS_CAPACITY = Gauge(
     LABELS,
     multiprocess_mode="livemax",
 )
+AGENT_CAPACITY = Gauge(
+    "voicefleet_agent_capacity",
+    "Agent calls this worker takes at once: floor(jobsPerWorker x loadThreshold), or its share "
+    "of spec.limits.maxConcurrentCalls; callers beyond it get the overflow treatment.",
+    LABELS,
+    multiprocess_mode="livemax",
+)
 WORKER_LOAD = Gauge(
     "voicefleet_worker_load",
-    "Worker load reported to LiveKit: active jobs / jobsPerWorker.",
+    "Worker load: agent calls / jobsPerWorker (LiveKit itself is told a steering load that "
+    "keeps a worker offered calls while it can still give the overflow treatment).",
     LABELS,
     multiprocess_mode="livemax",
 )
@@ -207,6 +215,7 @@ ALL_METRICS = (
     DISPATCH_ACCEPTED,
     DISPATCH_REJECTED,
     CALLS_OVERFLOWED,
+    AGENT_CAPACITY,
     TURN_DETECTOR_FALLBACK,
     CALLS_STARTED,
     CALLS_ENDED,

@@ -1,11 +1,12 @@
 """The worker: an AgentServer registered under the VoiceAgent's dispatch name.
 
-Capacity. Load is active jobs / jobsPerWorker; the worker reports itself full at loadThreshold
-(livekit-agents adds an estimate for requests in flight). That report reaches LiveKit every few
-seconds, so inside that window LiveKit may still offer jobs to a worker that has just filled up;
-`on_request` is the hard cap: it refuses a job when active + pending >= jobsPerWorker, counting
-the requests it accepted whose job has not started yet (the accept waits for LiveKit's assignment
-and for a job process). A refusal does not terminate the job: LiveKit offers it to another worker.
+Capacity (admission.py, overflow.py). `on_request` gives floor(jobsPerWorker x loadThreshold)
+callers (the admission budget) the agent and the next ones the overflow treatment, counting the
+offers it accepted whose job has not started yet (the accept waits for LiveKit's assignment and
+for a job process); it refuses only when its overflow slots are used too, without terminating
+the job, so LiveKit offers it to another worker. The load LiveKit sees is the admission's
+steering load, which keeps the worker AVAILABLE while it can still answer: a worker reported
+FULL is never offered the callers it could at least tell.
 
 Processes. The main process runs the AgentServer (registration, availability, liveness on
 worker.healthPort: `/` and `/worker`) and our own small server on worker.metricsPort: `/metrics`
@@ -245,6 +246,7 @@ class WorkerRuntime:
         metrics.ACTIVE_JOBS.labels(**self.labels).set(0)
         metrics.DISPATCH_ACCEPTED.labels(**self.labels)
         metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=self.admission.reason.value)
+        metrics.AGENT_CAPACITY.labels(**self.labels).set(self.admission.budget)
         logger.info(
             "admission: %d agent calls, then %d overflow treatments at once (%s)",
             self.admission.budget,
