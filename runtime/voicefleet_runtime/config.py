@@ -148,9 +148,19 @@ PARAMETERS_SCHEMA: dict[str, Any] = {
             "x-kubernetes-list-type": "set",
             "description": "Names of the arguments (keys of properties) the LLM must supply.",
         },
+        # Declared (typed all the way down: CEL cannot see untyped fields) only to be refused by
+        # the rules below; a value of another type is refused by its type.
         **{
             keyword: {
-                "x-kubernetes-preserve-unknown-fields": True,
+                **(
+                    {
+                        "type": "array",
+                        "maxItems": PARAMETERS_MAX_PROPERTIES,
+                        "items": {"type": "object", "additionalProperties": True},
+                    }
+                    if keyword in ("anyOf", "oneOf", "allOf", "enum")
+                    else {"type": "object", "additionalProperties": True}
+                ),
                 "description": "Not allowed at the top level (function-calling providers refuse "
                 "it).",
             }
