@@ -450,8 +450,9 @@ def verified(body: bytes, key: bytes, signature: str) -> bool:
 ```
 
 **Delivery.** At least once. The call's job process writes the record to a spool on the
-worker pod's volume (an emptyDir); the worker's main process delivers it, one POST per record,
-within a second of the call's end while the receiver is up. Timeouts (`timeoutSeconds`),
+worker pod's volume (an emptyDir); the worker's main process delivers it, one POST per record, as
+soon as the job has ended (measured locally: 0.4 s after the record's `endedAt`, 2.4 s after
+the caller hung up, most of it LiveKit noticing the caller left). Timeouts (`timeoutSeconds`),
 connection errors, 408, 429 and 5xx are retried with exponential backoff (1 s doubling to 60 s,
 +-20 % jitter) until the record is `retryForSeconds` old (default 3600); any other status (3xx,
 4xx) is not retried: the record is logged at ERROR with the status and the start of your answer,
