@@ -38,6 +38,10 @@ OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
 """Participant attribute of the agent that gives the overflow treatment; the value is the reason
 (a client shows it). Set in the agent's token, so it is there the moment the agent joins."""
 
+ADMISSION_PATH = "/admission"
+"""On worker.metricsPort: GET -> AdmissionReport, PUT AdmissionUpdate (the operator's share of
+the caps for this worker)."""
+
 OVERFLOW_HEADER = "X-VoiceFleet-Overflow"
 """SIP header on the final response of a rejected call; the value is the reason."""
 
@@ -135,6 +139,32 @@ class OverflowOptions(_Model):
     """Phone calls: reject with a SIP status, answer with the message, or transfer."""
 
 
+class AdmissionUpdate(_Model):
+    """What the operator pushes to a worker (PUT /admission on worker.metricsPort): its share
+    of the VoiceAgent's and the namespace's caps."""
+
+    max_agent_jobs: Annotated[int, Field(ge=0, le=100)]
+    """Agent calls the worker may run at once (capped at its capacity)."""
+    limit_reason: OverflowReason
+    """Which cap the share comes from."""
+
+
+class AdmissionReport(_Model):
+    """What a worker tells about its admission (GET /admission on worker.metricsPort)."""
+
+    agent_jobs: int
+    """Agent calls running (accepted offers not yet started included)."""
+    overflow_jobs: int
+    """Overflow treatments running (or about to)."""
+    budget: int
+    """Agent calls it admits now."""
+    capacity: int
+    """floor(jobsPerWorker x loadThreshold)."""
+    limit_reason: OverflowReason
+    overflow_slots: int
+    draining: bool
+
+
 class AdmissionSettings(_Model):
     """How many agent calls this worker admits (rendered by the operator from the caps)."""
 
@@ -178,19 +208,31 @@ class AdmissionGate:
     draining: bool = False
     pending_agent: int = 0
     pending_overflow: int = 0
+    capacity: int = 0
+    """floor(jobsPerWorker x loadThreshold): no budget goes above it (0: the budget is it)."""
+
+    def __post_init__(self) -> None:
+        if not self.capacity:
+            self.capacity = self.budget
 
     @classmethod
     def for_worker(
         cls, jobs_per_worker: int, load_threshold: float, settings: AdmissionSettings
     ) -> AdmissionGate:
         capacity = worker_capacity(jobs_per_worker, load_threshold)
-        budget = capacity if settings.max_agent_jobs is None else settings.max_agent_jobs
-        budget = min(budget, jobs_per_worker)
-        reason = settings.limit_reason if budget < capacity else OverflowReason.CAPACITY
         slots = settings.overflow_slots
         if slots is None:
             slots = max(DEFAULT_OVERFLOW_SLOTS, jobs_per_worker)
-        return cls(budget=budget, overflow_slots=slots, reason=reason)
+        gate = cls(budget=capacity, overflow_slots=slots, capacity=capacity)
+        if settings.max_agent_jobs is not None:
+            gate.set_budget(settings.max_agent_jobs, settings.limit_reason)
+        return gate
+
+    def set_budget(self, budget: int, reason: OverflowReason) -> None:
+        """A new agent-call budget (rendered, or pushed by the operator): never above the
+        worker's capacity; `reason` is what the callers beyond it are counted under."""
+        self.budget = max(0, min(budget, self.capacity))
+        self.reason = reason if self.budget < self.capacity else OverflowReason.CAPACITY
 
     def admit(self, agent_jobs: int, overflow_jobs: int) -> tuple[Admit, str]:
         """(decision, reason): reason is the overflow reason or why the offer is refused."""
@@ -210,6 +252,17 @@ class AdmissionGate:
             self.pending_agent = max(0, self.pending_agent - 1)
         elif decision is Admit.OVERFLOW:
             self.pending_overflow = max(0, self.pending_overflow - 1)
+
+    def report(self, agent_jobs: int, overflow_jobs: int) -> AdmissionReport:
+        return AdmissionReport(
+            agent_jobs=agent_jobs + self.pending_agent,
+            overflow_jobs=overflow_jobs + self.pending_overflow,
+            budget=self.budget,
+            capacity=self.capacity,
+            limit_reason=self.reason,
+            overflow_slots=self.overflow_slots,
+            draining=self.draining,
+        )
 
     def steering_load(self, agent_jobs: int, overflow_jobs: int) -> float:
         """The load reported to LiveKit (see the module docstring)."""

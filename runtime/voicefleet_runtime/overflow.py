@@ -19,6 +19,8 @@ and runs this instead of the agent. It is a short job with no STT, LLM or VAD:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import logging
 import time
@@ -46,6 +48,20 @@ ANSWER_WAIT_SECONDS = 10.0
 SIP_REASON_TEXT = {486: "Busy Here", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
 
+WARM_IMPORTS = ("openai.resources.audio", "anyio._backends._asyncio", "anyio.streams.stapled")
+"""Modules the TTS clients import on their first request (measured: ~0.3 s each on a busy
+node), imported in prewarm instead."""
+
+
+def prewarm_tts(config: RuntimeConfig) -> Any:
+    """The pipeline's TTS, built ahead of the job (creating its HTTP client's SSL context takes
+    ~0.25 s), with the lazy imports of its first request done."""
+    for module in WARM_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    return build_tts(config.pipeline.tts)
+
+
 def reject_headers(options: OverflowOptions, reason: str) -> dict[str, str]:
     """SIP headers on the final response of a rejected overflow call."""
     headers = {OVERFLOW_HEADER: reason}
@@ -56,17 +72,43 @@ def reject_headers(options: OverflowOptions, reason: str) -> dict[str, str]:
     return headers
 
 
-async def say_on(source: rtc.AudioSource, tts: Any, text: str) -> float:
-    """Say `text` on `source` with `tts`; returns when it has played out (first audio time)."""
-    first_audio = 0.0
-    async with tts.synthesize(text) as stream:
-        async for audio in stream:
-            if not first_audio:
-                first_audio = time.monotonic()
-            await source.capture_frame(audio.frame)
-    await source.wait_for_playout()
-    await tts.aclose()
-    return first_audio
+class Message:
+    """The overflow message, synthesised while the job joins the room: the frames are queued
+    as the TTS yields them and played once the track is published (and, for a phone call,
+    answered), so the synthesis does not wait for the join nor the join for the synthesis."""
+
+    def __init__(self, tts: Any, text: str) -> None:
+        self.tts = tts
+        self.text = text
+        self.sample_rate: int = tts.sample_rate
+        self.num_channels: int = tts.num_channels
+        self._frames: asyncio.Queue[rtc.AudioFrame | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._synthesise(), name="overflow-message-tts")
+
+    async def _synthesise(self) -> None:
+        try:
+            async with self.tts.synthesize(self.text) as stream:
+                async for audio in stream:
+                    await self._frames.put(audio.frame)
+        finally:
+            await self._frames.put(None)
+
+    async def play(self, source: rtc.AudioSource) -> float:
+        """Play the whole message on `source`; returns the wall time of its first frame."""
+        first_frame_at = 0.0
+        while (frame := await self._frames.get()) is not None:
+            if not first_frame_at:
+                first_frame_at = time.time()
+            await source.capture_frame(frame)
+        await self._task  # re-raises a synthesis failure
+        await source.wait_for_playout()
+        return first_frame_at
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def wait_answered(participant: rtc.RemoteParticipant, timeout_s: float) -> bool:
@@ -79,8 +121,30 @@ async def wait_answered(participant: rtc.RemoteParticipant, timeout_s: float) ->
     return False
 
 
-async def give_overflow_treatment(ctx: JobContext, config: RuntimeConfig, reason: str) -> None:
+async def give_overflow_treatment(
+    ctx: JobContext, config: RuntimeConfig, reason: str, *, tts: Any | None = None
+) -> None:
+    """`tts`: the pipeline's TTS built in the process's prewarm (else built here)."""
     options = config.overflow
+    received_at = float(getattr(getattr(ctx, "_info", None), "received_at", 0.0) or 0.0)
+    tts = tts if tts is not None else build_tts(config.pipeline.tts)
+    # A phone call that is to be rejected needs no message: do not synthesise (or bill) it.
+    message = Message(tts, options.message) if options.sip.action != "reject" else None
+    try:
+        await _treat(ctx, options, reason, tts, message, received_at)
+    finally:
+        if message is not None:
+            await message.aclose()
+
+
+async def _treat(
+    ctx: JobContext,
+    options: OverflowOptions,
+    reason: str,
+    tts: Any,
+    message: Message | None,
+    received_at: float,
+) -> None:
     await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
     try:
         participant = await asyncio.wait_for(ctx.wait_for_participant(), CALLER_WAIT_SECONDS)
@@ -103,31 +167,34 @@ async def give_overflow_treatment(ctx: JobContext, config: RuntimeConfig, reason
             logger.warning("overflow: %s failed (%s); deleting the room", SIP_END_CALL_RPC, error)
             await controls.hang_up()
         logger.info(
-            "overflow (%s): rejected the phone call in room %s (SIP %d)",
+            "overflow (%s): rejected the phone call in room %s (SIP 486%s) %.2fs after the offer",
             reason,
             ctx.room.name,
-            options.sip.status,
+            "" if options.sip.status == 486 else f", cause {options.sip.status}",
+            time.time() - received_at if received_at else -1.0,
         )
         ctx.shutdown(reason=f"overflow: rejected ({reason})")
         return
 
-    tts = build_tts(config.pipeline.tts)
-    source = rtc.AudioSource(tts.sample_rate, tts.num_channels)
+    if message is None:  # a WebRTC caller of an agent whose phone callers are rejected
+        message = Message(tts, options.message)
+    source = rtc.AudioSource(message.sample_rate, message.num_channels)
     track = rtc.LocalAudioTrack.create_audio_track("overflow-message", source)
     await ctx.room.local_participant.publish_track(
         track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
     )
     if phone is not None and not await wait_answered(participant, ANSWER_WAIT_SECONDS):
         logger.warning("overflow: the phone call in room %s was not answered", ctx.room.name)
-    await say_on(source, tts, options.message)
+    first_frame_at = await message.play(source)
     if phone is not None and options.sip.action == "transfer":
         await controls.transfer(f"overflow: {reason}")
     elif phone is not None:
         await controls.hang_up()
     logger.info(
-        "overflow (%s): told the caller in room %s (%s)",
+        "overflow (%s): told the caller in room %s (%s); message audio %.2fs after the offer",
         reason,
         ctx.room.name,
         "phone, " + options.sip.action if phone is not None else "webrtc",
+        first_frame_at - received_at if received_at and first_frame_at else -1.0,
     )
     ctx.shutdown(reason=f"overflow: message ({reason})")

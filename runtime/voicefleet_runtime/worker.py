@@ -55,12 +55,16 @@ from livekit.agents import (
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils.http_server import HttpServer
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from voicefleet_runtime import metrics, overflow
 from voicefleet_runtime.admission import (
+    ADMISSION_PATH,
     LIVEKIT_LOAD_THRESHOLD,
     OVERFLOW_ATTRIBUTE,
     AdmissionGate,
+    AdmissionReport,
+    AdmissionUpdate,
     Admit,
 )
 from voicefleet_runtime.agents import AgentFactory, CallState
@@ -315,6 +319,32 @@ class WorkerRuntime:
         ready, why = self.readiness()
         return web.Response(status=200 if ready else 503, text=why + "\n")
 
+    def admission_report(self) -> AdmissionReport:
+        gate = self.admission
+        gate.draining = self.server is not None and self.server.draining
+        return gate.report(*self.running_jobs())
+
+    async def _get_admission(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.admission_report().model_dump(mode="json", by_alias=True))
+
+    async def _put_admission(self, request: web.Request) -> web.Response:
+        """The operator's share of the caps for this worker (admission.AdmissionUpdate)."""
+        try:
+            update = AdmissionUpdate.model_validate(await request.json())
+        except (ValueError, ValidationError) as error:
+            return web.Response(status=400, text=f"invalid admission update: {error}\n")
+        before = (self.admission.budget, self.admission.reason)
+        self.admission.set_budget(update.max_agent_jobs, update.limit_reason)
+        metrics.AGENT_CAPACITY.labels(**self.labels).set(self.admission.budget)
+        if (self.admission.budget, self.admission.reason) != before:
+            logger.info(
+                "admission: budget %d agent calls (%s), was %d (%s)",
+                self.admission.budget,
+                self.admission.reason.value,
+                *before,
+            )
+        return await self._get_admission(request)
+
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.to_thread(metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -322,7 +352,14 @@ class WorkerRuntime:
     async def _serve_metrics_and_readiness(self) -> None:
         port = self.config.worker.metrics_port
         http = HttpServer("", port)  # all interfaces, like livekit-agents
-        http.app.add_routes([web.get("/metrics", self._metrics), web.get("/ready", self._ready)])
+        http.app.add_routes(
+            [
+                web.get("/metrics", self._metrics),
+                web.get("/ready", self._ready),
+                web.get(ADMISSION_PATH, self._get_admission),
+                web.put(ADMISSION_PATH, self._put_admission),
+            ]
+        )
         try:
             await http.start()
         except OSError as error:
@@ -353,9 +390,12 @@ class WorkerRuntime:
 
 
 def prewarm(proc: JobProcess) -> None:
-    """Runs once per job process before it takes a call: config and VAD model in memory."""
+    """Runs once per job process before it takes a call: config and VAD model in memory, and
+    what an overflow treatment needs (its TTS client; the HTTP stack's lazy imports), so that a
+    caller beyond capacity hears the message as early as possible."""
     config = runtime_config()
     proc.userdata["vad"] = load_vad(config.pipeline.vad)
+    proc.userdata["overflow_tts"] = overflow.prewarm_tts(config)
 
 
 async def entrypoint(ctx: JobContext) -> None:
@@ -369,7 +409,8 @@ async def entrypoint(ctx: JobContext) -> None:
 
             # (a closure: livekit-agents reads the callback's __code__ to pass the reason)
             ctx.add_shutdown_callback(record_overflow)
-        await overflow.give_overflow_treatment(ctx, config, overflow_reason)
+        tts = ctx.proc.userdata.get("overflow_tts")
+        await overflow.give_overflow_treatment(ctx, config, overflow_reason, tts=tts)
         return
     labels = metric_labels(config)
     received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)

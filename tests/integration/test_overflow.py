@@ -1,0 +1,308 @@
+"""Admission and overflow against a real livekit-server: a worker that holds 2 calls gets 5
+dispatches at once; 2 callers get the agent, 3 hear the overflow message (and see why in the
+agent's participant attribute), each counted with its reason; when a call ends, the next caller
+gets the agent again; the same with 5 phone calls through livekit-sip (sipp), where the
+callers beyond capacity get the configured SIP rejection. The dispatch -> overflow message and
+INVITE -> final response times are printed and attached to the report (the issue's bound: the
+caller learns within 2 s of the decision)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit import rtc
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_operator.telephony import TelephonyProvisioner
+from voicefleet_runtime.admission import OVER_BUDGET_LOAD, OVERFLOW_ATTRIBUTE
+from voicefleet_testkit import sipcall
+from voicefleet_testkit.participant import TestParticipant, participant_token
+from voicefleet_testkit.providers import ProviderServer
+from voicefleet_testkit.waiting import wait_until
+
+from tests.integration.test_runtime_worker import (
+    GREETING,
+    RuntimeWorker,
+    dispatch_at_once,
+    running_worker,
+    runtime_config,
+    sample_values,
+)
+from tests.integration.test_telephony import make_target
+
+pytestmark = pytest.mark.integration
+
+OVERFLOW_MESSAGE = "All of our agents are busy right now. Please call again later."
+
+
+def overflow_config(dispatch_name: str, provider_url: str) -> dict[str, object]:
+    """A worker that holds 2 calls (jobsPerWorker 2, loadThreshold 1.0)."""
+    config = runtime_config(
+        dispatch_name,
+        provider_url,
+        "http://127.0.0.1:9",  # webhooks are not called in this test
+        jobsPerWorker=2,
+        loadThreshold=1.0,
+        idleProcesses=2,
+    )
+    config["overflow"] = {"message": OVERFLOW_MESSAGE}
+    return config
+
+
+def put_admission(worker: RuntimeWorker, update: dict[str, object]) -> dict[str, Any]:
+    """PUT /admission on the worker's metrics port, as the operator does; returns its report."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{worker.metrics_port}/admission",
+        data=json.dumps(update).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+async def wait_gone(caller: TestParticipant, identity: str, timeout_s: float) -> float:
+    """Until `identity` has left the caller's room; returns when it was seen gone."""
+    deadline = time.monotonic() + timeout_s
+    while identity in caller.room.remote_participants:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{identity} did not leave within {timeout_s}s", pytrace=False)
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+async def test_callers_beyond_capacity_hear_the_overflow_message(
+    livekit: LiveKitEndpoint,
+    providers: ProviderServer,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    dispatch_name = f"overflow-{uuid.uuid4().hex[:6]}"
+    providers.reset()
+    config = overflow_config(dispatch_name, providers.base_url)
+    async with running_worker(livekit, config, tmp_path / "worker") as worker:
+        rooms = [f"overflow-{uuid.uuid4().hex[:8]}" for _ in range(5)]
+        async with contextlib.AsyncExitStack() as stack:
+            callers = []
+            for index, room in enumerate(rooms):
+                token = participant_token(
+                    livekit.api_key, livekit.api_secret, room, f"caller-{index}"
+                )
+                callers.append(await stack.enter_async_context(TestParticipant(livekit.url, token)))
+
+            async with livekit.api() as lkapi:
+                dispatched_at = time.monotonic()
+                await dispatch_at_once(lkapi, dispatch_name, rooms)
+
+            agents = await asyncio.gather(
+                *(caller.wait_for_participant(agent=True, timeout_s=60) for caller in callers)
+            )
+            reasons = [agent.attributes.get(OVERFLOW_ATTRIBUTE, "") for agent in agents]
+            answered = [i for i, reason in enumerate(reasons) if not reason]
+            overflowed = [i for i, reason in enumerate(reasons) if reason]
+            assert len(answered) == 2, (reasons, worker.log_tail())
+            assert len(overflowed) == 3, (reasons, worker.log_tail())
+            assert {reasons[i] for i in overflowed} == {"capacity"}
+
+            # The overflowed callers hear the message, then the overflow agent leaves.
+            async def told(index: int) -> tuple[float, float]:
+                caller, agent = callers[index], agents[index]
+                heard_at = await caller.wait_for_audio(agent.identity, timeout_s=30)
+                await caller.wait_for_speech_end(agent.identity, after=heard_at - 0.1)
+                left_at = await wait_gone(caller, agent.identity, timeout_s=30)
+                return heard_at - dispatched_at, left_at - dispatched_at
+
+            # The answered callers hear the agent's greeting and keep the agent.
+            async def greeted(index: int) -> float:
+                caller, agent = callers[index], agents[index]
+                return await caller.wait_for_audio(agent.identity, timeout_s=60) - dispatched_at
+
+            told_times = await asyncio.gather(*(told(i) for i in overflowed))
+            greeting_times = await asyncio.gather(*(greeted(i) for i in answered))
+            for index in answered:
+                assert agents[index].identity in callers[index].room.remote_participants
+
+            texts = [str(request["text"]) for request in providers.requests("tts")]
+            assert texts.count(OVERFLOW_MESSAGE) == 3, texts
+            # The agents' greeting, one TTS request per sentence.
+            assert texts.count(GREETING.split(". ")[0] + ".") == 2, texts
+
+            metrics = worker.metrics()
+            counted = {
+                labels["reason"]: value
+                for labels, value in sample_values(metrics, "voicefleet_calls_overflowed_total")
+                if labels.get("agent") == "support"
+            }
+            assert counted.get("capacity") == 3, counted
+            # At its capacity the worker still reports itself available (a claimable load), so
+            # that livekit-server keeps offering it the callers it can only tell.
+            await wait_until(
+                "the overflow jobs ending (2 agent calls left)",
+                lambda: worker.status()["active_jobs"] == 2,
+                30,
+            )
+            assert worker.status()["worker_load"] == pytest.approx(OVER_BUDGET_LOAD)
+
+            # The worker's own figure: from the offer (its decision) to the message's first
+            # audio frame sent.
+            after_offer = [
+                float(seconds)
+                for seconds in re.findall(r"message audio ([0-9.]+)s after the offer", worker.log())
+            ]
+            assert len(after_offer) == 3, worker.log_tail()
+            record_property("offer_to_overflow_message_s", sorted(after_offer))
+            message_s = sorted(heard for heard, _ in told_times)
+            record_property("dispatch_to_overflow_message_s", [round(t, 3) for t in message_s])
+            record_property(
+                "dispatch_to_overflow_agent_gone_s", [round(t, 3) for _, t in told_times]
+            )
+            record_property("dispatch_to_greeting_s", [round(t, 3) for t in greeting_times])
+            print(
+                "overflow: dispatch -> overflow message audio "
+                + ", ".join(f"{t:.2f}s" for t in message_s)
+                + "; dispatch -> greeting of the answered calls "
+                + ", ".join(f"{t:.2f}s" for t in sorted(greeting_times))
+                + "; offer -> overflow message (worker) "
+                + ", ".join(f"{t:.2f}s" for t in sorted(after_offer))
+            )
+
+            # One answered caller hangs up: the next caller gets the agent again.
+            await callers[answered[0]].leave()
+            await wait_until(
+                "the ended call's job ending", lambda: worker.status()["active_jobs"] == 1, 30
+            )
+            room = f"overflow-next-{uuid.uuid4().hex[:8]}"
+            token = participant_token(livekit.api_key, livekit.api_secret, room, "caller-next")
+            async with TestParticipant(livekit.url, token) as caller:
+                async with livekit.api() as lkapi:
+                    await dispatch_at_once(lkapi, dispatch_name, [room])
+                agent = await caller.wait_for_participant(agent=True, timeout_s=60)
+                assert OVERFLOW_ATTRIBUTE not in agent.attributes
+                await caller.wait_for_audio(agent.identity, timeout_s=60)
+                assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+
+                # The operator's push: this worker's share of a cap is now 1 call (2 run).
+                report = put_admission(worker, {"maxAgentJobs": 1, "limitReason": "agent_limit"})
+                assert (report["budget"], report["limitReason"]) == (1, "agent_limit")
+                assert report["agentJobs"] == 2
+                room = f"overflow-capped-{uuid.uuid4().hex[:8]}"
+                token = participant_token(livekit.api_key, livekit.api_secret, room, "capped")
+                async with TestParticipant(livekit.url, token) as capped:
+                    async with livekit.api() as lkapi:
+                        await dispatch_at_once(lkapi, dispatch_name, [room])
+                    agent = await capped.wait_for_participant(agent=True, timeout_s=60)
+                    assert agent.attributes.get(OVERFLOW_ATTRIBUTE) == "agent_limit"
+                    await capped.wait_for_audio(agent.identity, timeout_s=30)
+                counted = {
+                    labels["reason"]: value
+                    for labels, value in sample_values(
+                        worker.metrics(), "voicefleet_calls_overflowed_total"
+                    )
+                    if labels.get("agent") == "support"
+                }
+                assert counted.get("agent_limit") == 1, counted
+
+
+# --- phone calls ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def telephony(livekit: LiveKitEndpoint) -> AsyncIterator[tuple[TelephonyProvisioner, str]]:
+    """A SIP trunk provisioner and a tenant of its own; its trunk and rule removed after."""
+    tenant = f"ov-{secrets.token_hex(4)}"
+    async with livekit.api() as client:
+        provisioner = TelephonyProvisioner(client)
+        yield provisioner, tenant
+        await provisioner.remove(tenant, "agent")
+
+
+def final_response(result: sipcall.CallResult) -> sipcall.SipPacket | None:
+    """livekit-sip's final response to the INVITE (>= 200), or None."""
+    for packet in result.capture.sip:
+        if packet.outgoing or not re.match(r"SIP/2\.0 [2-6]\d\d", packet.first_line):
+            continue
+        if re.search(r"^CSeq:\s*\d+\s+INVITE\s*$", packet.text, re.M | re.I):
+            return packet
+    return None
+
+
+async def test_phone_callers_beyond_capacity_are_rejected_with_486(
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    telephony: tuple[TelephonyProvisioner, str],
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Five simultaneous sipp calls to a worker that holds 2: two are answered by the agent
+    (200 OK and its greeting), three get 486 Busy Here with the overflow reason and the cause
+    480 the spec asked for, never answered, never left ringing."""
+    provisioner, tenant = telephony
+    target = make_target(tenant)
+    await provisioner.ensure(target, [target.claim])
+    providers.reset()
+    config = overflow_config(target.dispatch_name, providers.base_url)
+    config["overflow"] = {"message": OVERFLOW_MESSAGE, "sip": {"action": "reject", "status": 480}}
+    async with running_worker(livekit, config, tmp_path / "worker") as worker:
+        calls = [
+            asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                target.numbers[0],
+                tmp_path / f"call-{index}",
+                caller=f"+1555000{index:04d}",
+                talk_seconds=12,
+                answer_timeout=30,
+            )
+            for index in range(5)
+        ]
+        results = await asyncio.gather(*calls)
+        finals = [final_response(result) for result in results]
+        codes = [int(f.first_line.split()[1]) if f else None for f in finals]
+        described = "\n\n".join(r.describe() for r in results)
+        assert sorted(c or 0 for c in codes) == [200, 200, 486, 486, 486], (codes, described)
+        for result, final in zip(results, finals, strict=True):
+            assert final is not None
+            if final.first_line.startswith("SIP/2.0 200"):
+                # The agent answered: its greeting reached the caller.
+                assert result.capture.voiced_seconds() > 1.0, result.describe()
+                continue
+            headers = final.text.partition("\r\n\r\n")[0]
+            assert re.search(r"^X-VoiceFleet-Overflow:\s*capacity\s*$", headers, re.M | re.I), (
+                headers
+            )
+            assert re.search(r"^Reason:\s*SIP\s*;\s*cause=480", headers, re.M | re.I), headers
+            assert result.answered_at is None and not result.capture.pcmu_frames()
+        counted = {
+            labels["reason"]: value
+            for labels, value in sample_values(
+                worker.metrics(), "voicefleet_calls_overflowed_total"
+            )
+            if labels.get("agent") == "support"
+        }
+        assert counted.get("capacity") == 3, counted
+
+        rejected = [
+            final.at - result.invite_at
+            for result, final in zip(results, finals, strict=True)
+            if final is not None and result.invite_at is not None and " 486 " in final.first_line
+        ]
+        answered = [r.invite_to_first_audio for r in results if r.invite_to_first_audio is not None]
+        record_property("invite_to_486_s", sorted(round(t, 3) for t in rejected))
+        record_property("invite_to_agent_first_audio_s", sorted(round(t or 0, 3) for t in answered))
+        print(
+            "overflow (SIP): INVITE -> 486 "
+            + ", ".join(f"{t:.2f}s" for t in sorted(rejected))
+            + "; INVITE -> agent's first audio "
+            + ", ".join(f"{t:.2f}s" for t in sorted(answered))
+        )
