@@ -23,9 +23,6 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +38,7 @@ import pytest_asyncio
 from livekit import rtc
 from voicefleet_localdev import paths
 from voicefleet_localdev.livekit import LIVEKIT_PORT, LiveKitEndpoint
+from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator.kube import Kube
 from voicefleet_operator.render import dispatch_name, selector_labels
@@ -50,8 +48,8 @@ from voicefleet_operator.scaling import (
     WorkerState,
     read_worker,
 )
+from voicefleet_operator.settings import PlatformSettings
 from voicefleet_testkit import waiting
-from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import ParticipantError, TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
 
@@ -122,7 +120,7 @@ def _log_tail(path: Path, lines: int = 60) -> str:
 @pytest.fixture(scope="module")
 def operator_process(
     cluster_with_node: ClusterHandle, livekit: LiveKitEndpoint, runtime_image: str
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> Iterator[OperatorProcess]:
     """`python -m voicefleet_operator` on the host, serving only this test's namespace."""
     repo = paths.REPO_ROOT
     cluster_with_node.kubectl("apply", "--server-side", "-f", str(repo / "crds"))
@@ -149,36 +147,20 @@ def operator_process(
     for secret in (livekit_secret, provider_keys):
         _kubectl_apply(cluster_with_node, secret)
 
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster_with_node.kubeconfig),
-        "PYTHONPATH": os.pathsep.join(str(repo / p) for p in ("operator", "runtime")),
+    settings = PlatformSettings(
         # From the fixture's cluster facts, not cluster.json: another session's `cluster up`
         # rewrites that file and leaves the pods' address out while it runs.
-        "VOICEFLEET_LIVEKIT_URL": f"ws://{cluster_with_node.host_address_from_pods}:{LIVEKIT_PORT}",
-        "VOICEFLEET_LIVEKIT_API_URL": livekit.url,
-        "VOICEFLEET_LIVEKIT_SECRET_NAME": "voicefleet-livekit",
-        "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": NAMESPACE,
-        "VOICEFLEET_RUNTIME_IMAGE": runtime_image,
-        "VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY": "IfNotPresent",
-        "VOICEFLEET_WATCH_NAMESPACES": NAMESPACE,
-        "VOICEFLEET_LIVENESS_PORT": str(free_port()),
-        "VOICEFLEET_METRICS_PORT": str(free_port()),
-    }
-    OPERATOR_LOG.parent.mkdir(parents=True, exist_ok=True)
-    with OPERATOR_LOG.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "voicefleet_operator"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=repo,
-        )
+        livekit_url=f"ws://{cluster_with_node.host_address_from_pods}:{LIVEKIT_PORT}",
+        livekit_api_url=livekit.url,
+        livekit_secret_name="voicefleet-livekit",
+        livekit_secret_namespace=NAMESPACE,
+        runtime_image=runtime_image,
+        runtime_image_pull_policy="IfNotPresent",
+        watch_namespaces=(NAMESPACE,),
+    )
+    operator = OperatorProcess(settings, cluster_with_node.kubeconfig, OPERATOR_LOG)
     try:
-        time.sleep(3)
-        if process.poll() is not None:
-            pytest.fail(f"the operator exited ({process.returncode}):\n{_log_tail(OPERATOR_LOG)}")
-        yield process
+        yield operator.start()
     finally:
         # The VoiceAgent first, while the operator runs: it removes its finalizer (a namespace
         # deleted after the operator stopped would wait for that forever).
@@ -196,12 +178,7 @@ def operator_process(
             cluster_with_node.kubectl(
                 "delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found"
             )
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        operator.stop()
 
 
 def _kubectl_apply(cluster: ClusterHandle, obj: dict[str, Any]) -> None:
@@ -471,7 +448,7 @@ async def wait_until(what: str, check: Any, within_seconds: float, watch: FleetW
 async def test_scaling_on_job_load_never_drops_a_call(
     cluster_with_node: ClusterHandle,
     livekit: LiveKitEndpoint,
-    operator_process: subprocess.Popen[bytes],
+    operator_process: OperatorProcess,
     kube: Kube,
     pod_providers: ProviderServer,
 ) -> None:

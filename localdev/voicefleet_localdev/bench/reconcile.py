@@ -11,15 +11,11 @@ reached metadata.generation with Reconciled=True: every child applied and the st
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
-import signal
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +23,12 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
-from voicefleet_testkit.net import free_port
+from voicefleet_operator.settings import PlatformSettings
 
 from voicefleet_localdev import paths
 from voicefleet_localdev.bench.workers import BenchError
 from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.operator_process import OperatorProcess
 
 EXAMPLE = paths.REPO_ROOT / "examples" / "voiceagent.yaml"
 GROUP, VERSION, PLURAL = "voicefleet.dev", "v1alpha1", "voiceagents"
@@ -57,55 +54,25 @@ def reconciled(agent: dict[str, Any]) -> bool:
     )
 
 
-class Operator:
-    def __init__(self, namespace: str, workdir: Path) -> None:
-        self.namespace = namespace
-        self.log_path = workdir / "operator.log"
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+class Operator(OperatorProcess):
+    """The operator as its pod runs it, serving only the benchmark's namespace."""
 
-    def start(self, livekit: LiveKitEndpoint) -> None:
+    def __init__(self, namespace: str, workdir: Path, livekit: LiveKitEndpoint) -> None:
         host = paths.host_address_for_pods() or "127.0.0.1"
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(paths.kubeconfig()),
-            "VOICEFLEET_LIVEKIT_URL": f"ws://{host}:7880",
-            "VOICEFLEET_LIVEKIT_API_URL": livekit.url.replace("ws://", "http://"),
-            "VOICEFLEET_LIVEKIT_SECRET_NAME": "voicefleet-livekit",
-            "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": self.namespace,
-            "VOICEFLEET_RUNTIME_IMAGE": "localhost/voicefleet/runtime:dev",
-            "VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY": "Never",
-            "VOICEFLEET_WATCH_NAMESPACES": self.namespace,
-            "VOICEFLEET_LIVENESS_PORT": str(self.health_port),
-            "VOICEFLEET_METRICS_PORT": str(self.metrics_port),
-        }
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "voicefleet_operator"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=paths.REPO_ROOT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"the operator exited ({self.process.returncode})\n{self.tail()}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1)
-                return
-            time.sleep(0.2)
-        raise BenchError(f"the operator's /healthz did not answer\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"--- {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+        settings = PlatformSettings(
+            livekit_url=f"ws://{host}:7880",
+            livekit_api_url=livekit.url.replace("ws://", "http://"),
+            livekit_secret_name="voicefleet-livekit",
+            livekit_secret_namespace=namespace,
+            runtime_image="localhost/voicefleet/runtime:dev",
+            runtime_image_pull_policy="Never",
+            watch_namespaces=(namespace,),
+        )
+        super().__init__(settings, paths.kubeconfig(), workdir / "operator.log")
 
     def reconcile_histogram(self) -> tuple[float, float]:
         """(sum, count) of voicefleet_operator_reconcile_duration_seconds, all series."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
+        text = self.metrics()
         totals = {"sum": 0.0, "count": 0.0}
         for part in totals:
             pattern = (
@@ -113,17 +80,6 @@ class Operator:
             )
             totals[part] = sum(float(v) for v in re.findall(pattern, text, re.M))
         return totals["sum"], totals["count"]
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGINT)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 def apiserver_round_trips(core: k8s.CoreV1Api, namespace: str, count: int) -> list[float]:
@@ -173,7 +129,7 @@ def run(workdir: Path, *, sequential: int, burst: int, report: Any) -> dict[str,
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
-    operator = Operator(namespace, workdir)
+    operator = Operator(namespace, workdir, livekit)
     try:
         for name, data in {
             "voicefleet-livekit": {
@@ -190,7 +146,10 @@ def run(workdir: Path, *, sequential: int, burst: int, report: Any) -> dict[str,
             secret = k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data=data)
             core.create_namespaced_secret(namespace, secret)
         baseline = apiserver_round_trips(core, namespace, max(sequential, 10))
-        operator.start(livekit)
+        try:
+            operator.start()
+        except AssertionError as failed:
+            raise BenchError(str(failed)) from None
         # One VoiceAgent first, not timed: the operator's first reconcile warms its caches.
         custom.create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, bench_voiceagent("warmup")
