@@ -138,6 +138,8 @@ class WorkerRuntime:
         self._sweeper: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[None] | None = None
         self._http: HttpServer | None = None
+        # Overflow treatments from this process (no job process), when it can mint tokens.
+        self.desk = overflow.OverflowDesk.from_environment(config, on_done=self._overflow_done)
         self.delivery: RecordDelivery | None = None
         self._delivering: asyncio.Task[None] | None = None
         self.drain_started_at: float | None = None
@@ -160,9 +162,12 @@ class WorkerRuntime:
                 overflow_jobs += 1
             else:
                 agent_jobs += 1
+        if self.desk is not None:
+            overflow_jobs += len(self.desk.running)
         return agent_jobs, overflow_jobs
 
     async def on_request(self, request: JobRequest) -> None:
+        received_at = time.time()
         gate = self.admission
         gate.draining = self.server is not None and self.server.draining
         agent_jobs, overflow_jobs = self.running_jobs()
@@ -199,13 +204,43 @@ class WorkerRuntime:
                     agent_jobs,
                     gate.budget,
                 )
-                await request.accept(
-                    name=self.config.name,
-                    identity=f"overflow-{request.id}",
-                    attributes={OVERFLOW_ATTRIBUTE: reason},
-                )
+                if self.desk is not None:
+                    # Treated here; terminate: LiveKit ends the job, offers it to no one else.
+                    self.desk.start(request.id, request.room.name, reason, received_at)
+                    await request.reject(terminate=True)
+                else:
+                    await request.accept(
+                        name=self.config.name,
+                        identity=f"overflow-{request.id}",
+                        attributes={OVERFLOW_ATTRIBUTE: reason},
+                    )
         finally:
             gate.started(decision)
+
+    def _overflow_done(self, treated: overflow.Treated) -> None:
+        """A treatment by the desk ended: its call record, as a job process would spool it."""
+        if self.config.records_webhook is None:
+            return
+        recorder = CallRecorder(
+            tenant=self.config.tenant,
+            voice_agent=self.config.name,
+            dispatch_name=self.config.dispatch_name,
+            config_hash=runtime_config_hash(),
+            job_id=treated.job_id,
+            room=treated.room,
+            dispatch_received_at=treated.received_at,
+        )
+        if treated.caller is not None:
+            phone = PhoneCall.from_participant(treated.room, treated.caller)
+            recorder.set_caller(
+                phone=phone is not None,
+                caller_number=phone.caller_number if phone else "",
+                dialed_number=phone.dialed_number if phone else "",
+                sip_call_id=phone.sip_call_id if phone else "",
+            )
+        spool_record(
+            self.config, recorder, f"overflow ({treated.reason}): {treated.how}", None, True
+        )
 
     def on_refused_by_livekit_agents(self, reason: str) -> None:
         metrics.DISPATCH_REJECTED.labels(**self.labels, reason=reason).inc()
@@ -263,6 +298,8 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep_dead_processes())
         self._serving = loop.create_task(self._serve_metrics_and_readiness())
+        if self.desk is not None:
+            self.desk.warm()
         if self.delivery is not None:
             for result in ("delivered", "retried", "failed"):
                 metrics.CALL_RECORDS.labels(**self.labels, result=result)

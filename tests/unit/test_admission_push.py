@@ -52,3 +52,79 @@ def test_report_and_update_wire_format() -> None:
         AdmissionUpdate.model_validate({"maxAgentJobs": -1, "limitReason": "agent_limit"})
     with pytest.raises(ValidationError):
         AdmissionUpdate.model_validate({"maxAgentJobs": 1, "limitReason": "whatever"})
+
+
+async def test_the_desk_treats_overflow_in_the_main_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With LiveKit credentials the worker answers an overflow offer with terminate (LiveKit
+    ends the job, offers it to no one else) and its desk joins the room itself."""
+    import uuid
+
+    from livekit.agents import JobRequest
+    from livekit.agents.job import JobAcceptArguments
+    from livekit.protocol import agent as agent_pb
+    from livekit.protocol import models
+    from voicefleet_runtime.config import RuntimeConfig
+    from voicefleet_runtime.pipeline import TurnDetectionPlan
+    from voicefleet_runtime.worker import WorkerRuntime
+
+    for name, value in {
+        "LIVEKIT_URL": "ws://127.0.0.1:1",
+        "LIVEKIT_API_KEY": "key",
+        "LIVEKIT_API_SECRET": "secret-secret-secret-secret-secret",
+    }.items():
+        monkeypatch.setenv(name, value)
+    config = RuntimeConfig.model_validate(
+        {
+            "tenant": f"t{uuid.uuid4().hex[:8]}",
+            "name": "support",
+            "dispatchName": "support-x",
+            "agents": [{"name": "main", "instructions": "Help."}],
+            "entry": "main",
+            "worker": {"jobsPerWorker": 1, "loadThreshold": 1.0},
+        }
+    )
+    worker = WorkerRuntime(config, TurnDetectionPlan("vad", "vad"))
+    assert worker.desk is not None
+    started: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(
+        worker.desk, "start", lambda job, room, reason, at: started.append((job, room, reason))
+    )
+    answers: list[str] = []
+
+    async def on_accept(args: JobAcceptArguments) -> None:
+        answers.append("accepted")
+
+    async def on_reject(terminate: bool) -> None:
+        answers.append(f"rejected terminate={terminate}")
+
+    worker.admission.set_budget(0, OverflowReason.AGENT_LIMIT)
+    job = agent_pb.Job(id="AJ_1", room=models.Room(name="room-1"))
+    await worker.on_request(JobRequest(job=job, on_reject=on_reject, on_accept=on_accept))
+    assert answers == ["rejected terminate=True"]
+    assert started == [("AJ_1", "room-1", "agent_limit")]
+
+
+def test_the_overflow_token_is_an_agent_token_with_the_reason() -> None:
+    from livekit import api
+    from voicefleet_runtime.config import RuntimeConfig
+    from voicefleet_runtime.overflow import overflow_token
+
+    config = RuntimeConfig.model_validate(
+        {
+            "tenant": "acme",
+            "name": "support",
+            "dispatchName": "acme-support",
+            "agents": [{"name": "main", "instructions": "Help."}],
+            "entry": "main",
+        }
+    )
+    secret = "secret-secret-secret-secret-secret"
+    token = overflow_token(config, "key", secret, "AJ_9", "room-9", "capacity")
+    claims = api.TokenVerifier("key", secret).verify(token)
+    assert claims.identity == "overflow-AJ_9"
+    assert claims.kind == "agent"
+    assert claims.attributes == {"voicefleet.overflow": "capacity", "lk.agent_name": "acme-support"}
+    assert claims.video is not None
+    assert (claims.video.room, claims.video.room_join, claims.video.agent) == ("room-9", True, True)
