@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,11 +22,13 @@ import prometheus_client
 import pytest
 import yaml
 from voicefleet_operator import metrics as operator_metrics
-
-from e2e import observability
+from voicefleet_testkit import observability
+from voicefleet_testkit.net import free_port
 
 ALERTS = {
     "VoiceFleetNoSpareCapacity",
+    "VoiceFleetCallsOverflowing",
+    "VoiceFleetWorkersUnschedulable",
     "VoiceFleetDispatchRejections",
     "VoiceFleetTurnLatencyHigh",
     "VoiceFleetCallRecordsFailing",
@@ -201,11 +202,20 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
 
     agent = {"tenant": "acme", "agent": "support", "severity": "warning"}
     full = [
-        _series("voicefleet_jobs_capacity", WORKER, "2x40"),
-        _series("voicefleet_active_jobs", WORKER, "2x40"),
+        # jobsPerWorker 10 x loadThreshold 0.7: the worker takes 7 calls, and has 7.
+        _series("voicefleet_jobs_capacity", WORKER, "10x40"),
+        _series("voicefleet_agent_capacity", WORKER, "7x40"),
+        _series("voicefleet_active_jobs", WORKER, "7x40"),
+        _series(
+            "voicefleet_calls_overflowed_total",
+            _with_extra(WORKER, 'reason="capacity"'),
+            "0+2x40",
+        ),
+        _series("voicefleet_operator_desired_replicas", OPERATOR, "2x40"),
+        _series("voicefleet_operator_unschedulable_workers", OPERATOR, "1x40"),
         _series(
             "voicefleet_dispatch_rejected_total",
-            _with_extra(WORKER, 'reason="at_capacity"'),
+            _with_extra(WORKER, 'reason="overflow_full"'),
             "0+3x40",
         ),
         *_latency_buckets(slow=True),
@@ -227,11 +237,19 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
         ),
     ]
     healthy = [
-        _series("voicefleet_jobs_capacity", WORKER, "2x40"),
-        _series("voicefleet_active_jobs", WORKER, "1x40"),
+        _series("voicefleet_jobs_capacity", WORKER, "10x40"),
+        _series("voicefleet_agent_capacity", WORKER, "7x40"),
+        _series("voicefleet_active_jobs", WORKER, "6x40"),
+        _series(
+            "voicefleet_calls_overflowed_total",
+            _with_extra(WORKER, 'reason="capacity"'),
+            "4x40",
+        ),
+        _series("voicefleet_operator_desired_replicas", OPERATOR, "1x40"),
+        _series("voicefleet_operator_unschedulable_workers", OPERATOR, "0x40"),
         _series(
             "voicefleet_dispatch_rejected_total",
-            _with_extra(WORKER, 'reason="at_capacity"'),
+            _with_extra(WORKER, 'reason="overflow_full"'),
             "3x40",
         ),
         *_latency_buckets(slow=False),
@@ -264,7 +282,12 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
                     # Not yet: `for: 5m` holds it back for the first minutes.
                     quiet("VoiceFleetNoSpareCapacity", at="3m"),
                     firing(
-                        "VoiceFleetDispatchRejections", {**agent, "reason": "at_capacity"}, "15"
+                        "VoiceFleetCallsOverflowing", {**agent, "reason": "capacity"}, "10"
+                    ),
+                    firing("VoiceFleetWorkersUnschedulable", agent, "1"),
+                    quiet("VoiceFleetWorkersUnschedulable", at="1m"),
+                    firing(
+                        "VoiceFleetDispatchRejections", {**agent, "reason": "overflow_full"}, "15"
                     ),
                     firing("VoiceFleetTurnLatencyHigh", agent, "4.85s"),
                     firing("VoiceFleetCallRecordsFailing", agent, "1", at="15m"),
@@ -283,6 +306,15 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
                 "input_series": healthy,
                 "alert_rule_test": [quiet(alert) for alert in sorted(ALERTS)],
             },
+            {
+                # Two pods wanted, none running (e.g. both Pending): no worker reports any
+                # capacity, and the agent has no free slot.
+                "interval": "1m",
+                "input_series": [
+                    _series("voicefleet_operator_desired_replicas", OPERATOR, "2x40"),
+                ],
+                "alert_rule_test": [firing("VoiceFleetNoSpareCapacity", agent, "0")],
+            },
         ],
     }
     test_file = tmp_path / "voicefleet.tests.yml"
@@ -293,12 +325,6 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
 
 
 # --- metric expositions ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_metrics(exposition: str, *, expect: tuple[str, ...]) -> None:
@@ -356,7 +382,7 @@ def test_runtime_metrics_pass_promtool_check_metrics(tmp_path: Path) -> None:
     script.write_text(RUNTIME_EXPOSITION)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
     result = subprocess.run(
-        [sys.executable, str(script), str(_free_port())],
+        [sys.executable, str(script), str(free_port())],
         env=env,
         capture_output=True,
         text=True,
@@ -396,7 +422,7 @@ def test_operator_metrics_pass_promtool_check_metrics() -> None:
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     )
-    port = _free_port()
+    port = free_port()
     server, thread = prometheus_client.start_http_server(
         port, addr="127.0.0.1", registry=operator_metrics.REGISTRY
     )

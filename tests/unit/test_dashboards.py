@@ -149,6 +149,9 @@ def test_panels_cover_what_platform_teams_asked_for() -> None:
         "fleet-overview.json": [
             "voicefleet_active_jobs", "voicefleet_jobs_capacity", "voicefleet_worker_load",
             "voicefleet_dispatch_rejected_total", "voicefleet_operator_worker_replicas",
+            # callers beyond capacity, and the capacity that was asked for but does not exist
+            "voicefleet_agent_capacity", "voicefleet_calls_overflowed_total",
+            "voicefleet_operator_unschedulable_workers",
         ],
         "call-quality.json": [
             "voicefleet_turn_latency_seconds_bucket", "voicefleet_llm_ttft_seconds_bucket",
