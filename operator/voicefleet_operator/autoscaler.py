@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from voicefleet_operator import metrics
-from voicefleet_operator.api import CONDITION_SCALING_ACTIVE, SpecError, parse_spec
+import aiohttp
+
+from voicefleet_operator import admission, metrics
+from voicefleet_operator.api import (
+    CONDITION_SCALING_ACTIVE,
+    SpecError,
+    VoiceAgentSpec,
+    parse_spec,
+)
 from voicefleet_operator.capacity import capacity_condition, unschedulable_pods
 from voicefleet_operator.kube import KINDS, Kube, NotFound
 from voicefleet_operator.render import ChildNames, VoiceAgentRef, selector_labels
@@ -106,8 +113,10 @@ async def evaluate(
     *,
     now: datetime | None = None,
     request_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
+    namespace_cap: int | None = None,
 ) -> Evaluation:
-    """One autoscaler evaluation of the VoiceAgent `body` (see module doc)."""
+    """One autoscaler evaluation of the VoiceAgent `body` (see module doc). `namespace_cap`:
+    the platform's cap on the calls of the VoiceAgent's namespace (settings)."""
     ref = VoiceAgentRef.from_body(body)
     labels = (ref.namespace, ref.name)
     try:
@@ -138,7 +147,13 @@ async def evaluate(
     metrics.OBSERVED_LOAD.labels(*labels).set(load)
     metrics.UNREACHABLE_WORKERS.labels(*labels).set(unreachable)
     metrics.UNSCHEDULABLE_WORKERS.labels(*labels).set(len(unschedulable_pods(raw_pods)))
-    capacity = capacity_condition(spec, pods=raw_pods, active_jobs=active_jobs)
+    agent_calls, cap = await _share_the_caps(ref, spec, pods, namespace_cap, request_seconds)
+    capacity = capacity_condition(
+        spec,
+        pods=raw_pods,
+        active_jobs=active_jobs if agent_calls is None else agent_calls,
+        cap=cap,
+    )
     readings = _readings_note(fleet)
 
     current = int((deployment.get("spec") or {}).get("replicas", 1))
@@ -213,6 +228,48 @@ async def evaluate(
             CONDITION_SCALING_ACTIVE, decision.reason.value, decision.message + readings
         )
     return Evaluation(condition, fields, event, decision, fleet, current, deployment, capacity)
+
+
+NAMESPACE_LEDGER_TTL_SECONDS = 30.0
+"""A VoiceAgent's calls count towards its namespace's cap until this long after its last
+reading (a deleted VoiceAgent drops out by itself)."""
+
+_namespace_calls: dict[str, dict[str, tuple[int, float]]] = {}
+"""namespace -> VoiceAgent -> (agent calls, monotonic time of the reading)."""
+
+
+async def _share_the_caps(
+    ref: VoiceAgentRef,
+    spec: VoiceAgentSpec,
+    pods: list[WorkerPod],
+    namespace_cap: int | None,
+    request_seconds: float,
+) -> tuple[int | None, admission.FleetCap]:
+    """Read the workers' admission reports and push each its share of the caps (admission.py).
+    Returns the agent calls counted (None if no worker reported) and the cap that applies."""
+    port = spec.worker.metrics_port
+    async with aiohttp.ClientSession() as session:
+        reports = await admission.read_reports(session, pods, port, request_seconds)
+        calls = sum(report.agent_jobs for report in reports.values())
+        now = time.monotonic()
+        ledger = _namespace_calls.setdefault(ref.namespace, {})
+        if reports or ref.name not in ledger:
+            ledger[ref.name] = (calls, now)
+        for name, (_, at) in list(ledger.items()):
+            if now - at > NAMESPACE_LEDGER_TTL_SECONDS:
+                del ledger[name]
+        share = None
+        if namespace_cap is not None:
+            active = {name: counted for name, (counted, _) in ledger.items()}
+            share = admission.namespace_share(namespace_cap, ref.name, active, active)
+        cap = admission.fleet_cap(spec.limits.max_concurrent_calls, share)
+        if reports:
+            budgets = admission.pod_budgets(cap.calls, reports)
+            updates = admission.push_order(budgets, reports, cap.reason)
+            if updates:
+                by_name = {pod.name: pod for pod in pods}
+                await admission.push(session, by_name, port, updates, request_seconds)
+    return (calls if reports else None), cap
 
 
 def _readings_note(fleet: FleetLoad) -> str:

@@ -7,7 +7,8 @@ fleet cannot grow, with the first reason that applies:
   False/Unschedulable, e.g. no node with the CPU they request): the fleet is smaller than asked;
 - MaxReplicasReached: the calls fill the most pods spec.scaling.maxReplicas allows, each at
   floor(jobsPerWorker x loadThreshold);
-- TenantLimitReached: the calls in progress reached spec.limits.maxConcurrentCalls.
+- TenantLimitReached: the calls in progress reached spec.limits.maxConcurrentCalls or the
+  VoiceAgent's share of the platform's cap for its namespace.
 
 False (WithinCapacity) otherwise. Pure: the autoscaler passes the pods and the calls it counted.
 """
@@ -18,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from voicefleet_runtime.admission import worker_capacity
+from voicefleet_runtime.admission import OverflowReason, worker_capacity
 
+from voicefleet_operator.admission import FleetCap
 from voicefleet_operator.api import CONDITION_CAPACITY_LIMITED, VoiceAgentSpec
 from voicefleet_operator.scaling import max_replicas_within_cap
 from voicefleet_operator.status import ConditionUpdate
@@ -58,7 +60,11 @@ def capacity_condition(
     *,
     pods: Iterable[Mapping[str, Any]],
     active_jobs: int,
+    cap: FleetCap | None = None,
 ) -> ConditionUpdate:
+    """`active_jobs`: the agent calls counted; `cap`: the cap that applies now (the lower of
+    spec.limits.maxConcurrentCalls and the VoiceAgent's share of the namespace's cap), else
+    spec.limits alone."""
     stuck = unschedulable_pods(pods)
     if stuck:
         first = stuck[0]
@@ -69,11 +75,13 @@ def capacity_condition(
             f"{len(stuck)} worker pod(s) cannot be scheduled ({first.pod}{detail}); callers "
             "beyond the running workers get spec.overflow",
         )
-    cap = spec.limits.max_concurrent_calls
+    if cap is None:
+        cap = FleetCap(spec.limits.max_concurrent_calls, OverflowReason.AGENT_LIMIT)
+    limit = cap.calls
     most_pods = max_replicas_within_cap(spec)
     per_pod = worker_capacity(spec.worker.jobs_per_worker, spec.worker.load_threshold)
     fleet_most = most_pods * per_pod
-    if active_jobs >= fleet_most and (cap is None or fleet_most < cap):
+    if active_jobs >= fleet_most and (limit is None or fleet_most < limit):
         return ConditionUpdate.true(
             CONDITION_CAPACITY_LIMITED,
             MAX_REPLICAS_REACHED,
@@ -81,17 +89,22 @@ def capacity_condition(
             f"(spec.scaling.maxReplicas; {per_pod} calls each, floor(jobsPerWorker x "
             "loadThreshold)); further callers get spec.overflow",
         )
-    if cap is not None and active_jobs >= cap:
+    if limit is not None and active_jobs >= limit:
+        which = (
+            "the platform's cap for the namespace (this VoiceAgent's share)"
+            if cap.reason is OverflowReason.NAMESPACE_LIMIT
+            else "spec.limits.maxConcurrentCalls"
+        )
         return ConditionUpdate.true(
             CONDITION_CAPACITY_LIMITED,
             TENANT_LIMIT_REACHED,
-            f"{active_jobs} calls in progress reached spec.limits.maxConcurrentCalls ({cap}); "
-            "further callers get spec.overflow",
+            f"{active_jobs} calls in progress reached {which} ({limit}); further callers get "
+            "spec.overflow",
         )
     return ConditionUpdate.false(
         CONDITION_CAPACITY_LIMITED,
         WITHIN_CAPACITY,
-        "the fleet can grow to take more calls" if cap is None else f"below the cap of {cap}",
+        "the fleet can grow to take more calls" if limit is None else f"below the cap of {limit}",
     )
 
 

@@ -485,7 +485,9 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
-            evaluation = await autoscaler.evaluate(ctx.kube, body)
+            evaluation = await autoscaler.evaluate(
+                ctx.kube, body, namespace_cap=ctx.settings.namespace_call_limit(namespace)
+            )
         except (KubeError, aiohttp.ClientError) as error:
             # Nothing changed; the next evaluation tries again (unreachable workers are not
             # errors: they count as full).

@@ -72,6 +72,15 @@ class PlatformSettings(BaseModel):
     liveness_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """VOICEFLEET_LIVENESS_PORT: port of the operator's own /healthz endpoint."""
 
+    namespace_call_limits: dict[str, Annotated[int, Field(ge=0)]] = {}
+    """VOICEFLEET_NAMESPACE_CALL_LIMITS: the platform's cap on concurrent calls per tenant
+    namespace, `namespace=calls` comma-separated (Helm `tenantLimits.namespaces`); tenants
+    cannot raise it. Shared by the namespace's VoiceAgents."""
+
+    default_namespace_call_limit: Annotated[int | None, Field(ge=0)] = None
+    """VOICEFLEET_DEFAULT_NAMESPACE_CALL_LIMIT: the cap for namespaces not listed (Helm
+    `tenantLimits.defaultMaxConcurrentCalls`); empty means none."""
+
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
     """VOICEFLEET_METRICS_PORT: port of the operator's Prometheus /metrics; 0 disables it."""
 
@@ -113,6 +122,25 @@ class PlatformSettings(BaseModel):
                 f"{self.lease_renew_seconds:g}, {self.lease_seconds:g})"
             )
         return self
+
+    @field_validator("namespace_call_limits", mode="before")
+    @classmethod
+    def _namespace_limits(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        limits: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            namespace, sep, calls = part.partition("=")
+            if not sep or not namespace.strip():
+                raise ValueError(f"{part!r} is not namespace=calls")
+            limits[namespace.strip()] = calls.strip()
+        return limits
+
+    def namespace_call_limit(self, namespace: str) -> int | None:
+        """The platform's cap for `namespace`, or None."""
+        return self.namespace_call_limits.get(namespace, self.default_namespace_call_limit)
 
     @property
     def effective_lease_namespace(self) -> str:

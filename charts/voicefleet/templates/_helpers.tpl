@@ -46,3 +46,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "voicefleet.runtimeImage" -}}
 {{- printf "%s:%s" .Values.runtime.image.repository (default .Chart.AppVersion .Values.runtime.image.tag) -}}
 {{- end -}}
+
+{{- /* tenantLimits as the operator reads them: "ns=calls,..." and the default (empty: none). */}}
+{{- define "voicefleet.namespaceCallLimits" -}}
+{{- $parts := list -}}
+{{- range $namespace, $calls := .Values.tenantLimits.namespaces -}}
+{{- $parts = append $parts (printf "%s=%d" $namespace (int $calls)) -}}
+{{- end -}}
+{{- join "," $parts -}}
+{{- end -}}
+
+{{- define "voicefleet.defaultNamespaceCallLimit" -}}
+{{- $calls := .Values.tenantLimits.defaultMaxConcurrentCalls -}}
+{{- if not (kindIs "invalid" $calls) -}}{{ printf "%d" (int $calls) }}{{- end -}}
+{{- end -}}
