@@ -7,7 +7,7 @@ cluster down [--node-only]         (make cluster-up / cluster-down)
 cluster status                     the running cluster's description and its processes
 cluster leftovers                  what a stopped local cluster left behind (exit 1 if any)
 images [--no-import]               build images with podman, import into the node (make images)
-livekit up|down|status             Redis, livekit-server, livekit-sip, Prometheus
+livekit up|down|status             Redis, livekit-server, livekit-sip, Prometheus, S3
 env                                shell exports: KUBECONFIG and PATH with kubectl, helm...
 """
 

@@ -89,6 +89,7 @@ def recipes() -> list[GoRecipe]:
         ),
         GoRecipe("helm", {"helm": "helm.sh/helm/v4/cmd/helm"}, ldflags=_helm_ldflags),
         GoRecipe("kind", {"kind": "sigs.k8s.io/kind"}),
+        GoRecipe("versitygw", {"versitygw": "github.com/versity/versitygw/cmd/versitygw"}),
     ]
 
 

@@ -52,9 +52,13 @@ SIP_PORT = 5060
 SIP_RTP_PORTS = (10000, 10199)
 SIP_HEALTH_PORT = 8089
 SIP_METRICS_PORT = 6790
+S3_PORT = 7070
+S3_ACCESS_KEY = "voicefleet-dev"
+S3_SECRET_KEY = "voicefleet-dev-s3-secret-not-for-production"
+S3_REGION = "us-east-1"
 
 # Start order; `down()` stops in reverse so nothing loses its Redis while it shuts down.
-SERVICES = ("redis", "livekit-server", "livekit-sip", "prometheus")
+SERVICES = ("redis", "livekit-server", "livekit-sip", "prometheus", "s3")
 
 
 def config_dir() -> Path:
@@ -82,6 +86,8 @@ class Service:
     # Sent before procs.stop's SIGTERM: the servers otherwise wait for calls and participants
     # to leave, which in a disposable test stack only delays `down` until SIGKILL.
     hurry_signal: signal.Signals | None = None
+    # Extra environment (e.g. credentials that must not show on the command line).
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> bool:
         """Start unless running; wait until ready. True if this call started the process."""
@@ -112,7 +118,7 @@ class Service:
                 config_file.write(text)
             path.chmod(0o600)
         config_dir().mkdir(parents=True, exist_ok=True)
-        procs.start(self.name, self.argv, cwd=config_dir())
+        procs.start(self.name, self.argv, cwd=config_dir(), env=self.env or None)
         try:
             procs.wait_until(self.name, "ready", self.ready, timeout=self.start_timeout)
         except BaseException:
@@ -230,6 +236,21 @@ class LiveKitEndpoint:
 
 
 @dataclass(frozen=True)
+class S3Endpoint:
+    """The local S3-compatible server (versitygw): path-style, SigV4, one root user."""
+
+    url: str = f"http://127.0.0.1:{S3_PORT}"
+    access_key: str = S3_ACCESS_KEY
+    secret_key: str = S3_SECRET_KEY
+    region: str = S3_REGION
+
+    def url_for_pods(self) -> str:
+        """The endpoint as pods on the node reach it (the host's address on the cluster
+        bridge)."""
+        return f"http://{node_ip()}:{S3_PORT}"
+
+
+@dataclass(frozen=True)
 class SipEndpoint:
     host: str = "127.0.0.1"
     port: int = SIP_PORT
@@ -332,6 +353,22 @@ def services() -> dict[str, Service]:
             configs=lambda: {cfg / "livekit-sip.yaml": livekit_sip_config()},
             # SIGINT: end active calls now instead of waiting for them to finish.
             hurry_signal=signal.SIGINT,
+        ),
+        # S3-compatible object storage (versitygw, posix backend: a bucket is a directory).
+        "s3": Service(
+            name="s3",
+            argv=[
+                str(paths.binary("versitygw")),
+                "--port",
+                f":{S3_PORT}",
+                "--region",
+                S3_REGION,
+                "posix",
+                str(cfg / "s3"),
+            ],
+            ready=lambda: tcp_open("127.0.0.1", S3_PORT),
+            env={"ROOT_ACCESS_KEY_ID": S3_ACCESS_KEY, "ROOT_SECRET_ACCESS_KEY": S3_SECRET_KEY},
+            prepare=lambda: (cfg / "s3").mkdir(parents=True, exist_ok=True),
         ),
         "prometheus": Service(
             name="prometheus",

@@ -224,6 +224,15 @@ def sip(livekit: stack.LiveKitEndpoint) -> Iterator[stack.SipEndpoint]:
 
 
 @pytest.fixture(scope="session")
+def s3() -> Iterator[stack.S3Endpoint]:
+    """The S3-compatible object store (versitygw): `.url`, `.access_key`, `.secret_key`,
+    `.region`; create buckets with a signed PUT /<bucket>."""
+    result = _start_stack(("s3",))
+    yield stack.S3Endpoint()
+    _stop_stack(result)
+
+
+@pytest.fixture(scope="session")
 def prometheus() -> Iterator[PrometheusClient]:
     """Prometheus: `.base_url`, `.query(expr)` -> [Sample(labels, value)], `.active_targets()`,
     `.wait_for_targets(job, labels)`; discovery follows the current cluster's kubeconfig."""

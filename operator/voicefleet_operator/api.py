@@ -34,6 +34,7 @@ from pydantic.config import ConfigDict, JsonDict
 from voicefleet_runtime.admission import OverflowOptions, worker_capacity
 from voicefleet_runtime.config import (
     AgentsSection,
+    CallRecordingBase,
     CallRecordWebhookBase,
     HttpEndpoint,
     McpServerConfig,
@@ -222,12 +223,28 @@ class CallRecordWebhookSpec(CallRecordWebhookBase):
     never through the ConfigMap."""
 
 
+RECORDING_ACCESS_KEY_ID: Final = "accessKeyId"
+RECORDING_SECRET_ACCESS_KEY: Final = "secretAccessKey"
+
+
+class CallRecordingSpec(CallRecordingBase):
+    """Where call recordings go: an S3-compatible bucket. Each call's audio (Ogg/Opus, stereo:
+    the caller left, the agent right) is uploaded as <prefix><recordId>.ogg when the call ends;
+    its key and duration are in the call's record."""
+
+    credentials_secret_ref: SecretReference
+    """Secret with keys accessKeyId and secretAccessKey of a principal allowed to PutObject in
+    the bucket; passed to the workers as environment variables, never through the ConfigMap."""
+
+
 class CallRecordsSpec(Model):
     """Call records: one record per call (who called, when, which agents, the transcript, tool
-    calls, usage, how it ended), delivered to the tenant."""
+    calls, usage, how it ended), delivered to the tenant, and optionally its recording."""
 
     webhook: CallRecordWebhookSpec | None = None
     """Deliver each call's record to this webhook (at least once, deduplicate on recordId)."""
+    recording: CallRecordingSpec | None = None
+    """Record each call's audio and upload it to this bucket; omit to record nothing."""
 
 
 # --- telephony --------------------------------------------------------------------------------

@@ -464,6 +464,18 @@ logged with their ids, and a restarted worker container delivers them. Metrics:
 `voicefleet_call_records_pending`, `voicefleet_call_record_delivery_delay_seconds`; the chart's
 alert `VoiceFleetCallRecordsFailing` fires when records fail.
 
+**Recordings.** With `spec.callRecords.recording` set, each call's audio is recorded inside the
+agent's job (livekit-agents' RecorderIO on the session's own audio in and out) as Ogg/Opus,
+**stereo: the caller on the left channel, the agent on the right**, on one timeline. Stereo
+rather than mixed so that each party can be transcribed, measured or redacted on its own; a
+player still plays both. When the call ends the file is uploaded (SigV4, path-style) to
+`<endpoint>/<bucket>/<prefix><recordId>.ogg` and `recording` in the record names the object and
+its duration; a failed upload (3 attempts) is logged and counted in
+`voicefleet_errors_total{component="recording"}` and the record goes out without it. The Secret
+of `credentialsSecretRef` needs keys `accessKeyId` and `secretAccessKey` of a principal allowed
+to `s3:PutObject` in the bucket. (With a LiveKit Cloud URL, livekit-agents would also send the
+audio to LiveKit Cloud's observability; VoiceFleet targets a self-hosted LiveKit.)
+
 **End reasons.**
 
 | `endReason` | Meaning |

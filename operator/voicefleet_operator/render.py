@@ -39,6 +39,8 @@ from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_conf
 from voicefleet_operator.api import (
     API_VERSION,
     KIND,
+    RECORDING_ACCESS_KEY_ID,
+    RECORDING_SECRET_ACCESS_KEY,
     CallRecordWebhookSpec,
     HttpHeaderSpec,
     VoiceAgentSpec,
@@ -220,6 +222,11 @@ def secret_key_uses(spec: VoiceAgentSpec) -> list[SecretKeyUse]:
     if webhook is not None:
         ref = webhook.signing_secret_ref
         uses.append(SecretKeyUse(ref.name, ref.key, "spec.callRecords.webhook.signingSecretRef"))
+    recording = spec.call_records.recording if spec.call_records is not None else None
+    if recording is not None:
+        name = recording.credentials_secret_ref.name
+        for key in (RECORDING_ACCESS_KEY_ID, RECORDING_SECRET_ACCESS_KEY):
+            uses.append(SecretKeyUse(name, key, "spec.callRecords.recording.credentialsSecretRef"))
     return uses
 
 
@@ -290,6 +297,15 @@ def runtime_config(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> RuntimeConfig:
         key_ref = webhook.signing_secret_ref
         hook["signingKeyFromEnv"] = header_env_var(key_ref.name, key_ref.key)
         document["callRecords"] = {"webhook": hook}
+    recording = spec.call_records.recording if spec.call_records is not None else None
+    if recording is not None:
+        storage = recording.wire()
+        del storage["credentialsSecretRef"]
+        secret = recording.credentials_secret_ref.name
+        storage["accessKeyIdFromEnv"] = header_env_var(secret, RECORDING_ACCESS_KEY_ID)
+        storage["secretAccessKeyFromEnv"] = header_env_var(secret, RECORDING_SECRET_ACCESS_KEY)
+        records: dict[str, Any] = document.setdefault("callRecords", {})  # type: ignore[assignment]
+        records["recording"] = storage
     return parse_config(document)
 
 

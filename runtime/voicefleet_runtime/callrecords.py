@@ -180,7 +180,8 @@ class Latency(RecordModel):
 
 
 class Recording(RecordModel):
-    """The call's audio in the tenant's bucket (spec.callRecords.recording)."""
+    """The call's audio in the tenant's bucket (spec.callRecords.recording): Ogg/Opus, stereo,
+    the caller on the left channel and the agent on the right, on one timeline."""
 
     bucket: str
     """Bucket the object was uploaded to."""
@@ -189,7 +190,11 @@ class Recording(RecordModel):
     duration_seconds: float
     """Length of the recording."""
     content_type: str
-    """Media type of the object."""
+    """Media type of the object (audio/ogg)."""
+    channels: Literal["stereo-caller-left-agent-right"] = "stereo-caller-left-agent-right"
+    """Channel layout: left the caller (as the agent heard them), right the agent."""
+    started_at: datetime | None = None
+    """When the recording starts (the agent's session starting, just before the greeting)."""
 
 
 class CallRecord(RecordModel):

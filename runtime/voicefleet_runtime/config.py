@@ -551,11 +551,42 @@ class CallRecordWebhook(CallRecordWebhookBase):
     spec.callRecords.webhook.signingSecretRef."""
 
 
+S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+
+class CallRecordingBase(Model):
+    """Where call recordings go: an S3-compatible bucket (AWS S3, MinIO, versitygw, ...)."""
+
+    endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/?#]+/?$", max_length=2048)]
+    """The S3 endpoint, scheme and host only, e.g. https://s3.eu-west-1.amazonaws.com or
+    http://minio.storage:9000; objects are addressed path-style (<endpoint>/<bucket>/<key>)."""
+    bucket: Annotated[str, Field(pattern=S3_BUCKET, min_length=3, max_length=63)]
+    """Bucket the recordings are written to (it must exist)."""
+    prefix: Annotated[str, Field(pattern=r"^([^/\s][^\s]*)?$", max_length=512)] = ""
+    """Prepended to each object's key (<prefix><recordId>.ogg), e.g. "calls/"."""
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", min_length=1, max_length=64)] = (
+        "us-east-1"
+    )
+    """Region the requests are signed for (SigV4); S3-compatible servers accept us-east-1."""
+
+
+class CallRecordingConfig(CallRecordingBase):
+    """Runtime side: the bucket's credentials come from environment variables."""
+
+    access_key_id_from_env: Annotated[str, Field(pattern=ENV_VAR_NAME)]
+    """Environment variable holding the access key id."""
+    secret_access_key_from_env: Annotated[str, Field(pattern=ENV_VAR_NAME)]
+    """Environment variable holding the secret access key."""
+
+
 class CallRecordsConfig(Model):
     """What happens to each call's record."""
 
     webhook: CallRecordWebhook | None = None
     """Deliver each call's record to this webhook; omit to keep no records."""
+    recording: CallRecordingConfig | None = None
+    """Record each call's audio (stereo Ogg/Opus: caller left, agent right) and upload it to this
+    bucket when the call ends; omit to record nothing."""
 
 
 # --- telephony and worker -------------------------------------------------------------------
@@ -698,12 +729,20 @@ class RuntimeConfig(AgentsSection):
         env = [h.value_from_env for h in headers if h.value_from_env]
         if self.records_webhook is not None:
             env.append(self.records_webhook.signing_key_from_env)
+        if self.recording is not None:
+            env.append(self.recording.access_key_id_from_env)
+            env.append(self.recording.secret_access_key_from_env)
         return sorted(set(env))
 
     @property
     def records_webhook(self) -> CallRecordWebhook | None:
         """Where call records go, or None when the VoiceAgent keeps none."""
         return self.call_records.webhook if self.call_records is not None else None
+
+    @property
+    def recording(self) -> CallRecordingConfig | None:
+        """Where call recordings go, or None when calls are not recorded."""
+        return self.call_records.recording if self.call_records is not None else None
 
     def provider_key_env_vars(self) -> list[str]:
         """Provider API key variables the pipeline's providers need."""

@@ -41,6 +41,7 @@ from voicefleet_runtime.callrecords import (
     EndReason,
     Latency,
     LlmUsage,
+    Recording,
     SttUsage,
     ToolCall,
     TtsUsage,
@@ -137,6 +138,10 @@ class CallRecorder:
         self.turn_latencies: list[float] = []
         self.usage: list[Any] = []
         self.close_reason: str | None = None
+        self.ended_at: float | None = None
+        self.recording_started_at: float | None = None
+        self.recording: Recording | None = None
+        """Set once the call's recording is uploaded."""
         self.close_detail = ""
         self.failed = False
         self._session: AgentSession[Any] | None = None
@@ -232,6 +237,11 @@ class CallRecorder:
     def job_failed(self) -> None:
         self.failed = True
 
+    def mark_ended(self) -> None:
+        """The call is over (the record's endedAt), whatever is done with it afterwards."""
+        if self.ended_at is None:
+            self.ended_at = self._clock()
+
     # --- the record ---------------------------------------------------------------------------
 
     def _usage(self) -> Usage:
@@ -280,7 +290,9 @@ class CallRecorder:
         transferred: bool = False,
         overflowed: bool = False,
     ) -> CallRecord:
-        ended = self._clock()
+        self.mark_ended()
+        assert self.ended_at is not None
+        ended = self.ended_at
         ended_at = utc(ended)
         if self.spans and self.spans[-1].ended_at is None:
             self.spans[-1].ended_at = ended_at
@@ -336,4 +348,5 @@ class CallRecorder:
                 turn_p95_seconds=round(p95, 3) if p95 is not None else None,
                 turns=len(self.turn_latencies),
             ),
+            recording=self.recording,
         )

@@ -68,7 +68,13 @@ from voicefleet_runtime.admission import (
     Admit,
 )
 from voicefleet_runtime.agents import AgentFactory, CallState
-from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, load_from_environment
+from voicefleet_runtime.callrecords import Recording, utc
+from voicefleet_runtime.config import (
+    CONFIG_PATH_ENV,
+    CallRecordingConfig,
+    RuntimeConfig,
+    load_from_environment,
+)
 from voicefleet_runtime.delivery import (
     FLUSH_MIN_SECONDS,
     SPOOL_DIR_ENV,
@@ -86,6 +92,12 @@ from voicefleet_runtime.pipeline import (
     register_turn_detector,
 )
 from voicefleet_runtime.recorder import CallRecorder
+from voicefleet_runtime.recording import (
+    CONTENT_TYPE,
+    RECORD_AUDIO_ONLY,
+    RECORDING_FILE,
+    upload_recording,
+)
 from voicefleet_runtime.telemetry import CallTelemetry
 from voicefleet_runtime.telephony import CallControls, PhoneCall
 from voicefleet_runtime.tools import ToolBox, build_mcp_toolsets
@@ -460,7 +472,7 @@ async def entrypoint(ctx: JobContext) -> None:
     telemetry = CallTelemetry(labels, providers, dispatch_received_at=received_at)
     toolbox = ToolBox(config.tools, os.environ, labels)
     recorder: CallRecorder | None = None
-    if config.records_webhook is not None:
+    if config.records_webhook is not None or config.recording is not None:
         recorder = CallRecorder(
             tenant=config.tenant,
             voice_agent=config.name,
@@ -472,11 +484,16 @@ async def entrypoint(ctx: JobContext) -> None:
             dispatch_received_at=received_at,
         )
     call_controls: list[CallControls] = []
+    sessions: list[AgentSession[CallState]] = []
 
     async def close_books(reason: str) -> None:
         telemetry.end(reason or "job_shutdown")
-        await toolbox.aclose()
         if recorder is not None:
+            recorder.mark_ended()
+        await toolbox.aclose()
+        if recorder is not None and config.recording is not None and sessions:
+            await attach_recording(config.recording, recorder, sessions[0], ctx)
+        if recorder is not None and config.records_webhook is not None:
             spool_record(config, recorder, reason, call_controls[0] if call_controls else None)
 
     ctx.add_shutdown_callback(close_books)
@@ -493,6 +510,7 @@ async def entrypoint(ctx: JobContext) -> None:
         if mcp_toolsets:
             session_options["tools"] = mcp_toolsets
         session = AgentSession[CallState](userdata=state, **session_options)
+        sessions.append(session)
         telemetry.attach(session, current_agent=lambda: state.current_agent)
         phone_call = PhoneCall.from_participant(ctx.room.name, participant)
         if recorder is not None:
@@ -518,7 +536,14 @@ async def entrypoint(ctx: JobContext) -> None:
             audio_input=room_io.AudioInputOptions(noise_cancellation=pipeline.noise_cancellation),
         )
         started = time.monotonic()
-        await session.start(factory.entry(), room=ctx.room, room_options=room_options)
+        start_options: dict[str, Any] = {}
+        if config.recording is not None and recorder is not None:
+            # The session's own audio in and out, to a stereo file in the job's directory.
+            start_options["record"] = RECORD_AUDIO_ONLY
+            recorder.recording_started_at = time.time()
+        await session.start(
+            factory.entry(), room=ctx.room, room_options=room_options, **start_options
+        )
         logger.info(
             "call started in room %s (session start %.3fs)",
             ctx.room.name,
@@ -529,6 +554,35 @@ async def entrypoint(ctx: JobContext) -> None:
         if recorder is not None:
             recorder.job_failed()
         raise
+
+
+async def attach_recording(
+    storage: CallRecordingConfig,
+    recorder: CallRecorder,
+    session: AgentSession[CallState],
+    ctx: JobContext,
+) -> None:
+    """Upload the call's recording and note it in the record; a failure is logged and
+    counted, and the record goes out without it."""
+    try:
+        await session.aclose()  # flushes the recorder; returns at once when already closed
+        path = ctx.session_directory / RECORDING_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no recording was written ({path})")
+        key, duration = await upload_recording(storage, os.environ, path, recorder.record_id)
+    except Exception:
+        labels = metric_labels(runtime_config())
+        metrics.ERRORS.labels(**labels, component="recording", recoverable="true").inc()
+        logger.exception("the recording of call %s was not stored", recorder.record_id)
+        return
+    started = recorder.recording_started_at
+    recorder.recording = Recording(
+        bucket=storage.bucket,
+        object_key=key,
+        duration_seconds=round(duration, 3),
+        content_type=CONTENT_TYPE,
+        started_at=utc(started) if started is not None else None,
+    )
 
 
 async def spool_overflow_record(

@@ -507,3 +507,115 @@ async def test_records_never_carry_tool_header_secrets(receiver: Receiver, tmp_p
     assert json.loads(text)["toolCalls"][0]["arguments"] == {"order_id": "A-1"}
     assert SECRET_HEADER_VALUE not in text
     assert "s3cret" not in text
+
+
+# --- recordings -------------------------------------------------------------------------------
+
+
+def test_sigv4_matches_the_aws_documented_example() -> None:
+    """AWS's own example (S3 API reference, "Signature Calculations for the Authorization
+    Header", GET Object): the same canonical request, the same signature."""
+    import datetime as dt
+
+    from voicefleet_runtime.recording import EMPTY_SHA256, sign
+
+    headers = sign(
+        "GET",
+        "https://examplebucket.s3.amazonaws.com/test.txt",
+        {"Range": "bytes=0-9"},
+        EMPTY_SHA256,
+        region="us-east-1",
+        access_key="AKIAIOSFODNN7EXAMPLE",
+        secret_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        now=dt.datetime(2013, 5, 24, tzinfo=dt.UTC),
+    )
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert headers["x-amz-date"] == "20130524T000000Z"
+
+
+def recording_config(**changes: Any) -> dict[str, Any]:
+    storage = {
+        "endpoint": "http://127.0.0.1:7070",
+        "bucket": "acme-calls",
+        "prefix": "calls/",
+        "accessKeyIdFromEnv": "S3_ACCESS",
+        "secretAccessKeyFromEnv": "S3_SECRET",
+        **changes,
+    }
+    return {
+        "tenant": "acme",
+        "name": "support",
+        "dispatchName": "acme.support",
+        "agents": [{"name": "a", "instructions": "x"}],
+        "entry": "a",
+        "callRecords": {"recording": storage},
+    }
+
+
+def test_recording_config_needs_its_credentials_in_the_environment() -> None:
+    from voicefleet_runtime.recording import object_key, object_url
+
+    config = parse_config(recording_config())
+    storage = config.recording
+    assert storage is not None and storage.region == "us-east-1"
+    assert {"S3_ACCESS", "S3_SECRET"} <= set(config.secret_env_vars())
+    assert object_key(storage, "r-1") == "calls/r-1.ogg"
+    assert (
+        object_url(storage, "calls/r 1.ogg") == "http://127.0.0.1:7070/acme-calls/calls/r%201.ogg"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bucket": "Acme_Calls"}, "callRecords.recording.bucket"),
+        ({"endpoint": "s3.example.com"}, "callRecords.recording.endpoint"),
+        ({"endpoint": "https://s3.example.com/acme-calls"}, "callRecords.recording.endpoint"),
+        ({"prefix": "/calls/"}, "callRecords.recording.prefix"),
+    ],
+)
+def test_bad_recording_settings_are_refused(change: dict[str, Any], field: str) -> None:
+    from voicefleet_runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_config(recording_config(**change))
+
+
+def test_record_carries_its_recording_and_ends_when_the_call_did() -> None:
+    from voicefleet_runtime.callrecords import Recording, utc
+
+    started = 1_790_000_000.0
+    now = [started + 10]
+    recorder = CallRecorder(
+        tenant="t",
+        voice_agent="a",
+        dispatch_name="t.a",
+        config_hash="",
+        job_id="j",
+        room="r",
+        dispatch_received_at=started,
+        clock=lambda: now[0],
+    )
+    recorder.mark_ended()
+    now[0] += 5  # the upload took 5 s: endedAt stays the end of the call
+    recorder.recording = Recording(
+        bucket="acme-calls",
+        object_key="calls/x.ogg",
+        duration_seconds=9.5,
+        content_type="audio/ogg",
+        started_at=utc(started + 0.5),
+    )
+    wire = json.loads(serialize(recorder.finish("room disconnected")))
+    assert wire["durationSeconds"] == 10
+    assert wire["recording"] == {
+        "bucket": "acme-calls",
+        "objectKey": "calls/x.ogg",
+        "durationSeconds": 9.5,
+        "contentType": "audio/ogg",
+        "channels": "stereo-caller-left-agent-right",
+        "startedAt": "2026-09-21T14:13:20.500000Z",
+    }

@@ -154,3 +154,64 @@ async def test_missing_signing_secret_or_key_is_a_problem_naming_the_field(
     kube = Secrets({"openai": {"OPENAI_API_KEY": "eA=="}, **secrets})
     _, problems = await handlers.check_secrets(kube, "acme", parse_spec(SPEC))  # type: ignore[arg-type]
     assert [(p.reason, p.message.split(":")[0]) for p in problems] == [(reason, field)]
+
+
+RECORDING = {
+    "endpoint": "https://s3.eu-west-1.amazonaws.com",
+    "bucket": "acme-calls",
+    "prefix": "calls/",
+    "credentialsSecretRef": {"name": "recordings"},
+}
+
+
+def test_recording_credentials_reach_the_workers_through_the_environment() -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["callRecords"]["recording"] = RECORDING
+    result = rendered(spec)
+    storage = result.config.recording
+    assert storage is not None and storage.bucket == "acme-calls" and storage.prefix == "calls/"
+    access = render.header_env_var("recordings", "accessKeyId")
+    secret = render.header_env_var("recordings", "secretAccessKey")
+    assert (storage.access_key_id_from_env, storage.secret_access_key_from_env) == (access, secret)
+    assert "credentialsSecretRef" not in result.child("ConfigMap")["data"]["config.yaml"]
+    [container] = result.child("Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[access]["valueFrom"] == {
+        "secretKeyRef": {"name": "recordings", "key": "accessKeyId"}
+    }
+    assert env[secret]["valueFrom"] == {
+        "secretKeyRef": {"name": "recordings", "key": "secretAccessKey"}
+    }
+
+
+def test_recording_without_a_webhook_needs_no_spool() -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["callRecords"] = {"recording": RECORDING}
+    result = rendered(spec)
+    assert result.config.records_webhook is None and result.config.recording is not None
+    pod = result.child("Deployment")["spec"]["template"]["spec"]
+    assert all(v["name"] != "spool" for v in pod["volumes"])
+
+
+async def test_missing_recording_credential_is_a_problem_naming_the_field() -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["callRecords"]["recording"] = RECORDING
+    kube = Secrets(
+        {
+            "openai": {"OPENAI_API_KEY": "eA=="},
+            "records": {"signing-key": "eA=="},
+            "recordings": {"accessKeyId": "eA=="},
+        }
+    )
+    _, problems = await handlers.check_secrets(kube, "acme", parse_spec(spec))  # type: ignore[arg-type]
+    assert [(p.reason, p.message.split(":")[0]) for p in problems] == [
+        ("SecretKeyNotFound", "spec.callRecords.recording.credentialsSecretRef.key")
+    ]
+    assert "secretAccessKey" in problems[0].message
+
+
+def test_a_recording_bucket_must_be_a_bucket_name() -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["callRecords"]["recording"] = {**RECORDING, "bucket": "Not A Bucket"}
+    with pytest.raises(SpecError, match=r"spec\.callRecords\.recording\.bucket"):
+        parse_spec(spec)
