@@ -471,7 +471,7 @@ rather than mixed so that each party can be transcribed, measured or redacted on
 player still plays both. When the call ends the file is uploaded (SigV4, path-style) to
 `<endpoint>/<bucket>/<prefix><recordId>.ogg` and `recording` in the record names the object and
 its duration; a failed upload (3 attempts) is logged and counted in
-`voicefleet_errors_total{component="recording"}` and the record goes out without it. The Secret
+`voicefleet_errors_total{{component="recording"}}` and the record goes out without it. The Secret
 of `credentialsSecretRef` needs keys `accessKeyId` and `secretAccessKey` of a principal allowed
 to `s3:PutObject` in the bucket. (With a LiveKit Cloud URL, livekit-agents would also send the
 audio to LiveKit Cloud's observability; VoiceFleet targets a self-hosted LiveKit.)
