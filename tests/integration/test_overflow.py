@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import secrets
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
+import aiohttp
 import pytest
 from livekit import rtc
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_operator import admission as fleet_admission
+from voicefleet_operator.scaling import WorkerPod
 from voicefleet_operator.telephony import TelephonyProvisioner
-from voicefleet_runtime.admission import OVER_BUDGET_LOAD, OVERFLOW_ATTRIBUTE
+from voicefleet_runtime.admission import (
+    OVER_BUDGET_LOAD,
+    OVERFLOW_ATTRIBUTE,
+    AdmissionReport,
+    OverflowReason,
+)
 from voicefleet_testkit import sipcall
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer
@@ -59,16 +64,23 @@ def overflow_config(dispatch_name: str, provider_url: str) -> dict[str, object]:
     return config
 
 
-def put_admission(worker: RuntimeWorker, update: dict[str, object]) -> dict[str, Any]:
-    """PUT /admission on the worker's metrics port, as the operator does; returns its report."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{worker.metrics_port}/admission",
-        data=json.dumps(update).encode(),
-        method="PUT",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return dict(json.loads(response.read()))
+async def push_cap(worker: RuntimeWorker, cap: int | None) -> AdmissionReport:
+    """What an autoscaler evaluation does for a fleet of this one worker and a VoiceAgent cap
+    of `cap`: read its admission report, compute the budgets, push the changes; returns the
+    worker's report afterwards."""
+    pod = WorkerPod(name="worker-0", ip="127.0.0.1", ready=True, terminating=False)
+    port = worker.metrics_port
+    async with aiohttp.ClientSession() as session:
+        reports = await fleet_admission.read_reports(session, [pod], port, 5.0)
+        assert set(reports) == {"worker-0"}, "the worker did not report its admission"
+        limit = fleet_admission.fleet_cap(cap, None)
+        budgets = fleet_admission.pod_budgets(limit.calls, reports)
+        updates = fleet_admission.push_order(budgets, reports, limit.reason)
+        assert updates, "nothing to push"
+        failed = await fleet_admission.push(session, {pod.name: pod}, port, updates, 5.0)
+        assert failed == []
+        after = await fleet_admission.read_reports(session, [pod], port, 5.0)
+    return after["worker-0"]
 
 
 async def wait_gone(caller: TestParticipant, identity: str, timeout_s: float) -> float:
@@ -182,6 +194,31 @@ async def test_callers_beyond_capacity_hear_the_overflow_message(
             await wait_until(
                 "the ended call's job ending", lambda: worker.status()["active_jobs"] == 1, 30
             )
+            # The operator's push (voicefleet_operator.admission, as each autoscaler evaluation
+            # runs it): a cap of 1 call for the fleet, which runs 1 -> this worker may take none.
+            capped = await push_cap(worker, 1)
+            assert (capped.agent_jobs, capped.budget) == (1, 1)
+            assert capped.limit_reason is OverflowReason.AGENT_LIMIT
+            room = f"overflow-capped-{uuid.uuid4().hex[:8]}"
+            token = participant_token(livekit.api_key, livekit.api_secret, room, "capped")
+            async with TestParticipant(livekit.url, token) as caller:
+                async with livekit.api() as lkapi:
+                    await dispatch_at_once(lkapi, dispatch_name, [room])
+                agent = await caller.wait_for_participant(agent=True, timeout_s=60)
+                assert agent.attributes.get(OVERFLOW_ATTRIBUTE) == "agent_limit"
+                await caller.wait_for_audio(agent.identity, timeout_s=30)
+            counted = {
+                labels["reason"]: value
+                for labels, value in sample_values(
+                    worker.metrics(), "voicefleet_calls_overflowed_total"
+                )
+                if labels.get("agent") == "support"
+            }
+            assert counted.get("agent_limit") == 1, counted
+
+            # The cap lifted: the next caller gets the agent.
+            lifted = await push_cap(worker, None)
+            assert (lifted.budget, lifted.limit_reason) == (2, OverflowReason.CAPACITY)
             room = f"overflow-next-{uuid.uuid4().hex[:8]}"
             token = participant_token(livekit.api_key, livekit.api_secret, room, "caller-next")
             async with TestParticipant(livekit.url, token) as caller:
@@ -191,27 +228,6 @@ async def test_callers_beyond_capacity_hear_the_overflow_message(
                 assert OVERFLOW_ATTRIBUTE not in agent.attributes
                 await caller.wait_for_audio(agent.identity, timeout_s=60)
                 assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-
-                # The operator's push: this worker's share of a cap is now 1 call (2 run).
-                report = put_admission(worker, {"maxAgentJobs": 1, "limitReason": "agent_limit"})
-                assert (report["budget"], report["limitReason"]) == (1, "agent_limit")
-                assert report["agentJobs"] == 2
-                room = f"overflow-capped-{uuid.uuid4().hex[:8]}"
-                token = participant_token(livekit.api_key, livekit.api_secret, room, "capped")
-                async with TestParticipant(livekit.url, token) as capped:
-                    async with livekit.api() as lkapi:
-                        await dispatch_at_once(lkapi, dispatch_name, [room])
-                    agent = await capped.wait_for_participant(agent=True, timeout_s=60)
-                    assert agent.attributes.get(OVERFLOW_ATTRIBUTE) == "agent_limit"
-                    await capped.wait_for_audio(agent.identity, timeout_s=30)
-                counted = {
-                    labels["reason"]: value
-                    for labels, value in sample_values(
-                        worker.metrics(), "voicefleet_calls_overflowed_total"
-                    )
-                    if labels.get("agent") == "support"
-                }
-                assert counted.get("agent_limit") == 1, counted
 
 
 # --- phone calls ------------------------------------------------------------------------------
