@@ -528,7 +528,9 @@ async def entrypoint(ctx: JobContext) -> None:
             # LiveKit closes the room.
             ctx.shutdown(reason=f"session closed: {event.reason.value}")
 
-        controls = CallControls(ctx.room.name, phone_call, config.telephony.transfer_to)
+        controls = CallControls(
+            ctx.room.name, phone_call, config.telephony.transfer_to, room=ctx.room
+        )
         call_controls.append(controls)
         factory = AgentFactory(config, toolbox, state, call_tools=controls.function_tools)
         room_options = room_io.RoomOptions(
