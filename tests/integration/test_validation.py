@@ -120,6 +120,30 @@ def test_example_is_accepted_and_stored_with_defaults(
         delete(objects, namespace, document["metadata"]["name"])
 
 
+def test_caps_and_overflow_within_bounds_are_accepted(
+    objects: k8s.CustomObjectsApi, namespace: str
+) -> None:
+    """The CEL twins evaluate on a real API server: a cap exactly at the fleet's minimum
+    capacity, a transfer overflow with an E.164 number."""
+    document = example()
+    document["spec"]["limits"] = {"maxConcurrentCalls": 7}
+    document["spec"]["overflow"] = {
+        "message": "We are busy; transferring you to our partner.",
+        "sip": {"action": "transfer", "transferTo": "+15559990000"},
+    }
+    stored = create(objects, namespace, document)
+    try:
+        assert stored["spec"]["limits"] == {"maxConcurrentCalls": 7}
+        assert stored["spec"]["overflow"]["sip"] == {
+            "action": "transfer",
+            "status": 486,
+            "transferTo": "+15559990000",
+        }
+        assert api.VoiceAgent.model_validate(document).wire()["spec"] == stored["spec"]
+    finally:
+        delete(objects, namespace, document["metadata"]["name"])
+
+
 def example_voiceagents() -> list[dict[str, Any]]:
     return [
         document
@@ -195,7 +219,15 @@ def test_status_subresource_and_printer_columns(
                     message="2 of 2 workers ready",
                     observed_generation=1,
                     last_transition_time="2025-01-02T03:04:05Z",
-                )
+                ),
+                api.Condition(
+                    type=api.CONDITION_CAPACITY_LIMITED,
+                    status="True",
+                    reason="PodsUnschedulable",
+                    message="1 worker pod(s) cannot be scheduled",
+                    observed_generation=1,
+                    last_transition_time="2025-01-02T03:04:05Z",
+                ),
             ],
             replicas=2,
             ready_replicas=2,
@@ -213,8 +245,12 @@ def test_status_subresource_and_printer_columns(
         assert patched["spec"]["entry"] == "receptionist"
 
         table = installed_crd.kubectl("get", "va", "-n", namespace, name).splitlines()
-        assert table[0].split() == ["NAME", "READY", "REPLICAS", "JOBS", "NUMBERS", "AGE"]
-        assert table[1].split()[:5] == [name, "True", "2", "3", "+15551230001"]
+        assert table[0].split() == [
+            "NAME", "READY", "REPLICAS", "JOBS", "CAPACITY", "NUMBERS", "AGE"
+        ]  # fmt: skip
+        assert table[1].split()[:6] == [
+            name, "True", "2", "3", "PodsUnschedulable", "+15551230001"
+        ]  # fmt: skip
         wide = installed_crd.kubectl("get", "va", "-n", namespace, name, "-o", "wide")
         assert wide.splitlines()[0].split()[-5:] == ["PHASE", "DESIRED", "LOAD", "DISPATCH", "AGE"]
         # Short name and category both find it.
@@ -364,6 +400,23 @@ INVALID: list[tuple[str, Mutation, str]] = [
     ("empty-tts-model", set_path("spec.pipeline.tts.model", ""), "spec.pipeline.tts.model"),
     ("bad-secret-ref-name", set_path("spec.secretRefs", [{"name": "Provider_Keys"}]),
      "spec.secretRefs[0].name"),
+    # Caps and overflow: minReplicas 1 x floor(10 x 0.7) = 7 calls at the fleet's smallest.
+    ("cap-below-minimum-capacity", set_path("spec.limits", {"maxConcurrentCalls": 6}),
+     "spec.limits.maxConcurrentCalls"),
+    ("cap-below-pinned-capacity", both(set_path("spec.scaling.replicas", 3),
+                                       set_path("spec.limits", {"maxConcurrentCalls": 20})),
+     "spec.limits.maxConcurrentCalls"),
+    ("zero-cap", set_path("spec.limits", {"maxConcurrentCalls": 0}),
+     "spec.limits.maxConcurrentCalls"),
+    ("overflow-number-not-e164",
+     set_path("spec.overflow", {"sip": {"action": "transfer", "transferTo": "555-OVERFLOW"}}),
+     "spec.overflow.sip.transferTo"),
+    ("overflow-transfer-without-number", set_path("spec.overflow", {"sip": {"action": "transfer"}}),
+     "spec.overflow.sip.transferTo"),
+    ("overflow-unknown-sip-status", set_path("spec.overflow", {"sip": {"status": 404}}),
+     "spec.overflow.sip.status"),
+    ("overflow-empty-message", set_path("spec.overflow", {"message": ""}),
+     "spec.overflow.message"),
     # Strict field validation answers 400 Bad Request (not 422) for an unknown field.
     ("unknown-field", set_path("spec.worker.jobsPerPod", 4),
      'unknown field "spec.worker.jobsPerPod"'),
