@@ -581,7 +581,15 @@ def test_a_name_taken_by_another_object_is_never_taken_over(
 class OperatorProcess:
     """`python -m voicefleet_operator` as a real process, to be SIGKILLed."""
 
-    def __init__(self, settings: PlatformSettings, kubeconfig: Path, log: Path) -> None:
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        kubeconfig: Path,
+        log: Path,
+        *,
+        python_args: tuple[str, ...] = ("-m", "voicefleet_operator"),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
@@ -596,10 +604,11 @@ class OperatorProcess:
             "VOICEFLEET_METRICS_PORT": "0",
             "VOICEFLEET_LOG_LEVEL": os.environ.get("VOICEFLEET_LOG_LEVEL", "INFO"),
             "VOICEFLEET_LIVENESS_PORT": str(_free_port()),
+            **(extra_env or {}),
         }
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "voicefleet_operator"],
+            [sys.executable, *python_args],
             env=env,
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,

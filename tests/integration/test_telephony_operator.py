@@ -299,3 +299,112 @@ def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
         assert livekit_objects(livekit, tenant, "support") == ([], [])
     finally:
         operator.stop()
+
+
+# An operator process that SIGKILLs itself the moment livekit-server has answered one SIP API
+# call (argv[1]: a SipService method): after LiveKit made the object, before anything else.
+DIE_AFTER_SIP_CALL = """
+import os, signal, sys
+from livekit.api.sip_service import SipService
+from voicefleet_operator.__main__ import main
+
+method = sys.argv[1]
+original = getattr(SipService, method)
+
+async def call_then_die(self, *args, **kwargs):
+    result = await original(self, *args, **kwargs)
+    print(f"killed after {method}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(SipService, method, call_then_die)
+sys.exit(main())
+"""
+
+
+def annotations_of(agent: dict[str, Any]) -> dict[str, str]:
+    return dict(agent["metadata"].get("annotations") or {})
+
+
+@pytest.mark.parametrize("killed_after", ["create_inbound_trunk", "create_dispatch_rule"])
+def test_killed_before_recording_then_numbers_removed_leaves_nothing_and_frees_the_number(
+    cluster: ClusterHandle,
+    platform: str,
+    tenants: tuple[str, str],
+    livekit: LiveKitEndpoint,
+    fast_checks: None,
+    tmp_path: Path,
+    killed_after: str,
+) -> None:
+    """Issue 15 item 6: the operator dies after LiveKit created the trunk (and maybe the rule)
+    and before status.telephony records it; the tenant removes spec.telephony while it is down;
+    the restarted operator must still remove both, by name, and the number must be free."""
+    first_tenant, second_tenant = tenants
+    number = fresh_number()
+    settings = settings_for(platform, tenants)
+    dying = OperatorProcess(
+        settings,
+        cluster.kubeconfig,
+        tmp_path / "dying-operator.log",
+        python_args=("-c", DIE_AFTER_SIP_CALL, killed_after),
+    )
+    try:
+        create_agent(cluster, first_tenant, "support", phone_spec(number))
+        try:
+            returncode = dying.process.wait(timeout=90)
+        except Exception:
+            raise AssertionError(f"the operator did not die\n{dying.tail()}") from None
+        assert returncode == -9, dying.tail()
+        assert f"killed after {killed_after}" in dying.log.read_text()
+    finally:
+        dying.kill()
+
+    # The state the issue describes: LiveKit has the objects, the status does not know them.
+    trunks, rules = livekit_objects(livekit, first_tenant, "support")
+    assert len(trunks) == 1 and [str(n) for n in trunks[0].numbers] == [number]
+    assert len(rules) == (1 if killed_after == "create_dispatch_rule" else 0)
+    agent = get_agent(cluster, first_tenant, "support")
+    assert not (agent.get("status") or {}).get("telephony")
+    assert annotations_of(agent).get(telephony_handlers.LIVEKIT_OBJECTS_ANNOTATION) == (
+        telephony.object_name(first_tenant, "support")
+    )
+
+    # While no operator runs, the tenant drops its numbers.
+    patch_spec(cluster, first_tenant, "support", {"telephony": None})
+
+    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    try:
+        wait_for(
+            "the unrecorded trunk and rule removed by name",
+            lambda: livekit_objects(livekit, first_tenant, "support") == ([], []),
+            timeout=60,
+        )
+        wait_for(
+            "the write-ahead annotation cleared after the removal",
+            lambda: (
+                telephony_handlers.LIVEKIT_OBJECTS_ANNOTATION
+                not in annotations_of(get_agent(cluster, first_tenant, "support"))
+            ),
+            timeout=30,
+        )
+        cleaned = get_agent(cluster, first_tenant, "support")
+        assert condition(cleaned, "TelephonyReady") is None
+        assert not (cleaned.get("status") or {}).get("telephony")
+
+        # The number is free: another tenant's VoiceAgent gets it (no NumberConflict).
+        create_agent(cluster, second_tenant, "sales", phone_spec(number))
+        taken = wait_condition(cluster, second_tenant, "sales", "TelephonyReady", "True")
+        found = condition(taken, "TelephonyReady")
+        assert found is not None and found["reason"] == "Provisioned"
+        assert taken["status"]["telephony"]["numbers"] == [number]
+        trunks, rules = livekit_objects(livekit, second_tenant, "sales")
+        assert [list(t.numbers) for t in trunks] == [[number]] and len(rules) == 1
+
+        delete_agent(cluster, first_tenant, "support")
+        delete_agent(cluster, second_tenant, "sales")
+        wait_for("support deleted", lambda: agent_gone(cluster, first_tenant, "support"), 30)
+        wait_for("sales deleted", lambda: agent_gone(cluster, second_tenant, "sales"), 30)
+        assert livekit_objects(livekit, first_tenant, "support") == ([], [])
+        assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
+    finally:
+        operator.stop()
