@@ -186,18 +186,31 @@ class LeaderElector:
         return False
 
     async def hold(self) -> None:
-        """Renew until renewing has failed for `renew_seconds`; returns when leadership is lost."""
+        """Renew until renewing has failed for `renew_seconds`; returns when leadership is lost
+        (at that deadline at the latest: a renewal still in flight then does not count)."""
+        config = self.config
         while True:
-            await asyncio.sleep(self.config.retry_seconds)
-            renewed = await self._round()
-            if not renewed and not self.is_leader:
+            renewed_at = self._last_renewed
+            remaining = (
+                renewed_at + config.renew_seconds - self.clock() if renewed_at is not None else 0
+            )
+            if remaining <= 0:
                 log.error(
-                    "leader election: %s lost lease %s (no renewal for %.0fs)",
-                    self.config.identity,
-                    self.config.name,
-                    self.config.renew_seconds,
+                    "leader election: %s lost lease %s (not renewed for %.0fs)",
+                    config.identity,
+                    config.name,
+                    config.renew_seconds,
                 )
                 return
+            await asyncio.sleep(min(config.retry_seconds, remaining))
+            remaining = (
+                renewed_at + config.renew_seconds - self.clock() if renewed_at is not None else 0
+            )
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(self._round(), remaining)
+                except TimeoutError:
+                    pass
 
     async def release(self) -> None:
         """Hand the Lease back (after kopf has stopped), so a standby need not wait it out."""

@@ -771,9 +771,15 @@ def test_operator_runs_with_exactly_the_charts_rbac(
         }
         kubeconfig = tmp_path / "operator.kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(restricted))
-        running = OperatorThread(
-            settings_for(platform, (), livekit_secret_name="voicefleet-livekit"), kubeconfig
-        ).start()
+        # With leader election, as the chart runs it: the Role for the Lease is enough too.
+        elected = settings_for(
+            platform,
+            (),
+            livekit_secret_name="voicefleet-livekit",
+            leader_election=True,
+            lease_name=f"vf-rbac-{suffix}",
+        )
+        running = OperatorThread(elected, kubeconfig).start()
         try:
             create_agent(cluster, tenant, "support", example_spec())
             agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", timeout=60)

@@ -408,3 +408,115 @@ def test_killed_before_recording_then_numbers_removed_leaves_nothing_and_frees_t
         assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
     finally:
         operator.stop()
+
+
+def lease_holder(cluster: ClusterHandle, namespace: str, name: str) -> str | None:
+    try:
+        lease = k8s.CoordinationV1Api(cluster.api_client).read_namespaced_lease(name, namespace)
+    except k8s.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return (lease.spec.holder_identity if lease.spec else None) or None
+
+
+def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
+    cluster: ClusterHandle,
+    platform: str,
+    tenants: tuple[str, str],
+    livekit: LiveKitEndpoint,
+    tmp_path: Path,
+) -> None:
+    """Issue 15 item 7: two operator processes with leader election (as the chart runs them);
+    the leader is SIGKILLed while it provisions; the standby converges every VoiceAgent with
+    exactly one trunk and one rule each. Then a clean stop hands over at once."""
+    lease = f"vf-election-{secrets.token_hex(3)}"
+    settings = settings_for(platform, tenants)
+
+    def replica(identity: str) -> OperatorProcess:
+        return OperatorProcess(
+            settings,
+            cluster.kubeconfig,
+            tmp_path / f"{identity}.log",
+            extra_env={
+                "POD_NAME": identity,
+                "POD_NAMESPACE": platform,
+                "VOICEFLEET_LEADER_ELECTION": "true",
+                "VOICEFLEET_LEASE_NAME": lease,
+            },
+        )
+
+    replicas = {name: replica(name) for name in ("replica-a", "replica-b")}
+    agents = [(tenant, f"phone-{i}") for tenant in tenants for i in range(2)]
+    try:
+        leader = wait_for("a leader", lambda: lease_holder(cluster, platform, lease), timeout=60)
+        (standby,) = set(replicas) - {leader}
+        for namespace, name in agents:
+            create_agent(cluster, namespace, name, phone_spec(fresh_number()))
+
+        def some_trunk() -> bool:
+            return any(livekit_objects(livekit, ns, name)[0] for ns, name in agents)
+
+        wait_for("the leader provisioning", some_trunk, timeout=60)
+        replicas[leader].kill()  # SIGKILL, mid-way through the batch
+        killed_at = time.monotonic()
+        done = sum(1 for ns, name in agents if livekit_objects(livekit, ns, name) != ([], []))
+        print(f"\nleader killed with {done}/{len(agents)} VoiceAgents provisioned in LiveKit")
+        assert replicas[leader].process.returncode == -9
+        wait_for(
+            "the standby holding the lease",
+            lambda: lease_holder(cluster, platform, lease) == standby,
+            timeout=60,
+            interval=0.2,
+        )
+        takeover = time.monotonic() - killed_at
+        for namespace, name in agents:
+            wait_condition(cluster, namespace, name, "TelephonyReady", "True", timeout=90)
+            wait_condition(cluster, namespace, name, "Reconciled", "True", timeout=30)
+        converged = time.monotonic() - killed_at
+        print(
+            f"\nleader SIGKILLed -> standby holds the lease: {takeover:.1f}s; "
+            f"-> {len(agents)} VoiceAgents TelephonyReady: {converged:.1f}s"
+        )
+        for namespace, name in agents:
+            trunks, rules = livekit_objects(livekit, namespace, name)
+            assert (len(trunks), len(rules)) == (1, 1), (namespace, name, trunks, rules)
+            status = get_agent(cluster, namespace, name)["status"]["telephony"]
+            assert status["trunkID"] == trunks[0].sip_trunk_id
+            assert status["dispatchRuleID"] == rules[0].sip_dispatch_rule_id
+        # The standby was idle until it held the lease: its log has kopf's start after that.
+        log = replicas[standby].log.read_text()
+        assert log.count("acquired lease") == 1, replicas[standby].tail()
+
+        # A clean stop (SIGTERM, as when the pod is deleted) hands the lease over at once.
+        replicas[leader] = replica(leader)  # the killed pod, restarted: now the standby
+        wait_for(
+            "the restarted replica standing by",
+            lambda: "standing by" in replicas[leader].log.read_text(),
+            timeout=60,
+        )
+        replicas[standby].process.terminate()
+        stopped_at = time.monotonic()
+        assert replicas[standby].process.wait(60) == 0, replicas[standby].tail()
+        wait_for(
+            "the lease handed over",
+            lambda: lease_holder(cluster, platform, lease) == leader,
+            timeout=60,
+            interval=0.2,
+        )
+        handover = time.monotonic() - stopped_at
+        print(f"leader stopped cleanly -> standby holds the lease: {handover:.1f}s")
+        assert "released lease" in replicas[standby].log.read_text()
+
+        for namespace, name in agents:
+            delete_agent(cluster, namespace, name)
+        wait_for(
+            "every VoiceAgent deleted",
+            lambda: all(agent_gone(cluster, ns, name) for ns, name in agents),
+            timeout=60,
+        )
+        for namespace, name in agents:
+            assert livekit_objects(livekit, namespace, name) == ([], [])
+    finally:
+        for process in replicas.values():
+            process.kill()

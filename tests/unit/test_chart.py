@@ -121,11 +121,18 @@ def test_helm_template_matches_golden_file(case: str) -> None:
     )
 
 
-def test_operator_deployment_is_one_recreated_restricted_pod() -> None:
+def test_operator_deployment_is_two_elected_restricted_pods() -> None:
     deployment = by_kind(documents("default"), "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one active (the Lease holder): a rollout never leaves none.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (preferred,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -139,6 +146,10 @@ def test_operator_deployment_is_one_recreated_restricted_pod() -> None:
     assert env["VOICEFLEET_LIVEKIT_SECRET_NAME"] == "vf-voicefleet-livekit"
     assert env["VOICEFLEET_LIVEKIT_SECRET_NAMESPACE"] == NAMESPACE
     assert env["VOICEFLEET_RUNTIME_IMAGE"] == "voicefleet/runtime:0.1.0"
+    assert env["VOICEFLEET_LEADER_ELECTION"] == "true"
+    assert env["VOICEFLEET_LEASE_NAME"] == "vf-voicefleet"
+    pod_name = next(e for e in container["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
@@ -200,6 +211,19 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "vf-voicefleet", "namespace": NAMESPACE}
     ]
+    # Leader election: the Lease in the release namespace only.
+    election = by_kind(docs, "Role")
+    assert election["metadata"]["namespace"] == NAMESPACE
+    assert election["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }
+    ]
+    role_binding = by_kind(docs, "RoleBinding")
+    assert role_binding["roleRef"]["name"] == election["metadata"]["name"]
+    assert role_binding["subjects"] == binding["subjects"]
     # Watching chosen namespaces makes kopf follow namespaces too.
     namespaced_role = by_kind(documents("namespaced"), "ClusterRole")
     assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in (
