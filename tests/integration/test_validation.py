@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, event, given, settings
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
 from voicefleet_operator import api, crd
+from voicefleet_testkit.specs import check_accepted, check_refusal, mutated_specs
 
 pytestmark = pytest.mark.integration
 
@@ -447,3 +450,45 @@ def test_invalid_manifest_is_rejected_naming_the_field(
     # The operator's models refuse it too: the CEL rules and the validators agree.
     with pytest.raises(ValidationError):
         api.VoiceAgent.model_validate(document)
+
+
+# --- random manifests -----------------------------------------------------------------------
+
+# The API server names the field in its message: spec.a[0].b: ..., or unknown field "spec.x".
+API_FIELD = re.compile(r'\bspec(\.[A-Za-z]|\[|: )|unknown field "spec\.')
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(spec=mutated_specs())
+def test_every_mutated_manifest_is_accepted_and_valid_or_refused_naming_a_field(
+    objects: k8s.CustomObjectsApi, namespace: str, spec: dict[str, Any]
+) -> None:
+    """The example with random mutations (voicefleet_testkit.specs), created for real: the API
+    server refuses it naming a field, or stores it and then the operator's models either accept
+    it and it works or refuse it naming a field (the operator's ConfigValid=False)."""
+    document = example()
+    document["spec"] = spec
+    document["metadata"]["name"] = f"prop-{secrets.token_hex(4)}"
+    try:
+        stored = create(objects, namespace, document)
+    except ApiException as error:
+        assert error.status in (400, 422), f"got {error.status}: {error.body}"
+        message = json.loads(error.body or "{}")["message"]
+        assert API_FIELD.search(message), f"names no field: {message}"
+        event("refused by the API server")
+        return
+    try:
+        try:
+            parsed = api.parse_spec(stored["spec"])
+        except api.SpecError as error:
+            event("stored, ConfigValid=False")
+            check_refusal(str(error))
+            return
+        event("stored and valid")
+        check_accepted(parsed)
+    finally:
+        delete(objects, namespace, document["metadata"]["name"])
