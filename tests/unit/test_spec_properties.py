@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import yaml
 from hypothesis import HealthCheck, event, given, settings
 from voicefleet_operator.api import SpecError, parse_spec
 from voicefleet_testkit.specs import (
