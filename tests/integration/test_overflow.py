@@ -323,3 +323,53 @@ async def test_phone_callers_beyond_capacity_are_rejected_with_486(
             + "; INVITE -> agent's first audio "
             + ", ".join(f"{t:.2f}s" for t in sorted(answered))
         )
+
+
+async def test_phone_callers_beyond_capacity_hear_the_message_then_a_bye(
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    telephony: tuple[TelephonyProvisioner, str],
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """sip.action message: three calls to a worker that holds 2; the third is answered, hears
+    the overflow message and is hung up on (livekit-sip sends the BYE)."""
+    provisioner, tenant = telephony
+    target = make_target(tenant)
+    await provisioner.ensure(target, [target.claim])
+    providers.reset()
+    config = overflow_config(target.dispatch_name, providers.base_url)
+    config["overflow"] = {"message": OVERFLOW_MESSAGE, "sip": {"action": "message"}}
+    async with running_worker(livekit, config, tmp_path / "worker") as worker:
+        calls = [
+            asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                target.numbers[0],
+                tmp_path / f"call-{index}",
+                caller=f"+1555100{index:04d}",
+                talk_seconds=15,
+                answer_timeout=30,
+            )
+            for index in range(3)
+        ]
+        results = await asyncio.gather(*calls)
+        described = "\n\n".join(r.describe() for r in results)
+        assert all(r.answered_at is not None for r in results), described
+        hung_up = [r for r in results if r.capture.received_requests("BYE")]
+        assert len(hung_up) == 1, described
+        told = hung_up[0]
+        assert told.capture.voiced_seconds() > 1.0, told.describe()
+        assert told.invite_to_first_audio is not None
+        counted = {
+            labels["reason"]: value
+            for labels, value in sample_values(
+                worker.metrics(), "voicefleet_calls_overflowed_total"
+            )
+            if labels.get("agent") == "support"
+        }
+        assert counted.get("capacity") == 1, counted
+        assert "overflow (capacity): told the caller" in worker.log()
+        record_property("invite_to_overflow_message_audio_s", round(told.invite_to_first_audio, 3))
+        print(f"overflow (SIP message): INVITE -> message audio {told.invite_to_first_audio:.2f}s")
