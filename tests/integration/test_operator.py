@@ -539,6 +539,25 @@ def test_invalid_update_keeps_the_last_good_children(
     wait_event(cluster, tenant, "support", "ConfigValid")
 
 
+def test_a_tool_schema_no_provider_takes_is_config_valid_false_naming_the_field(
+    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+) -> None:
+    """The API server cannot check a tool's JSON Schema below its top level (the property
+    schemas are free-form there), so the operator does: nothing is rolled out, and the condition
+    names the path inside the schema and the fix."""
+    spec = example_spec()
+    spec["tools"][0]["parameters"]["properties"]["order_number"]["type"] = "\x01"
+    create_agent(cluster, tenant, "support", spec)
+    agent = wait_condition(cluster, tenant, "support", "ConfigValid", "False", generation=1)
+    invalid = condition(agent, "ConfigValid")
+    assert invalid is not None and invalid["reason"] == "InvalidSpec"
+    assert invalid["message"].startswith(
+        "spec.tools[0].parameters.properties.order_number.type: '\\x01' is not a JSON Schema "
+        "type; use one of array, boolean, integer, null, number, object, string"
+    ), invalid["message"]
+    assert list_children(cluster, tenant, "support")["Deployment"] == []
+
+
 def test_deleted_deployment_is_recreated(
     cluster: ClusterHandle, tenant: str, operator: OperatorThread
 ) -> None:
