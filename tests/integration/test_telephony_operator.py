@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from livekit import api
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
 from voicefleet_operator import telephony, telephony_handlers
+from voicefleet_testkit.net import free_port
 
 from tests.integration.test_operator import (
     CRD,
@@ -432,6 +434,7 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
     exactly one trunk and one rule each. Then a clean stop hands over at once."""
     lease = f"vf-election-{secrets.token_hex(3)}"
     settings = settings_for(platform, tenants)
+    ports = {identity: free_port() for identity in ("replica-a", "replica-b")}
 
     def replica(identity: str) -> OperatorProcess:
         return OperatorProcess(
@@ -443,21 +446,39 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
                 "POD_NAMESPACE": platform,
                 "VOICEFLEET_LEADER_ELECTION": "true",
                 "VOICEFLEET_LEASE_NAME": lease,
+                "VOICEFLEET_LIVENESS_PORT": str(ports[identity]),
             },
         )
+
+    def healthz(identity: str) -> str | None:
+        """The liveness probe's answer: the standby's own, or kopf's once it leads."""
+        url = f"http://127.0.0.1:{ports[identity]}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
 
     replicas = {name: replica(name) for name in ("replica-a", "replica-b")}
     agents = [(tenant, f"phone-{i}") for tenant in tenants for i in range(2)]
     try:
         leader = wait_for("a leader", lambda: lease_holder(cluster, platform, lease), timeout=60)
         (standby,) = set(replicas) - {leader}
+        wait_for(
+            "the standby answering its liveness probe",
+            lambda: "standby" in (healthz(standby) or ""),
+            timeout=30,
+        )
         for namespace, name in agents:
             create_agent(cluster, namespace, name, phone_spec(fresh_number()))
 
-        def some_trunk() -> bool:
-            return any(livekit_objects(livekit, ns, name)[0] for ns, name in agents)
-
-        wait_for("the leader provisioning", some_trunk, timeout=60)
+        first_namespace, first_name = agents[0]
+        wait_for(
+            "the leader provisioning",
+            lambda: livekit_objects(livekit, first_namespace, first_name)[0],
+            timeout=60,
+            interval=0.05,
+        )
         replicas[leader].kill()  # SIGKILL, mid-way through the batch
         killed_at = time.monotonic()
         done = sum(1 for ns, name in agents if livekit_objects(livekit, ns, name) != ([], []))
@@ -470,6 +491,12 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
             interval=0.2,
         )
         takeover = time.monotonic() - killed_at
+        # kopf's liveness endpoint now answers on the port the standby served.
+        wait_for(
+            "the new leader's kopf answering the liveness probe",
+            lambda: (answer := healthz(standby)) is not None and "standby" not in answer,
+            timeout=60,
+        )
         for namespace, name in agents:
             wait_condition(cluster, namespace, name, "TelephonyReady", "True", timeout=90)
             wait_condition(cluster, namespace, name, "Reconciled", "True", timeout=30)
