@@ -8,13 +8,15 @@ standing in for the tenant's webhook.
   receiver is back;
 - the worker SIGTERMed as the caller hangs up, the receiver failing the first attempt -> the
   record is still delivered before the worker exits;
-- a caller beyond capacity, who gets the overflow treatment, leaves a record too.
+- a caller beyond capacity, who gets the overflow treatment, leaves a record too;
+- a phone call through livekit-sip (sipp) -> a record with the caller's and dialled numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +26,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
 from voicefleet_runtime.callrecords import CallRecord, verify
+from voicefleet_testkit import sipcall
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.waiting import wait_until
@@ -397,5 +401,78 @@ async def test_a_caller_beyond_capacity_leaves_an_overflow_record(
         )
         [answered] = receiver.records_for(first_room).values()
         assert check_signed(answered).end_reason == "caller_hung_up"
+    finally:
+        await worker.stop()
+
+
+async def test_a_phone_call_leaves_a_record_with_the_numbers(
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    webhooks: Webhooks,
+    receiver: Receiver,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """sipp dials a number whose trunk and dispatch rule lead to the worker: the record says it
+    was a phone call, from whom to which number, with both sides of the conversation."""
+    dispatch_name = f"records-phone-{uuid.uuid4().hex[:6]}"
+    config = records_config(dispatch_name, providers.base_url, webhooks.url, receiver)
+    caller_words = "Where is my order?"
+    providers.script_transcripts(caller_words)
+    providers.script_llm(LLMReply("Let me check that for you.", match="order"))
+    tenant = f"it-{secrets.token_hex(4)}"
+    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    target = TelephonyTarget(
+        namespace=tenant,
+        name="agent",
+        created="2025-01-01T00:00:00Z",
+        dispatch_name=dispatch_name,
+        numbers=(number,),
+    )
+    worker = records_worker(livekit, config, tmp_path / "worker")
+    worker.start()
+    try:
+        await worker.wait_registered()
+        async with livekit.api() as lkapi:
+            provisioner = TelephonyProvisioner(lkapi)
+            await provisioner.ensure(target, [target.claim])
+            try:
+                result = await asyncio.to_thread(
+                    sipcall.place_call,
+                    "call.xml",
+                    number,
+                    tmp_path / "sipp",
+                    sip_host=sip.host,
+                    sip_port=sip.port,
+                    caller="+15550001111",
+                    talk_seconds=14,
+                    speech="Where is my order?",
+                    speech_delay=5.0,  # after the greeting
+                )
+            finally:
+                await provisioner.remove(tenant, "agent")
+        assert result.returncode == 0, result.describe()
+        assert result.bye_sent_at is not None, result.describe()
+        # The caller's BYE, on the wall clock the receiver stamps deliveries with.
+        hung_up_at = time.time() - (time.monotonic() - result.bye_sent_at)
+
+        def phone_records() -> list[dict[str, Any]]:
+            return [d for d in receiver.accepted() if d["record"].get("dialedNumber") == number]
+
+        await wait_until(
+            "the phone call's record", lambda: bool(phone_records()), 30, describe=worker.log_tail
+        )
+        [delivery] = phone_records()
+        record = check_signed(delivery)
+        assert record.channel == "phone"
+        assert (record.caller_number, record.dialed_number) == ("+15550001111", number)
+        assert record.sip_call_id
+        assert record.end_reason == "caller_hung_up", record.end_detail
+        said = [(turn.speaker, turn.text) for turn in record.transcript]
+        assert ("agent", GREETING) in said, said
+        assert ("caller", caller_words) in said, said
+        assert record.usage.stt and record.usage.stt[0].audio_seconds > 0
+        report(record_property, phone_call_end_to_record_s=round(delivery["at"] - hung_up_at, 3))
     finally:
         await worker.stop()

@@ -215,3 +215,20 @@ def test_a_recording_bucket_must_be_a_bucket_name() -> None:
     spec["callRecords"]["recording"] = {**RECORDING, "bucket": "Not A Bucket"}
     with pytest.raises(SpecError, match=r"spec\.callRecords\.recording\.bucket"):
         parse_spec(spec)
+
+
+def test_the_record_schema_is_a_contract_module_pydantic_only() -> None:
+    """The operator's generator documents the record from voicefleet_runtime.callrecords, so that
+    module, like the config contract, must not pull livekit-agents into the operator image."""
+    import ast
+    from pathlib import Path
+
+    from voicefleet_runtime import callrecords
+
+    tree = ast.parse(Path(callrecords.__file__).read_text())
+    imported = {
+        alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
+    }
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    roots = {name.split(".")[0] for name in imported}
+    assert roots <= {"__future__", "datetime", "hashlib", "hmac", "math", "typing", "pydantic"}
