@@ -6,5 +6,6 @@ from voicefleet_localdev.pytest_plugin import (  # noqa: F401  # noqa: F401
     livekit,
     project_images,
     prometheus,
+    s3,
     sip,
 )

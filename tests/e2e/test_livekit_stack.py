@@ -447,7 +447,10 @@ def test_prometheus_answers_and_scrapes_the_stack(
 
 
 def test_livekit_down_stops_every_process_and_up_restores_them(
-    livekit: stack.LiveKitEndpoint, sip: stack.SipEndpoint, prometheus: PrometheusClient
+    livekit: stack.LiveKitEndpoint,
+    sip: stack.SipEndpoint,
+    prometheus: PrometheusClient,
+    s3: stack.S3Endpoint,
 ) -> None:
     pids = stack.status()
     assert all(pids.values()), pids
@@ -462,6 +465,7 @@ def test_livekit_down_stops_every_process_and_up_restores_them(
         str(paths.binary("livekit-server")),
         str(paths.binary("livekit-sip")),
         str(paths.binary("prometheus")),
+        str(paths.binary("versitygw")),
         "/usr/bin/redis-server",
         "/usr/bin/redis-check-rdb",  # redis-server is a link to it
     }
