@@ -112,8 +112,9 @@ async def run_operator(
 
     With `settings.leader_election` this replica stands by (answering /healthz) until it holds
     the Lease, then runs kopf while renewing it; on a clean stop it hands the Lease back. When
-    it cannot renew in time it calls `on_lost_leadership` (default: end the process at once,
-    so that nothing of a deposed leader still runs when the next one starts).
+    it cannot renew in time it calls `on_lost_leadership` and stops kopf; `main()` passes one
+    that ends the process at once, so that nothing of a deposed leader still runs when the
+    next one starts (in-process users, such as tests, get kopf cancelled instead).
     """
     kube = Kube(client_configuration(kubeconfig))
     if not settings.leader_election:
@@ -144,7 +145,8 @@ async def run_operator(
     try:
         await asyncio.wait({kopf_task, hold_task}, return_when=asyncio.FIRST_COMPLETED)
         if hold_task.done():
-            (on_lost_leadership or _exit_at_once)()
+            if on_lost_leadership is not None:
+                on_lost_leadership()
             return
         kopf_task.result()  # kopf's own failure, if any
     finally:
@@ -212,7 +214,7 @@ def main() -> int:
     )
     if settings.metrics_port:
         prometheus_client.start_http_server(settings.metrics_port, registry=REGISTRY)
-    asyncio.run(run_operator(settings))
+    asyncio.run(run_operator(settings, on_lost_leadership=_exit_at_once))
     return 0
 
 

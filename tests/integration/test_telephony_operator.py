@@ -547,3 +547,45 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
     finally:
         for process in replicas.values():
             process.kill()
+
+
+def test_a_deposed_leader_exits_at_once(
+    cluster: ClusterHandle, platform: str, tenants: tuple[str, str], tmp_path: Path
+) -> None:
+    """A leader that finds the Lease held by another replica (it was paused for longer than
+    the lease, say) ends its process instead of acting on: exit status 3."""
+    lease = f"vf-deposed-{secrets.token_hex(3)}"
+    process = OperatorProcess(
+        settings_for(platform, tenants),
+        cluster.kubeconfig,
+        tmp_path / "deposed.log",
+        extra_env={
+            "POD_NAME": "replica-a",
+            "VOICEFLEET_LEADER_ELECTION": "true",
+            "VOICEFLEET_LEASE_NAME": lease,
+            "VOICEFLEET_LEASE_NAMESPACE": platform,
+        },
+    )
+    try:
+        wait_for(
+            "replica-a leading",
+            lambda: lease_holder(cluster, platform, lease) == "replica-a",
+            timeout=60,
+        )
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        k8s.CoordinationV1Api(cluster.api_client).patch_namespaced_lease(
+            lease,
+            platform,
+            {"spec": {"holderIdentity": "replica-z", "renewTime": now, "acquireTime": now}},
+        )
+        deposed_at = time.monotonic()
+        try:
+            returncode = process.process.wait(timeout=30)
+        except Exception:
+            raise AssertionError(f"the deposed leader kept running\n{process.tail()}") from None
+        print(f"\nlease taken over -> deposed leader exited: {time.monotonic() - deposed_at:.1f}s")
+        assert returncode == 3, process.tail()
+        assert "leadership lost" in process.log.read_text()
+        assert lease_holder(cluster, platform, lease) == "replica-z"  # it did not write back
+    finally:
+        process.kill()
