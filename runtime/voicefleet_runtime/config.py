@@ -1,8 +1,8 @@
 """The runtime config: the contract between the operator (which renders it) and the runtime.
 
 The operator imports this module to validate and render a VoiceAgent into the file the runtime
-loads, so it depends on pydantic and PyYAML only: the operator image must not pull in
-livekit-agents. Field names are camelCase on the wire (the same spelling as the VoiceAgent spec)
+loads, so it depends on the base dependencies only (pydantic, PyYAML, and jsonschema for tool
+parameter schemas): the operator image must not pull in livekit-agents. Field names are camelCase on the wire (the same spelling as the VoiceAgent spec)
 and snake_case in Python.
 
 Secrets never appear in the config: a value that is secret names an environment variable
