@@ -642,8 +642,10 @@ async def test_two_workers_never_exceed_jobs_per_worker(
     webhooks: Webhooks,
     tmp_path: Path,
 ) -> None:
-    """jobsPerWorker=2, two workers, six simultaneous dispatches: four calls are served, no
-    worker ever runs more than two, the other two are refused."""
+    """jobsPerWorker=2 (loadThreshold 1.0), two workers, six simultaneous dispatches: four
+    callers get the agent, no worker ever runs more than two calls, and the other two get the
+    overflow treatment (an agent with the voicefleet.overflow attribute says the message and
+    leaves) instead of nothing."""
     dispatch_name = f"acme-capacity-{uuid.uuid4().hex[:6]}"
     configs = [
         runtime_config(
@@ -677,21 +679,27 @@ async def test_two_workers_never_exceed_jobs_per_worker(
         async with livekit.api() as lkapi:
             await dispatch_at_once(lkapi, dispatch_name, rooms)
 
+            told: set[str] = set()
+
             async def agents_in(room: str) -> int:
+                """Agents in the room that answer the call (overflow agents noted in `told`)."""
                 response = await lkapi.room.list_participants(
                     api.ListParticipantsRequest(room=room)
                 )
-                return sum(
-                    1 for p in response.participants if p.kind == api.ParticipantInfo.Kind.AGENT
-                )
+                agents = [
+                    p for p in response.participants if p.kind == api.ParticipantInfo.Kind.AGENT
+                ]
+                if any("voicefleet.overflow" in p.attributes for p in agents):
+                    told.add(room)
+                return sum(1 for p in agents if "voicefleet.overflow" not in p.attributes)
 
             served: list[int] = []
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 served = [await agents_in(room) for room in rooms]
-                if sum(served) >= 4:
+                if sum(served) >= 4 and len(told) >= 2:
                     break
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
             # Give LiveKit time to (wrongly) place the other two somewhere.
             await asyncio.sleep(8)
             served = [await agents_in(room) for room in rooms]
@@ -703,24 +711,30 @@ async def test_two_workers_never_exceed_jobs_per_worker(
                     await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
 
         assert sorted(served) == [0, 0, 1, 1, 1, 1], served
+        assert told == {room for room, count in zip(rooms, served, strict=True) if not count}
         assert peaks == [2, 2], peaks
         accepted = [
             sum(v for _, v in sample_values(w.metrics(), "voicefleet_dispatch_accepted_total"))
             for w in workers
         ]
         assert accepted == [2, 2], accepted
+        overflowed = sum(
+            v
+            for w in workers
+            for _, v in sample_values(w.metrics(), "voicefleet_calls_overflowed_total")
+        )
+        assert overflowed == 2
 
 
-async def test_offers_above_load_threshold_are_refused_and_counted(
+async def test_offers_above_capacity_get_the_overflow_treatment(
     livekit: LiveKitEndpoint,
     module_providers: ProviderServer,
     webhooks: Webhooks,
     tmp_path: Path,
 ) -> None:
-    """loadThreshold 0.5 of 2 jobs: the worker is full after one call. Two dispatches at once
-    reach it before its "full" report does; livekit-agents refuses the second offer itself
-    (before on_request), and voicefleet_dispatch_rejected_total{reason="load_threshold"}
-    counts it."""
+    """loadThreshold 0.5 of 2 jobs: the worker takes floor(2 x 0.5) = 1 call. Two dispatches
+    at once reach it before any load report does; the second caller gets the overflow
+    treatment (counted with reason capacity), not the agent and not silence."""
     dispatch_name = f"acme-threshold-{uuid.uuid4().hex[:6]}"
     config = runtime_config(
         dispatch_name,
@@ -735,26 +749,27 @@ async def test_offers_above_load_threshold_are_refused_and_counted(
         async with livekit.api() as lkapi:
             await dispatch_at_once(lkapi, dispatch_name, rooms)
 
-            def rejected() -> float:
+            def overflowed() -> float:
                 return sum(
                     value
                     for labels, value in sample_values(
-                        worker.metrics(), "voicefleet_dispatch_rejected_total"
+                        worker.metrics(), "voicefleet_calls_overflowed_total"
                     )
-                    if labels.get("reason") == "load_threshold"
+                    if labels.get("reason") == "capacity"
                 )
 
-            await wait_until("a load_threshold refusal counted", lambda: rejected() >= 1, 30)
+            await wait_until("an overflow counted", lambda: overflowed() >= 1, 30)
             await wait_until(
                 "the first call running", lambda: worker.status()["active_jobs"] == 1, 30
             )
-            await asyncio.sleep(3)  # the refused offer is not taken later either
+            await asyncio.sleep(3)  # the overflowed caller is not given the agent later either
             assert worker.status()["active_jobs"] == 1
+            assert overflowed() == 1
             accepted = sum(
                 v for _, v in sample_values(worker.metrics(), "voicefleet_dispatch_accepted_total")
             )
             assert accepted == 1
-            assert "refused a job offer: load_threshold" in worker.log()
+            assert "gets the overflow treatment: capacity" in worker.log()
             for room in rooms:
                 with contextlib.suppress(api.TwirpError):
                     await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
