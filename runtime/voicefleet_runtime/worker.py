@@ -297,6 +297,9 @@ class WorkerRuntime:
         metrics.ACTIVE_JOBS.labels(**self.labels).set(0)
         metrics.DISPATCH_ACCEPTED.labels(**self.labels)
         metrics.CALLS_OVERFLOWED.labels(**self.labels, reason=self.admission.reason.value)
+        # Refusals are rare now (callers beyond capacity are told): their series exist at 0.
+        for refusal in ("overflow_full", "draining"):
+            metrics.DISPATCH_REJECTED.labels(**self.labels, reason=refusal)
         metrics.AGENT_CAPACITY.labels(**self.labels).set(self.admission.budget)
         logger.info(
             "admission: %d agent calls, then %d overflow treatments at once (%s)",

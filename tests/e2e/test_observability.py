@@ -321,14 +321,13 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         raise AssertionError(f"{error!r}\n{_worker_logs(cluster, tenant, 'quality')}") from error
     results["turns"] = sum(turns)
 
-    # The broken setup: dispatches arrive at once on a worker with one slot. One job takes the
-    # slot and holds it (its agent waits in the room for a caller); while it is still being
-    # accepted, livekit-agents (two idle processes) lets the next request through to the
-    # runtime's capacity gate, which refuses it. That needs the requests to overlap, so bursts
-    # are repeated (a few at most) until the worker counted a rejection.
+    # The full setup: dispatches arrive at once on a worker with one slot. One job takes the
+    # slot and holds it (its agent waits in the room for a caller); the next callers get the
+    # overflow treatment (counted in voicefleet_calls_overflowed_total). Bursts are repeated (a
+    # few at most) until the worker counted an overflow while its slot is taken.
     rooms: list[str] = []
     try:
-        rooms, bursts = await _burst_until_rejected(livekit, prometheus, tenant, "full")
+        rooms, bursts = await _burst_until_overflowed(livekit, prometheus, tenant, "full")
         results["full_bursts"] = bursts
 
         # Every panel's query has data (Prometheus scrapes every 5 s; rates need two samples).
@@ -404,13 +403,14 @@ def _value(prometheus: PrometheusClient, expr: str) -> float:
     return sum(sample.value for sample in prometheus.query(expr))
 
 
-async def _burst_until_rejected(
+async def _burst_until_overflowed(
     livekit: LiveKitEndpoint, prometheus: PrometheusClient, tenant: str, agent: str
 ) -> tuple[list[str], int]:
-    """Dispatch BURST rooms at once to an idle one-slot agent until its worker refused one;
-    returns the last burst's rooms (one of them holds the slot) and the bursts it took."""
+    """Dispatch BURST rooms at once to an idle one-slot agent until its worker gave a caller
+    the overflow treatment; returns the last burst's rooms (one of them holds the slot) and the
+    bursts it took."""
     labels = f'tenant="{tenant}", agent="{agent}"'
-    rejected = f"sum(voicefleet_dispatch_rejected_total{{{labels}}})"
+    overflowed = f"sum(voicefleet_calls_overflowed_total{{{labels}}})"
     active = f"sum(voicefleet_active_jobs{{{labels}}})"
     name = dispatch_name(tenant, agent)
     for burst in range(1, MAX_BURSTS + 1):
@@ -428,7 +428,7 @@ async def _burst_until_rejected(
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if _value(prometheus, rejected) > 0 and _value(prometheus, active) >= 1:
+            if _value(prometheus, overflowed) > 0 and _value(prometheus, active) >= 1:
                 return rooms, burst
             await asyncio.sleep(2)
         # No overlap this time: free the slot and try again from an idle worker.
@@ -438,5 +438,5 @@ async def _burst_until_rejected(
         )
     raise AssertionError(
         f"{MAX_BURSTS} bursts of {BURST} simultaneous dispatches to {tenant}/{agent} (one slot) "
-        "never reached the runtime's capacity gate: livekit-agents answered them all itself"
+        "never gave a caller the overflow treatment"
     )
