@@ -22,6 +22,9 @@ import pytest
 from livekit import rtc
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_operator import admission as fleet_admission
+from voicefleet_operator import autoscaler
+from voicefleet_operator.api import parse_spec
+from voicefleet_operator.render import VoiceAgentRef
 from voicefleet_operator.scaling import WorkerPod
 from voicefleet_operator.telephony import TelephonyProvisioner
 from voicefleet_runtime.admission import (
@@ -373,3 +376,88 @@ async def test_phone_callers_beyond_capacity_hear_the_message_then_a_bye(
         assert "overflow (capacity): told the caller" in worker.log()
         record_property("invite_to_overflow_message_audio_s", round(told.invite_to_first_audio, 3))
         print(f"overflow (SIP message): INVITE -> message audio {told.invite_to_first_audio:.2f}s")
+
+
+# --- the platform's cap per namespace ----------------------------------------------------------
+
+
+async def test_a_tenant_at_its_namespace_cap_does_not_take_another_tenants_calls(
+    livekit: LiveKitEndpoint,
+    providers: ProviderServer,
+    tmp_path: Path,
+) -> None:
+    """Noisy neighbour: tenant A's namespace is capped at 1 call by the platform, tenant B's is
+    not. The operator's evaluation (autoscaler._share_the_caps, as it runs every 5 s) pushes
+    A's worker a budget of 1; two callers each arrive at A and B at once: A answers one and
+    tells the other (namespace_limit), B answers both."""
+    providers.reset()
+    workers_config = {}
+    for tenant in ("tenant-a", "tenant-b"):
+        config = overflow_config(f"{tenant}-{uuid.uuid4().hex[:6]}", providers.base_url)
+        config["tenant"] = tenant
+        workers_config[tenant] = config
+    async with contextlib.AsyncExitStack() as stack:
+        workers = {
+            tenant: await stack.enter_async_context(
+                running_worker(livekit, config, tmp_path / tenant)
+            )
+            for tenant, config in workers_config.items()
+        }
+        for tenant, cap in (("tenant-a", 1), ("tenant-b", None)):
+            worker = workers[tenant]
+            spec = parse_spec(
+                {
+                    "agents": [{"name": "front", "instructions": "Help."}],
+                    "entry": "front",
+                    "worker": {"jobsPerWorker": 2, "loadThreshold": 1.0,
+                               "metricsPort": worker.metrics_port,
+                               "healthPort": worker.health_port},
+                }
+            )  # fmt: skip
+            pod = WorkerPod(name=f"{tenant}-0", ip="127.0.0.1", ready=True, terminating=False)
+            ref = VoiceAgentRef(name="support", namespace=tenant, uid="uid")
+            calls, limit = await autoscaler._share_the_caps(ref, spec, [pod], cap, 5.0)
+            assert calls == 0
+            expected = (
+                (1, OverflowReason.NAMESPACE_LIMIT) if cap else (None, OverflowReason.CAPACITY)
+            )
+            assert (limit.calls, limit.reason) == expected
+
+        rooms = {
+            tenant: [f"{tenant}-{uuid.uuid4().hex[:8]}" for _ in range(2)] for tenant in workers
+        }
+        callers: dict[str, list[TestParticipant]] = {}
+        for tenant, tenant_rooms in rooms.items():
+            callers[tenant] = [
+                await stack.enter_async_context(
+                    TestParticipant(
+                        livekit.url,
+                        participant_token(livekit.api_key, livekit.api_secret, room, "caller"),
+                    )
+                )
+                for room in tenant_rooms
+            ]
+        async with livekit.api() as lkapi:
+            await asyncio.gather(
+                *(
+                    dispatch_at_once(
+                        lkapi, str(workers_config[tenant]["dispatchName"]), tenant_rooms
+                    )
+                    for tenant, tenant_rooms in rooms.items()
+                )
+            )
+        reasons = {}
+        for tenant, tenant_callers in callers.items():
+            agents = await asyncio.gather(
+                *(c.wait_for_participant(agent=True, timeout_s=60) for c in tenant_callers)
+            )
+            reasons[tenant] = sorted(a.attributes.get(OVERFLOW_ATTRIBUTE, "") for a in agents)
+        assert reasons == {"tenant-a": ["", "namespace_limit"], "tenant-b": ["", ""]}, reasons
+        for tenant, counted_reason in (("tenant-a", "namespace_limit"),):
+            counted = {
+                labels["reason"]: value
+                for labels, value in sample_values(
+                    workers[tenant].metrics(), "voicefleet_calls_overflowed_total"
+                )
+            }
+            assert counted.get(counted_reason) == 1, counted
