@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 from voicefleet_operator.settings import ENV_PREFIX, PlatformSettings
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.waiting import wait_for
+
+from voicefleet_localdev import paths
 
 
 def settings_environment(settings: PlatformSettings) -> dict[str, str]:
@@ -31,14 +34,25 @@ def settings_environment(settings: PlatformSettings) -> dict[str, str]:
             continue
         if isinstance(value, tuple):
             value = ",".join(value)
+        elif isinstance(value, dict):
+            # Maps as the chart writes them: key=value,key=value (label selectors, call caps).
+            value = ",".join(f"{key}={item}" for key, item in value.items())
         elif isinstance(value, bool):
             value = "true" if value else "false"
         env[ENV_PREFIX + name.upper()] = str(value)
     return env
 
 
+def _new_log() -> Path:
+    paths.logs_dir().mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="operator-", suffix=".log", dir=paths.logs_dir())
+    os.close(handle)
+    return Path(name)
+
+
 class OperatorProcess:
-    """`python -m voicefleet_operator` with `settings`, logging to `log`.
+    """`python -m voicefleet_operator` with `settings`, logging to `log` (default: a new file in
+    the local platform's logs directory).
 
     Its /healthz port is chosen here (`health_port`), its /metrics port too unless the settings
     disable metrics (port 0). `start()` returns once /healthz answers; `kill()` is SIGKILL of its
@@ -49,22 +63,22 @@ class OperatorProcess:
         self,
         settings: PlatformSettings,
         kubeconfig: Path,
-        log: Path,
+        log: Path | None = None,
         *,
         python_args: tuple[str, ...] = ("-m", "voicefleet_operator"),
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.health_port = free_port()
-        self.metrics_port = free_port() if settings.metrics_port != 0 else 0
-        self.log = log
+        self.log = log if log is not None else _new_log()
         self.env = {
             **os.environ,
             **settings_environment(settings),
             "KUBECONFIG": str(kubeconfig),
-            "VOICEFLEET_LIVENESS_PORT": str(self.health_port),
-            "VOICEFLEET_METRICS_PORT": str(self.metrics_port),
+            "VOICEFLEET_LIVENESS_PORT": str(free_port()),
+            "VOICEFLEET_METRICS_PORT": str(free_port() if settings.metrics_port != 0 else 0),
             **(extra_env or {}),
         }
+        self.health_port = int(self.env["VOICEFLEET_LIVENESS_PORT"])
+        self.metrics_port = int(self.env["VOICEFLEET_METRICS_PORT"])
         self.python_args = python_args
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -105,6 +119,17 @@ class OperatorProcess:
 
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to end by itself; its exit status (raises TimeoutExpired)."""
+        if self.process is None:
+            raise AssertionError("the operator was never launched")
+        return self.process.wait(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM, as the kubelet sends it when it deletes the pod."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill: no cleanup runs."""

@@ -73,12 +73,22 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     cluster = cluster_with_node
     platform, tenant = namespaces
 
-    # The operator runs as a pod on the node, from the image `make images` built.
-    (operator_pod,) = _json(
+    # The operator runs as two pods on the node, from the image `make images` built; exactly
+    # one of them is active: the holder of the release's Lease.
+    operator_pods = _json(
         cluster, "-n", platform, "get", "pods", "-l", "app.kubernetes.io/name=voicefleet-operator"
     )["items"]
-    assert operator_pod["status"]["phase"] == "Running"
-    assert operator_pod["spec"]["containers"][0]["image"] == images.PROJECT_IMAGES["operator"]
+    assert len(operator_pods) == 2, [p["metadata"]["name"] for p in operator_pods]
+    for pod in operator_pods:
+        assert pod["status"]["phase"] == "Running"
+        assert pod["spec"]["containers"][0]["image"] == images.PROJECT_IMAGES["operator"]
+    (lease,) = wait_for(
+        "the operators' Lease",
+        lambda: _json(cluster, "-n", platform, "get", "leases")["items"],
+        timeout=60,
+    )
+    names = {p["metadata"]["name"] for p in operator_pods}
+    assert lease["spec"].get("holderIdentity") in names, (lease["spec"], names)
 
     # The tenant's Secrets, as the example's comments and the chart's NOTES say.
     tenant_secrets = {

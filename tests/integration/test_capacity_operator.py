@@ -1,4 +1,4 @@
-"""The truth about capacity, with the real operator (kopf, in a thread) on a real control plane:
+"""The truth about capacity, with the real operator (its own process) on a real control plane:
 a worker pod that cannot be scheduled (it requests more CPU than any node has) turns the
 VoiceAgent's CapacityLimited condition True with PodsUnschedulable and the scheduler's message,
 posts a Warning Event, shows in `kubectl get va`, within 30 s of the VoiceAgent's creation."""
@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_testkit.waiting import wait_for
 
 from tests.integration.test_operator import (  # noqa: F401  (fixtures)
-    OperatorThread,
     cluster,
     create_agent,
     example_spec,
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 def test_unschedulable_workers_show_as_capacity_limited(
     cluster: ClusterHandle,  # noqa: F811
     tenant: str,  # noqa: F811
-    operator: OperatorThread,  # noqa: F811
+    operator: OperatorProcess,  # noqa: F811
     record_property: Any,
 ) -> None:
     spec = example_spec()

@@ -11,16 +11,11 @@ operator runs as the chart's ServiceAccount with exactly the ClusterRole's verbs
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
-import os
 import secrets
-import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +25,13 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 from voicefleet_localdev import paths
-from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
+from voicefleet_localdev.operator_process import OperatorProcess
+from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import render
-from voicefleet_operator.__main__ import run_operator
 from voicefleet_operator.api import VoiceAgentStatus
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.config import parse_config
+from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -140,45 +136,6 @@ def settings_for(platform: str, namespaces: tuple[str, ...], **overrides: Any) -
     return PlatformSettings(**values)
 
 
-class OperatorThread:
-    """The operator (kopf) in a thread of this process, with its own event loop."""
-
-    def __init__(self, settings: PlatformSettings, kubeconfig: Path) -> None:
-        self.settings = settings
-        self.kubeconfig = kubeconfig
-        self.stop_flag = threading.Event()
-        self.ready_flag = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="operator", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(
-                run_operator(
-                    self.settings,
-                    stop_flag=self.stop_flag,
-                    ready_flag=self.ready_flag,
-                    liveness=False,
-                    kubeconfig=str(self.kubeconfig),
-                )
-            )
-        except BaseException as error:  # reported by stop()
-            self.error = error
-
-    def start(self) -> OperatorThread:
-        self.thread.start()
-        if not self.ready_flag.wait(60):
-            raise AssertionError(f"the operator did not get ready in 60s (error: {self.error!r})")
-        return self
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the operator did not stop within 60s"
-        if self.error is not None:
-            raise AssertionError(f"the operator failed: {self.error!r}") from self.error
-
-
 def delete_agents(cluster: ClusterHandle, namespace: str) -> None:
     """Delete the namespace's VoiceAgents and wait until they are gone, while an operator still
     runs to release its finalizer (else the namespace could never be deleted)."""
@@ -197,13 +154,23 @@ def delete_agents(cluster: ClusterHandle, namespace: str) -> None:
 
 
 @pytest.fixture
-def operator(cluster: ClusterHandle, platform: str, tenant: str) -> Iterator[OperatorThread]:
-    running = OperatorThread(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
+def operator(
+    cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(
+        settings_for(platform, (tenant,)), cluster.kubeconfig, tmp_path / "operator.log"
+    ).start()
     try:
         yield running
         delete_agents(cluster, tenant)
     finally:
-        running.stop()
+        stop_cleanly(running)
+
+
+def stop_cleanly(operator: OperatorProcess) -> None:
+    """Stop the operator as the kubelet would; a crash or an error exit fails the test."""
+    status = operator.stop()
+    assert status == 0, f"the operator exited with {status}:\n{operator.tail()}"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -336,7 +303,7 @@ def wait_event(cluster: ClusterHandle, namespace: str, name: str, reason: str) -
 
 
 def test_create_gives_owned_children_and_true_status(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     created = create_agent(cluster, tenant, "support", example_spec())
     agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=1)
@@ -399,7 +366,7 @@ def test_create_gives_owned_children_and_true_status(
 
 
 def test_config_change_rolls_out_a_new_pod_template(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     spec = example_spec()
     create_agent(cluster, tenant, "support", spec)
@@ -436,7 +403,7 @@ def test_config_change_rolls_out_a_new_pod_template(
 
 
 def test_delete_garbage_collects_every_child(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     create_agent(cluster, tenant, "support", example_spec())
     agent = wait_condition(cluster, tenant, "support", "Reconciled", "True")
@@ -466,7 +433,7 @@ def test_delete_garbage_collects_every_child(
 
 
 def test_missing_secret_sets_config_valid_false_and_recovers(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     spec = example_spec()
     spec["secretRefs"] = [{"name": "late-keys"}]
@@ -496,7 +463,7 @@ def test_missing_secret_sets_config_valid_false_and_recovers(
 
 
 def test_invalid_update_keeps_the_last_good_children(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     spec = example_spec()
     create_agent(cluster, tenant, "support", spec)
@@ -540,7 +507,7 @@ def test_invalid_update_keeps_the_last_good_children(
 
 
 def test_a_tool_schema_no_provider_takes_is_config_valid_false_naming_the_field(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     """The API server cannot check a tool's JSON Schema below its top level (the property
     schemas are free-form there), so the operator does: nothing is rolled out, and the condition
@@ -559,7 +526,7 @@ def test_a_tool_schema_no_provider_takes_is_config_valid_false_naming_the_field(
 
 
 def test_deleted_deployment_is_recreated(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     create_agent(cluster, tenant, "support", example_spec())
     agent = wait_condition(cluster, tenant, "support", "Reconciled", "True")
@@ -575,7 +542,7 @@ def test_deleted_deployment_is_recreated(
 
 
 def test_a_name_taken_by_another_object_is_never_taken_over(
-    cluster: ClusterHandle, tenant: str, operator: OperatorThread
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     core = k8s.CoreV1Api(cluster.api_client)
     core.create_namespaced_config_map(
@@ -597,60 +564,6 @@ def test_a_name_taken_by_another_object_is_never_taken_over(
 # --- killed mid-reconcile --------------------------------------------------------------------
 
 
-class OperatorProcess:
-    """`python -m voicefleet_operator` as a real process, to be SIGKILLed."""
-
-    def __init__(
-        self,
-        settings: PlatformSettings,
-        kubeconfig: Path,
-        log: Path,
-        *,
-        python_args: tuple[str, ...] = ("-m", "voicefleet_operator"),
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(kubeconfig),
-            "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("operator", "runtime")),
-            "VOICEFLEET_LIVEKIT_URL": settings.livekit_url,
-            "VOICEFLEET_LIVEKIT_SECRET_NAMESPACE": settings.livekit_secret_namespace,
-            "VOICEFLEET_RUNTIME_IMAGE": settings.runtime_image,
-            "VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY": settings.runtime_image_pull_policy,
-            "VOICEFLEET_WATCH_NAMESPACES": ",".join(settings.watch_namespaces),
-            "VOICEFLEET_RECHECK_INVALID_SECONDS": "1",
-            "VOICEFLEET_RESYNC_SECONDS": "3600",
-            "VOICEFLEET_METRICS_PORT": "0",
-            "VOICEFLEET_LOG_LEVEL": os.environ.get("VOICEFLEET_LOG_LEVEL", "INFO"),
-            "VOICEFLEET_LIVENESS_PORT": str(_free_port()),
-            **(extra_env or {}),
-        }
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, *python_args],
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_killed_mid_reconcile_the_restarted_operator_converges(
     cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
 ) -> None:
@@ -665,7 +578,7 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
             spec=k8s.V1ResourceQuotaSpec(hard={"count/deployments.apps": "0"}),
         ),
     )
-    first = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator-1.log")
+    first = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator-1.log").launch()
     try:
         create_agent(cluster, tenant, "support", example_spec())
         try:
@@ -689,7 +602,8 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
     # Then, several times: a fresh process catches up, a change arrives, and the process is
     # killed a moment later, inside the reconcile of that change.
     for attempt, delay in enumerate((0.02, 0.1, 0.3)):
-        proc = OperatorProcess(settings, cluster.kubeconfig, tmp_path / f"operator-k{attempt}.log")
+        log = tmp_path / f"operator-k{attempt}.log"
+        proc = OperatorProcess(settings, cluster.kubeconfig, log).launch()
         try:
             try:
                 wait_condition(
@@ -703,7 +617,7 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
         finally:
             proc.kill()
 
-    restarted = OperatorThread(settings, cluster.kubeconfig).start()
+    restarted = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator-2.log").start()
     try:
         agent = wait_condition(
             cluster, tenant, "support", "Reconciled", "True", generation=generation, timeout=60
@@ -724,7 +638,7 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
         assert not [key for key in annotations if "zalando" in key or key.startswith("kopf")]
         delete_agents(cluster, tenant)
     finally:
-        restarted.stop()
+        stop_cleanly(restarted)
 
 
 # --- the chart's RBAC ------------------------------------------------------------------------
@@ -798,7 +712,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
             leader_election=True,
             lease_name=f"vf-rbac-{suffix}",
         )
-        running = OperatorThread(elected, kubeconfig).start()
+        running = OperatorProcess(elected, kubeconfig, tmp_path / "operator-rbac.log").start()
         try:
             create_agent(cluster, tenant, "support", example_spec())
             agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", timeout=60)
@@ -819,7 +733,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
             )
             delete_agents(cluster, tenant)
         finally:
-            running.stop()
+            stop_cleanly(running)
     finally:
         cluster.kubectl("delete", "--ignore-not-found", "-f", str(manifest))
     refused = [

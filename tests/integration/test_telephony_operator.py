@@ -20,17 +20,17 @@ import pytest
 from kubernetes import client as k8s
 from livekit import api
 from voicefleet_localdev.livekit import LiveKitEndpoint
-from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
+from voicefleet_localdev.operator_process import OperatorProcess
+from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import telephony, telephony_handlers
 from voicefleet_testkit.net import free_port
+from voicefleet_testkit.waiting import wait_for
 
 from tests.integration.test_operator import (
     CRD,
     GROUP,
     PLURAL,
     VERSION,
-    OperatorProcess,
-    OperatorThread,
     _create_namespace,
     _create_secret,
     condition,
@@ -41,6 +41,7 @@ from tests.integration.test_operator import (
     get_agent,
     patch_spec,
     settings_for,
+    stop_cleanly,
     wait_condition,
 )
 
@@ -133,7 +134,7 @@ def test_numbers_are_provisioned_updated_contested_and_removed(
     first_tenant, second_tenant = tenants
     number, other = fresh_number(), fresh_number()
     _create_secret(cluster, first_tenant, "sip-auth", {"username": "carrier", "password": "pw-1"})
-    operator = OperatorThread(settings_for(platform, tenants), cluster.kubeconfig).start()
+    operator = OperatorProcess(settings_for(platform, tenants), cluster.kubeconfig).start()
     try:
         applied_at = time.monotonic()
         create_agent(
@@ -238,7 +239,7 @@ def test_numbers_are_provisioned_updated_contested_and_removed(
         wait_for("sales deleted", lambda: agent_gone(cluster, second_tenant, "sales"), 30)
         assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
     finally:
-        operator.stop()
+        stop_cleanly(operator)
 
 
 def test_livekit_unreachable_is_a_condition_with_retries_not_a_crash(
@@ -247,7 +248,7 @@ def test_livekit_unreachable_is_a_condition_with_retries_not_a_crash(
     tenant = tenants[0]
     # Port 9 is closed: every LiveKit call fails at once.
     settings = settings_for(platform, (tenant,), livekit_url="ws://127.0.0.1:9")
-    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    operator = OperatorProcess(settings, cluster.kubeconfig).start()
     try:
         create_agent(cluster, tenant, "support", phone_spec(fresh_number()))
         agent = wait_condition(cluster, tenant, "support", "TelephonyReady", "False")
@@ -260,13 +261,13 @@ def test_livekit_unreachable_is_a_condition_with_retries_not_a_crash(
         time.sleep(2)
         assert get_agent(cluster, tenant, "support")["metadata"].get("deletionTimestamp")
     finally:
-        operator.stop()
+        stop_cleanly(operator)
     # A working operator finishes the deletion.
-    operator = OperatorThread(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
+    operator = OperatorProcess(settings_for(platform, (tenant,)), cluster.kubeconfig).start()
     try:
         wait_for("support deleted", lambda: agent_gone(cluster, tenant, "support"), 60)
     finally:
-        operator.stop()
+        stop_cleanly(operator)
 
 
 def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
@@ -281,7 +282,8 @@ def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
     number = fresh_number()
     # Kill the operator at several points of its first provisioning, each time restarting it.
     for attempt, delay in enumerate((0.5, 1.0, 1.5, 2.5)):
-        process = OperatorProcess(settings, cluster.kubeconfig, tmp_path / f"op-{attempt}.log")
+        log = tmp_path / f"op-{attempt}.log"
+        process = OperatorProcess(settings, cluster.kubeconfig, log).launch()
         try:
             if attempt == 0:
                 time.sleep(1.0)
@@ -289,7 +291,7 @@ def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
             time.sleep(delay)
         finally:
             process.kill()
-    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    operator = OperatorProcess(settings, cluster.kubeconfig).start()
     try:
         agent = wait_condition(cluster, tenant, "support", "TelephonyReady", "True", timeout=60)
         trunks, rules = livekit_objects(livekit, tenant, "support")
@@ -300,7 +302,7 @@ def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
         wait_for("support deleted", lambda: agent_gone(cluster, tenant, "support"), 30)
         assert livekit_objects(livekit, tenant, "support") == ([], [])
     finally:
-        operator.stop()
+        stop_cleanly(operator)
 
 
 # An operator process that SIGKILLs itself the moment livekit-server has answered one SIP API
@@ -349,11 +351,11 @@ def test_killed_before_recording_then_numbers_removed_leaves_nothing_and_frees_t
         cluster.kubeconfig,
         tmp_path / "dying-operator.log",
         python_args=("-c", DIE_AFTER_SIP_CALL, killed_after),
-    )
+    ).launch()
     try:
         create_agent(cluster, first_tenant, "support", phone_spec(number))
         try:
-            returncode = dying.process.wait(timeout=90)
+            returncode = dying.wait(90)
         except Exception:
             raise AssertionError(f"the operator did not die\n{dying.tail()}") from None
         assert returncode == -9, dying.tail()
@@ -374,7 +376,7 @@ def test_killed_before_recording_then_numbers_removed_leaves_nothing_and_frees_t
     # While no operator runs, the tenant drops its numbers.
     patch_spec(cluster, first_tenant, "support", {"telephony": None})
 
-    operator = OperatorThread(settings, cluster.kubeconfig).start()
+    operator = OperatorProcess(settings, cluster.kubeconfig).start()
     try:
         wait_for(
             "the unrecorded trunk and rule removed by name",
@@ -409,7 +411,7 @@ def test_killed_before_recording_then_numbers_removed_leaves_nothing_and_frees_t
         assert livekit_objects(livekit, first_tenant, "support") == ([], [])
         assert livekit_objects(livekit, second_tenant, "sales") == ([], [])
     finally:
-        operator.stop()
+        stop_cleanly(operator)
 
 
 def lease_holder(cluster: ClusterHandle, namespace: str, name: str) -> str | None:
@@ -448,7 +450,7 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
                 "VOICEFLEET_LEASE_NAME": lease,
                 "VOICEFLEET_LIVENESS_PORT": str(ports[identity]),
             },
-        )
+        ).launch()
 
     def healthz(identity: str) -> str | None:
         """The liveness probe's answer: the standby's own, or kopf's once it leads."""
@@ -483,7 +485,7 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
         killed_at = time.monotonic()
         done = sum(1 for ns, name in agents if livekit_objects(livekit, ns, name) != ([], []))
         print(f"\nleader killed with {done}/{len(agents)} VoiceAgents provisioned in LiveKit")
-        assert replicas[leader].process.returncode == -9
+        assert replicas[leader].returncode() == -9
         wait_for(
             "the standby holding the lease",
             lambda: lease_holder(cluster, platform, lease) == standby,
@@ -522,9 +524,9 @@ def test_two_replicas_one_active_and_the_standby_takes_over_a_killed_leader(
             lambda: "standing by" in replicas[leader].log.read_text(),
             timeout=60,
         )
-        replicas[standby].process.terminate()
+        replicas[standby].terminate()
         stopped_at = time.monotonic()
-        assert replicas[standby].process.wait(60) == 0, replicas[standby].tail()
+        assert replicas[standby].wait(60) == 0, replicas[standby].tail()
         wait_for(
             "the lease handed over",
             lambda: lease_holder(cluster, platform, lease) == leader,
@@ -565,7 +567,7 @@ def test_a_deposed_leader_exits_at_once(
             "VOICEFLEET_LEASE_NAME": lease,
             "VOICEFLEET_LEASE_NAMESPACE": platform,
         },
-    )
+    ).launch()
     try:
         wait_for(
             "replica-a leading",
@@ -580,7 +582,7 @@ def test_a_deposed_leader_exits_at_once(
         )
         deposed_at = time.monotonic()
         try:
-            returncode = process.process.wait(timeout=30)
+            returncode = process.wait(30)
         except Exception:
             raise AssertionError(f"the deposed leader kept running\n{process.tail()}") from None
         print(f"\nlease taken over -> deposed leader exited: {time.monotonic() - deposed_at:.1f}s")

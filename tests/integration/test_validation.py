@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, event, given, settings
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
-from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for
+from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import api, crd
 from voicefleet_testkit.specs import check_accepted, check_refusal, mutated_specs
+from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
