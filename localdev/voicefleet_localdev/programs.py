@@ -26,8 +26,19 @@ SCANNED = (
     paths.REPO_ROOT / "testkit" / "voicefleet_testkit",
 )
 # Functions whose list arguments are argv vectors (subprocess, procs.run/start, build's streams).
+# (`_build_static` takes the compiler's argv for the node's static images.)
 RUNNERS = frozenset(
-    {"run", "Popen", "check_output", "check_call", "call", "start", "_stream", "_stream_apt"}
+    {
+        "run",
+        "Popen",
+        "check_output",
+        "check_call",
+        "call",
+        "start",
+        "_stream",
+        "_stream_apt",
+        "_build_static",
+    }
 )
 
 
