@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from livekit.protocol.agent_dispatch import RoomAgentDispatch
 from livekit.protocol.room import RoomConfiguration
 from livekit.protocol.sip import (
@@ -59,6 +60,13 @@ OBJECT_NAME_PREFIX = "voicefleet:"
 
 ATTR_VOICE_AGENT = "voicefleet.dev/voiceAgent"
 """Participant attribute (set by the dispatch rule) naming the VoiceAgent a call is for."""
+
+RINGING_TIMEOUT_SECONDS = 30
+"""The trunk's ringing_timeout: livekit-sip rings a call until an agent publishes audio in its
+room, then answers; with no agent at all (no worker registered: a fleet at zero, every worker
+restarting) it would ring for its default 3 minutes before 486. While workers run, a caller
+beyond capacity gets spec.overflow in seconds instead (runtime admission); this bounds the
+no-worker case (486 Busy Here after it), leaving room for a worker to start."""
 
 CONDITION_TYPE = "TelephonyReady"
 REASON_PROVISIONED = "Provisioned"
@@ -201,6 +209,7 @@ def render_inbound_trunk(
         metadata=_owner_metadata(target),
         numbers=serving,
         allowed_addresses=list(target.allowed_addresses),
+        ringing_timeout=Duration(seconds=RINGING_TIMEOUT_SECONDS),
     )
     if target.auth is not None:
         trunk.auth_username = target.auth.username
@@ -237,6 +246,7 @@ def trunk_differs(existing: SIPInboundTrunkInfo, desired: SIPInboundTrunkInfo) -
         or list(existing.allowed_numbers) != list(desired.allowed_numbers)
         or existing.auth_username != desired.auth_username
         or existing.auth_password != desired.auth_password
+        or existing.ringing_timeout.seconds != desired.ringing_timeout.seconds
     )
 
 

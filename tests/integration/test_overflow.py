@@ -26,7 +26,7 @@ from voicefleet_operator import autoscaler
 from voicefleet_operator.api import parse_spec
 from voicefleet_operator.render import VoiceAgentRef
 from voicefleet_operator.scaling import WorkerPod
-from voicefleet_operator.telephony import TelephonyProvisioner
+from voicefleet_operator.telephony import RINGING_TIMEOUT_SECONDS, TelephonyProvisioner
 from voicefleet_runtime.admission import (
     OVER_BUDGET_LOAD,
     OVERFLOW_ATTRIBUTE,
@@ -461,3 +461,33 @@ async def test_a_tenant_at_its_namespace_cap_does_not_take_another_tenants_calls
                 )
             }
             assert counted.get(counted_reason) == 1, counted
+
+
+async def test_with_no_worker_at_all_the_call_ends_at_the_trunks_ringing_timeout(
+    sip: SipEndpoint,
+    telephony: tuple[TelephonyProvisioner, str],
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """No worker registered for the number's agent (a fleet at zero, every worker restarting):
+    nothing can tell the caller, so livekit-sip rings until the trunk's ringing_timeout
+    (telephony.RINGING_TIMEOUT_SECONDS, not its default 3 minutes), then answers 486."""
+    provisioner, tenant = telephony
+    target = make_target(tenant)
+    await provisioner.ensure(target, [target.claim])
+    result = await asyncio.to_thread(
+        sipcall.place_call,
+        "call.xml",
+        target.numbers[0],
+        tmp_path / "call",
+        answer_timeout=RINGING_TIMEOUT_SECONDS + 30,
+        timeout=RINGING_TIMEOUT_SECONDS + 60,
+    )
+    final = final_response(result)
+    assert final is not None and final.first_line.startswith("SIP/2.0 486"), result.describe()
+    assert result.answered_at is None
+    assert 180 in result.capture.responses(), result.describe()  # it rang meanwhile
+    assert result.invite_at is not None
+    rang = final.at - result.invite_at
+    record_property("invite_to_486_without_worker_s", round(rang, 1))
+    print(f"no worker: INVITE -> 486 after {rang:.1f}s of ringing")
