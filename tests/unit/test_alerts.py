@@ -281,9 +281,7 @@ def test_alerts_fire_on_their_failure_and_stay_quiet_when_healthy(tmp_path: Path
                     firing("VoiceFleetNoSpareCapacity", agent, "0"),
                     # Not yet: `for: 5m` holds it back for the first minutes.
                     quiet("VoiceFleetNoSpareCapacity", at="3m"),
-                    firing(
-                        "VoiceFleetCallsOverflowing", {**agent, "reason": "capacity"}, "10"
-                    ),
+                    firing("VoiceFleetCallsOverflowing", {**agent, "reason": "capacity"}, "10"),
                     firing("VoiceFleetWorkersUnschedulable", agent, "1"),
                     quiet("VoiceFleetWorkersUnschedulable", at="1m"),
                     firing(
