@@ -89,6 +89,11 @@ def recipes() -> list[GoRecipe]:
         ),
         GoRecipe("helm", {"helm": "helm.sh/helm/v4/cmd/helm"}, ldflags=_helm_ldflags),
         GoRecipe("kind", {"kind": "sigs.k8s.io/kind"}),
+        # NetworkPolicy enforcement in the local cluster (its firewall controller only).
+        GoRecipe(
+            "kube-router",
+            {"kube-router": "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"},
+        ),
         GoRecipe("versitygw", {"versitygw": "github.com/versity/versitygw/cmd/versitygw"}),
     ]
 
@@ -330,6 +335,7 @@ _DEBIAN_PATHS = {
     "socat": "/usr/bin/socat",
     "iproute2": "/usr/sbin/ip",
     "nftables": "/usr/sbin/nft",
+    "ipset": "/usr/sbin/ipset",
     "espeak-ng": "/usr/bin/espeak-ng",
     "sox": "/usr/bin/sox",
     "pkg-config": "/usr/bin/pkg-config",

@@ -10,12 +10,15 @@ The local provider, in the manner of Kubernetes' local-up-cluster:
                  PodSecurity and ResourceQuota admission), kube-controller-manager (service-account
                  tokens, garbage collector...), kube-scheduler
   node           containerd (own root, state and socket under the state dir, runc, CNI bridge
-                 plugin, locally built pause image), kubelet (cgroupfs), kube-proxy (nftables)
+                 plugin, locally built pause image), kubelet (cgroupfs), kube-proxy (nftables),
+                 kube-router's firewall controller enforcing NetworkPolicies (iptables + ipset;
+                 it allows what the node itself sends to its pods, e.g. kubelet probes)
   network        bridge vfbr0 = 10.244.0.1/24: pods get 10.244.0.x, reach the host at 10.244.0.1
                  (= hostAddressFromPods and the node's InternalIP); the host reaches pod IPs
                  directly. Services: 10.96.0.0/16, `kubernetes` at 10.96.0.1.
 `down` kills every process, unmounts kubelet/containerd mounts, deletes pod network namespaces,
-the bridge, kube-proxy's nftables tables and any KUBE-/CNI- iptables chains, removes kubelet's
+the bridge, kube-proxy's nftables tables, any KUBE-/CNI- iptables chains (kube-router's
+included) and kube-router's KUBE- ipsets, removes kubelet's
 cgroups and restores the sysctls that kubelet and the CNI plugin change. It keeps the PKI (so
 kubeconfigs stay valid across restarts) and containerd's image store (so imports survive).
 """
@@ -54,7 +57,10 @@ KIND_CLUSTER_NAME = "voicefleet"
 SANDBOX_IMAGE = "localhost/voicefleet/pause:3.10"
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-NODE = ("containerd", "kubelet", "kube-proxy")
+NODE = ("containerd", "kubelet", "kube-proxy", "kube-router")
+KUBE_ROUTER_HEALTH_PORT = 20244  # kube-router's default; its /healthz answers once policies sync
+# kube-router names its ipsets KUBE-SRC-*/KUBE-DST-* (inet6:KUBE-* for IPv6).
+_KUBE_ROUTER_IPSET_PREFIXES = ("KUBE-", "inet6:KUBE-")
 
 # Host sysctls changed by kubelet, the CNI bridge plugin and us; restored by `down`.
 _SYSCTLS = (
@@ -132,7 +138,7 @@ NodePreparation = Callable[[Provider], None]
 
 
 def _bin(name: str) -> Path:
-    component = "etcd" if name == "etcd" else "kubernetes"
+    component = name if name in ("etcd", "kube-router") else "kubernetes"
     path = paths.binary(component, name)
     if not path.exists():
         raise ComponentError(name, f"binary {path} is missing; run `make infra` first")
@@ -340,11 +346,12 @@ class LocalProvider:
                 client=False,
             ),
             pki.Identity("kube-proxy", "system:kube-proxy"),
+            pki.Identity("kube-router", "system:voicefleet:kube-router"),
         ]
         pki.ensure(_pki(), identities)
         server = f"https://127.0.0.1:{APISERVER_PORT}"
         pki.write_kubeconfig(paths.kubeconfig(), _pki(), "admin", server)
-        for ident in ("controller-manager", "scheduler", "kubelet", "kube-proxy"):
+        for ident in ("controller-manager", "scheduler", "kubelet", "kube-proxy", "kube-router"):
             pki.write_kubeconfig(self._kubeconfig(ident), _pki(), ident, server)
 
     def _kubeconfig(self, identity: str) -> Path:
@@ -674,6 +681,93 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             lambda: _http_ok("http://127.0.0.1:10256/healthz"),
             timeout=60,
         )
+        self._start_kube_router()
+
+    def _start_kube_router(self) -> None:
+        """NetworkPolicy enforcement: kube-router with only its firewall controller.
+
+        It reads pods, namespaces and NetworkPolicies (RBAC below) and keeps, in the iptables
+        filter table, a chain per local pod that a policy selects (KUBE-POD-FW-*, jumped to from
+        FORWARD/INPUT/OUTPUT, also for bridged traffic through physdev) and ipsets of the peers
+        each policy admits; traffic from the node's own addresses to its pods is always allowed
+        (kubelet probes, host processes such as the local Prometheus). Started after the node
+        is Ready: it needs the node's InternalIP to tell local pods.
+        """
+        if procs.is_running("kube-router"):
+            return
+        _api_apply(
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/voicefleet:kube-router",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": "voicefleet:kube-router"},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                        "verbs": ["get", "list", "watch"],
+                    },
+                    {
+                        "apiGroups": ["networking.k8s.io"],
+                        "resources": ["networkpolicies"],
+                        "verbs": ["get", "list", "watch"],
+                    },
+                    {
+                        "apiGroups": ["discovery.k8s.io"],
+                        "resources": ["endpointslices"],
+                        "verbs": ["get", "list", "watch"],
+                    },
+                    {
+                        "apiGroups": ["", "events.k8s.io"],
+                        "resources": ["events"],
+                        "verbs": ["create", "patch"],
+                    },
+                ],
+            },
+        )
+        _api_apply(
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/voicefleet:kube-router",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "voicefleet:kube-router"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "voicefleet:kube-router",
+                },
+                "subjects": [
+                    {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "User",
+                        "name": "system:voicefleet:kube-router",
+                    }
+                ],
+            },
+        )
+        procs.start(
+            "kube-router",
+            [
+                _bin("kube-router"),
+                f"--kubeconfig={self._kubeconfig('kube-router')}",
+                f"--hostname-override={NODE_NAME}",
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                "--enable-cni=false",
+                "--enable-ipv6=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--health-port={KUBE_ROUTER_HEALTH_PORT}",
+                "--metrics-port=0",
+                "--v=1",
+            ],
+        )
+        procs.wait_until(
+            "kube-router",
+            "enforcing NetworkPolicies",
+            lambda: _http_ok(f"http://127.0.0.1:{KUBE_ROUTER_HEALTH_PORT}/healthz"),
+            timeout=60,
+        )
 
     def _ctr(self, *args: str) -> list[str]:
         return ["ctr", "-a", str(paths.containerd_socket()), "-n", "k8s.io", *args]
@@ -685,7 +779,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         run(self._ctr("images", "import", str(archive)), timeout=1800)
 
     def _stop_node(self) -> None:
-        for component in ("kube-proxy", "kubelet"):
+        for component in ("kube-router", "kube-proxy", "kubelet"):
             procs.stop(component)
         self._stop_containers()
         procs.stop("containerd")
@@ -703,6 +797,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         run(["nft", "delete", "table", "ip6", "kube-proxy"], check=False)
         for tool in ("iptables", "ip6tables"):
             _flush_chains(tool, ("KUBE-", "CNI-"))
+        # kube-router leaves its ipsets on exit; no rule references them once the chains are gone.
+        for name in _kube_router_ipsets():
+            run(["ipset", "destroy", name], check=False)
         _remove_cgroup_tree("kubepods")
         # Veths die with their namespaces; drop any the CNI plugin left attached to the bridge.
         for link in Path("/sys/class/net").glob("veth*"):
@@ -741,9 +838,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             str(paths.cluster_dir()),
             str(paths.component_dir("kubernetes")),
             str(paths.component_dir("etcd")),
+            str(paths.component_dir("kube-router")),
         )
         strays = procs.pids_matching(lambda argv: any(m in a for a in argv for m in markers))
         procs.terminate_pids(strays, timeout=5)
+
+
+def _api_apply(path: str, body: dict[str, Any]) -> None:
+    """Server-side apply of one object as cluster admin (our own bootstrap objects)."""
+    url = f"https://127.0.0.1:{APISERVER_PORT}{path}?fieldManager=voicefleet-localdev&force=true"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="PATCH",
+        headers={"Content-Type": "application/apply-patch+yaml"},
+    )
+    with urllib.request.urlopen(request, context=_ssl_context(), timeout=10) as resp:
+        resp.read()
+
+
+def _kube_router_ipsets() -> list[str]:
+    if shutil.which("ipset") is None:
+        return []
+    names = run(["ipset", "list", "-n"], check=False).stdout.split()
+    return [n for n in names if n.startswith(_KUBE_ROUTER_IPSET_PREFIXES)]
 
 
 def _node_ready() -> bool:
@@ -976,6 +1094,7 @@ def leftovers() -> dict[str, list[str]]:
         str(paths.cluster_dir()),
         str(paths.component_dir("kubernetes")),
         str(paths.component_dir("etcd")),
+        str(paths.component_dir("kube-router")),
     )
     processes = [
         " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0"))
@@ -1007,6 +1126,7 @@ def leftovers() -> dict[str, list[str]]:
             ]
     tables = run(["nft", "list", "tables"], check=False).stdout
     rules += [f"nft: {line}" for line in tables.splitlines() if "kube-proxy" in line]
+    rules += [f"ipset: {name}" for name in _kube_router_ipsets()]
     cgroups = [str(p) for p in _cgroup_roots("kubepods")]
     return {
         "processes": processes,

@@ -10,7 +10,9 @@ Children of VoiceAgent `<name>` in namespace `<ns>` (all owned by it, all labell
     ConfigMap            <name>-config    the runtime config (no secrets: `valueFromEnv` names)
     Service              <name>-metrics   headless, one endpoint per worker for Prometheus
     PodDisruptionBudget  <name>           evictions one worker at a time
-    NetworkPolicy        <name>           ingress only to the health and metrics ports
+    NetworkPolicy        <name>           ingress from the platform and its monitoring only;
+                                          egress: DNS, LiveKit, own namespace, declared URLs,
+                                          public internet (netpol.py)
     Deployment           <name>           the workers (applied last, once everything it uses exists)
     HorizontalPodAutoscaler <name>        only with scaling.mode hpa (and no pin): scales the
                                           Deployment on the workers' load metric
@@ -36,6 +38,7 @@ import yaml
 from voicefleet_runtime.admission import OverflowReason, worker_capacity
 from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_config
 
+from voicefleet_operator import netpol
 from voicefleet_operator.api import (
     API_VERSION,
     KIND,
@@ -432,26 +435,18 @@ def render_pod_disruption_budget(ref: VoiceAgentRef) -> dict[str, Any]:
     }
 
 
-def render_network_policy(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> dict[str, Any]:
-    """Ingress only to the health port (probes, the operator's /worker reads) and the metrics
-    port; egress stays open: tools, MCP servers and providers can be anywhere."""
+def render_network_policy(
+    ref: VoiceAgentRef, spec: VoiceAgentSpec, settings: PlatformSettings
+) -> dict[str, Any]:
+    """Ingress from the platform namespace and its monitoring only; egress to DNS, LiveKit, the
+    tenant's own namespace, what the VoiceAgent declares and the public internet (netpol.py)."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(ref, ChildNames.of(ref.name).network_policy),
-        "spec": {
-            "podSelector": {"matchLabels": selector_labels(ref.name)},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [
-                {
-                    "ports": [
-                        {"protocol": "TCP", "port": spec.worker.health_port},
-                        {"protocol": "TCP", "port": spec.worker.metrics_port},
-                    ]
-                }
-            ],
-            "egress": [{}],
-        },
+        "spec": netpol.network_policy_spec(
+            ref.namespace, selector_labels(ref.name), spec, settings
+        ),
     }
 
 
@@ -711,7 +706,7 @@ def render_all(
         render_config_map(ref, text),
         render_service(ref, spec),
         render_pod_disruption_budget(ref),
-        render_network_policy(ref, spec),
+        render_network_policy(ref, spec, settings),
         render_deployment(
             ref,
             spec,

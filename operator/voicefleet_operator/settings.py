@@ -6,7 +6,9 @@ workers run, which namespaces the operator serves.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -24,6 +26,19 @@ LIVEKIT_API_KEY = "LIVEKIT_API_KEY"
 LIVEKIT_API_SECRET = "LIVEKIT_API_SECRET"
 LIVEKIT_SECRET_KEYS = (LIVEKIT_API_KEY, LIVEKIT_API_SECRET)
 """Keys the platform's LiveKit Secret must hold (and the copy in each tenant namespace holds)."""
+
+DEFAULT_INTERNAL_CIDRS = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+"""Private, shared and link-local ranges (RFC 1918, RFC 6598, cloud metadata at 169.254.169.254,
+IPv6 ULA and link-local): where pod, Service and node addresses usually are, so workers may not
+reach them except where the platform or the VoiceAgent says."""
 
 
 class SettingsError(Exception):
@@ -55,8 +70,44 @@ class PlatformSettings(BaseModel):
     runtime_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """VOICEFLEET_RUNTIME_IMAGE_PULL_POLICY."""
 
+    allowed_image_repositories: tuple[str, ...] = ()
+    """VOICEFLEET_ALLOWED_IMAGE_REPOSITORIES: comma-separated repositories whose images (any tag
+    or digest) a VoiceAgent may run as spec.worker.image, besides runtime_image."""
+
+    allowed_image_digests: tuple[str, ...] = ()
+    """VOICEFLEET_ALLOWED_IMAGE_DIGESTS: comma-separated digests (sha256:<hex>); an image
+    pinned to one of them (<repository>@<digest>) is allowed whatever its repository."""
+
     watch_namespaces: tuple[str, ...] = ()
     """VOICEFLEET_WATCH_NAMESPACES: comma-separated namespaces to serve; empty means all."""
+
+    platform_namespace: str | None = None
+    """VOICEFLEET_PLATFORM_NAMESPACE: the platform's own namespace (defaults to POD_NAMESPACE);
+    its pods may reach the workers' health and metrics ports (the operator reads /worker and
+    pushes /admission). Unset (an operator running outside the cluster): no such rule."""
+
+    monitoring_namespace_selector: dict[str, str] | None = None
+    """VOICEFLEET_MONITORING_NAMESPACE_SELECTOR: labels (key=value,key=value) of the namespaces
+    whose monitoring pods may scrape the workers' metrics port; unset: no scraping from pods
+    (the node's own traffic, e.g. a Prometheus on the host, is always allowed)."""
+
+    monitoring_pod_selector: dict[str, str] = {}
+    """VOICEFLEET_MONITORING_POD_SELECTOR: labels (key=value,key=value) of those monitoring
+    pods (none: every pod of the selected namespaces)."""
+
+    internal_cidrs: tuple[str, ...] = DEFAULT_INTERNAL_CIDRS
+    """VOICEFLEET_INTERNAL_CIDRS: comma-separated ranges of the cluster and its private
+    network; workers reach them only for DNS, LiveKit, their own namespace, what the platform
+    allows (egress_allowed_cidrs) and what their VoiceAgent declares."""
+
+    egress_allowed_cidrs: tuple[str, ...] = ()
+    """VOICEFLEET_EGRESS_ALLOWED_CIDRS: comma-separated ranges every worker may reach although
+    they are internal (e.g. LiveKit's media addresses when its URL is a name that resolves to a
+    private address, a shared provider gateway)."""
+
+    cluster_domain: Annotated[str, Field(min_length=1)] = "cluster.local"
+    """VOICEFLEET_CLUSTER_DOMAIN: the cluster's DNS domain, to recognise in-cluster URLs
+    (<service>.<namespace>.svc.<domain>) in a VoiceAgent."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """VOICEFLEET_LOG_LEVEL."""
@@ -106,12 +157,52 @@ class PlatformSettings(BaseModel):
     lease_retry_seconds: Annotated[float, Field(gt=0)] = 2.0
     """VOICEFLEET_LEASE_RETRY_SECONDS: how often the leader renews and a standby tries."""
 
-    @field_validator("watch_namespaces", mode="before")
+    @field_validator(
+        "watch_namespaces",
+        "internal_cidrs",
+        "egress_allowed_cidrs",
+        "allowed_image_repositories",
+        "allowed_image_digests",
+        mode="before",
+    )
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("internal_cidrs", "egress_allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as error:
+                raise ValueError(f"{cidr!r} is not a CIDR ({error})") from None
+        return value
+
+    @field_validator("allowed_image_digests")
+    @classmethod
+    def _digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for digest in value:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise ValueError(f"{digest!r} is not a digest (sha256:<64 hex digits>)")
+        return value
+
+    @field_validator("monitoring_namespace_selector", "monitoring_pod_selector", mode="before")
+    @classmethod
+    def _label_map(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        labels: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            key, sep, label_value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{part!r} is not key=value")
+            labels[key.strip()] = label_value.strip()
+        return labels
 
     @model_validator(mode="after")
     def _lease_timing(self) -> PlatformSettings:
@@ -160,7 +251,7 @@ class PlatformSettings(BaseModel):
             key = ENV_PREFIX + name.upper()
             if key in environ and environ[key] != "":
                 values[name] = environ[key]
-        for defaulted in ("livekit_secret_namespace", "lease_namespace"):
+        for defaulted in ("livekit_secret_namespace", "lease_namespace", "platform_namespace"):
             if defaulted not in values and environ.get("POD_NAMESPACE"):
                 values[defaulted] = environ["POD_NAMESPACE"]
         try:

@@ -29,6 +29,9 @@ SETTINGS = PlatformSettings(
     livekit_url="ws://livekit.voicefleet-system.svc:7880",
     livekit_secret_namespace="voicefleet-system",
     runtime_image="voicefleet/runtime:0.1.0",
+    platform_namespace="voicefleet-system",
+    monitoring_namespace_selector={"kubernetes.io/metadata.name": "monitoring"},
+    monitoring_pod_selector={"app.kubernetes.io/name": "prometheus"},
 )
 LIVEKIT_DATA = {
     "LIVEKIT_API_KEY": base64.b64encode(b"devkey").decode(),
@@ -278,8 +281,9 @@ def test_probes_and_prometheus_annotations_use_the_configured_ports() -> None:
     assert template["metadata"]["annotations"]["prometheus.io/port"] == "9191"
     assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert result.child("Service")["spec"]["ports"][0]["port"] == 9191
-    policy_ports = result.child("NetworkPolicy")["spec"]["ingress"][0]["ports"]
-    assert {p["port"] for p in policy_ports} == {8181, 9191}
+    from_platform, from_monitoring = result.child("NetworkPolicy")["spec"]["ingress"]
+    assert {p["port"] for p in from_platform["ports"]} == {8181, 9191}
+    assert [p["port"] for p in from_monitoring["ports"]] == [9191]
 
 
 def test_resources_are_derived_from_job_capacity() -> None:
@@ -333,12 +337,27 @@ def test_service_account_mounts_no_token_and_service_is_headless() -> None:
     assert result.child("Service")["spec"]["clusterIP"] == "None"
 
 
-def test_network_policy_limits_ingress_and_leaves_egress_open() -> None:
+def test_network_policy_admits_only_the_platform_and_its_monitoring() -> None:
     policy = rendered(example_spec()).child("NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    assert policy["egress"] == [{}]
-    assert len(policy["ingress"]) == 1
-    assert "from" not in policy["ingress"][0]
+    assert policy["podSelector"] == {"matchLabels": render.selector_labels(REF.name)}
+    assert [rule["from"] for rule in policy["ingress"]] == [
+        [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": "voicefleet-system"}
+                }
+            }
+        ],
+        [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+            }
+        ],
+    ]
+    # No egress rule allows everything: each one names ports or peers.
+    assert all(rule for rule in policy["egress"])
 
 
 def test_replicas_are_rendered_as_given() -> None:

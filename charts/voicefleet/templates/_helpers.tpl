@@ -60,3 +60,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $calls := .Values.tenantLimits.defaultMaxConcurrentCalls -}}
 {{- if not (kindIs "invalid" $calls) -}}{{ printf "%d" (int $calls) }}{{- end -}}
 {{- end -}}
+
+{{- /* A label map as the operator reads it: "key=value,key=value" (empty for none). */}}
+{{- define "voicefleet.labelList" -}}
+{{- $pairs := list -}}
+{{- range $key, $value := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
