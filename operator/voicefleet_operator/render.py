@@ -293,6 +293,8 @@ def runtime_config(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> RuntimeConfig:
         "admission": admission_settings(spec),
         "overflow": spec.overflow.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
+    if spec.call_limits is not None:
+        document["callLimits"] = spec.call_limits.wire()
     webhook = records_webhook(spec)
     if webhook is not None:
         hook = webhook.wire()

@@ -41,6 +41,8 @@ EndReason = Literal[
     "drained",
     "room_closed",
     "overflow",
+    "max_duration",
+    "silence_timeout",
 ]
 END_REASONS: Final[dict[str, str]] = {
     "caller_hung_up": "the caller left the call (hung up, or closed the WebRTC session)",
@@ -51,6 +53,10 @@ END_REASONS: Final[dict[str, str]] = {
     "drained": "the worker shut down and the call outlasted worker.drainTimeoutSeconds",
     "room_closed": "the call's LiveKit room was closed by someone else (e.g. deleted by API)",
     "overflow": "the caller was beyond capacity and got the overflow treatment (no agent)",
+    "max_duration": "the call reached spec.callLimits.maxDurationSeconds: the caller was warned, "
+    "then the agent said goodbye and hung up",
+    "silence_timeout": "the caller said nothing for spec.callLimits.silenceTimeoutSeconds, nor "
+    "after the agent's prompt: the agent said goodbye and hung up",
 }
 
 
@@ -239,7 +245,7 @@ class CallRecord(RecordModel):
     """endedAt - startedAt."""
     end_reason: EndReason
     """How the call ended: caller_hung_up, agent_ended, transferred, error, drained,
-    room_closed or overflow (see the table)."""
+    room_closed, overflow, max_duration or silence_timeout (see the table)."""
     end_detail: str = ""
     """livekit-agents' own words for the end (session close reason, job shutdown reason)."""
     agents: list[AgentSpan] = []

@@ -2,8 +2,8 @@
 
 The operator imports this module to validate and render a VoiceAgent into the file the runtime
 loads, so it depends on the base dependencies only (pydantic, PyYAML, and jsonschema for tool
-parameter schemas): the operator image must not pull in livekit-agents. Field names are camelCase on the wire (the same spelling as the VoiceAgent spec)
-and snake_case in Python.
+parameter schemas): the operator image must not pull in livekit-agents. Field names are
+camelCase on the wire (the same spelling as the VoiceAgent spec) and snake_case in Python.
 
 Secrets never appear in the config: a value that is secret names an environment variable
 (`valueFromEnv`) that the pod gets from a Secret. Provider API keys come from the provider's
@@ -449,6 +449,87 @@ class PipelineConfig(Model):
     """Silence after which the caller counts as away; omit to disable."""
 
 
+# --- call limits and DTMF -------------------------------------------------------------------
+
+WARN_BEFORE_DEFAULT_SECONDS = 30
+"""Default lead of the duration warning: the line takes 3-5 s to say, which leaves the caller
+about 25 s, one more question and its answer, to finish before the polite end."""
+MIN_SECONDS_BEFORE_WARNING = 15
+"""maxDurationSeconds must leave at least this much before the warning: dispatch and greeting
+take about 2-8 s, and a warning heard during or right after the greeting makes no sense. How
+long a greeting lasts depends on the TTS voice, so the rule is this fixed floor, not a guess."""
+
+
+class CallLimitsConfig(Model):
+    """Bounds on each call: how long it may last and how long the caller may stay silent.
+
+    Both end the call politely: the agent says its line (not cut by the caller), then hangs up
+    (a phone caller gets a BYE), and the call record's endReason says which limit ended it
+    (max_duration or silence_timeout)."""
+
+    max_duration_seconds: Annotated[int | None, Field(ge=20, le=86400)] = None
+    """Longest a call may last, counted from when the agent's session starts (the caller is
+    connected). At maxDurationSeconds - warnBeforeSeconds the agent says `warningMessage`;
+    at maxDurationSeconds it stops what it is saying, says `endMessage` and hangs up. Must be
+    at least warnBeforeSeconds + 15 (room for the greeting before the warning). Omit for no
+    limit."""
+    warn_before_seconds: Annotated[int, Field(ge=5, le=600)] = WARN_BEFORE_DEFAULT_SECONDS
+    """How long before the end the caller is warned (default 30 s: the warning takes 3-5 s to
+    say and leaves about one more question and its answer)."""
+    warning_message: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "Just so you know, we need to wrap up: this call will end in about {seconds} seconds."
+    )
+    """What the agent says warnBeforeSeconds before the end; {seconds} is replaced by
+    warnBeforeSeconds. Said after the sentence in progress."""
+    end_message: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "We have reached the time limit for this call. Thank you for calling, goodbye."
+    )
+    """What the agent says before it hangs up at maxDurationSeconds."""
+    silence_timeout_seconds: Annotated[float | None, Field(ge=3, le=3600)] = None
+    """How long the caller may say nothing (while the agent is listening too) before the agent
+    asks `silencePrompt`; after as long again without a word (or a key press) it says
+    `silenceEndMessage` and hangs up. It is the session's user-away timeout (it replaces
+    pipeline.userAwayTimeoutSeconds): the caller turns `away` after it. Omit to keep callers on
+    the line however long they are silent."""
+    silence_prompt: Annotated[str, Field(min_length=1, max_length=500)] = "Are you still there?"
+    """What the agent asks a silent caller."""
+    silence_end_message: Annotated[str, Field(min_length=1, max_length=500)] = (
+        "I haven't heard from you, so I'll end the call now. Goodbye."
+    )
+    """What the agent says before it hangs up on a caller who stayed silent after the prompt."""
+
+    @model_validator(mode="after")
+    def _room_before_warning(self) -> Self:
+        maximum = self.max_duration_seconds
+        if maximum is not None and maximum < self.warn_before_seconds + MIN_SECONDS_BEFORE_WARNING:
+            raise ValueError(
+                f"maxDurationSeconds ({maximum}) must be at least warnBeforeSeconds "
+                f"({self.warn_before_seconds}) + {MIN_SECONDS_BEFORE_WARNING}: the warning would "
+                "come during or right after the greeting; raise maxDurationSeconds or lower "
+                "warnBeforeSeconds"
+            )
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxDurationSeconds) || self.maxDurationSeconds >= "
+                    f"(has(self.warnBeforeSeconds) ? self.warnBeforeSeconds : "
+                    f"{WARN_BEFORE_DEFAULT_SECONDS}) + {MIN_SECONDS_BEFORE_WARNING}",
+                    "maxDurationSeconds must be at least warnBeforeSeconds + "
+                    f"{MIN_SECONDS_BEFORE_WARNING}: the warning would come during or right "
+                    "after the greeting",
+                    ".maxDurationSeconds",
+                )
+            ]
+        }
+    )
+
+    def warning_text(self) -> str:
+        return self.warning_message.replace("{seconds}", str(self.warn_before_seconds))
+
+
 # --- tools ----------------------------------------------------------------------------------
 
 
@@ -661,6 +742,8 @@ class AgentsSection(Model):
     """Name of the agent that answers the call."""
     pipeline: PipelineConfig = PipelineConfig()
     """STT, LLM, TTS, VAD and turn-taking."""
+    call_limits: CallLimitsConfig | None = None
+    """Longest call and longest silence, each ended politely; omit for no limits."""
 
     @model_validator(mode="after")
     def _references(self) -> Self:

@@ -62,6 +62,7 @@ def end_reason(
     transferred: bool = False,
     failed: bool = False,
     overflowed: bool = False,
+    limit_reached: EndReason | None = None,
 ) -> EndReason:
     """How the call ended, from what the agent did and what livekit-agents reported.
 
@@ -74,6 +75,8 @@ def end_reason(
         return "overflow"
     if transferred:
         return "transferred"
+    if limit_reached is not None:  # a call limit made the agent hang up (limits.py)
+        return limit_reached
     if hung_up_by_agent:
         return "agent_ended"
     if failed or close_reason == "error" or "crash" in shutdown_reason:
@@ -289,6 +292,7 @@ class CallRecorder:
         hung_up_by_agent: bool = False,
         transferred: bool = False,
         overflowed: bool = False,
+        limit_reached: EndReason | None = None,
     ) -> CallRecord:
         self.mark_ended()
         assert self.ended_at is not None
@@ -303,6 +307,7 @@ class CallRecorder:
             transferred=transferred,
             failed=self.failed,
             overflowed=overflowed,
+            limit_reached=limit_reached,
         )
         detail = "; ".join(
             part

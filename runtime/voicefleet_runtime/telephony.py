@@ -37,7 +37,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from livekit import api, rtc
 from livekit.agents import RunContext, ToolError, function_tool
@@ -161,6 +161,8 @@ class CallControls:
         """Targets the caller was transferred to (the call record's `transferred`)."""
         self.hung_up = False
         """An agent ended the call (end_call); the call record says so."""
+        self.limit_reached: Literal["max_duration", "silence_timeout"] | None = None
+        """A call limit (limits.py) ended the call; the call record's endReason says which."""
 
     def function_tools(self) -> list[RawFunctionTool[Any, Any]]:
         tools: list[RawFunctionTool[Any, Any]] = [
@@ -263,6 +265,11 @@ class CallControls:
         finally:
             for event in events:
                 self.room.off(event, check)
+
+    async def hang_up_at_limit(self, reason: Literal["max_duration", "silence_timeout"]) -> None:
+        """The call limits' hang-up: recorded as the limit, not as the agent's end_call."""
+        self.limit_reached = reason
+        await self.hang_up()
 
     async def _end_call_tool(self, raw_arguments: dict[str, Any], context: RunContext) -> None:
         # Let the goodbye said before this call finish playing, then hang up.

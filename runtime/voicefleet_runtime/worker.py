@@ -71,6 +71,7 @@ from voicefleet_runtime.agents import AgentFactory, CallState
 from voicefleet_runtime.callrecords import Recording, utc
 from voicefleet_runtime.config import (
     CONFIG_PATH_ENV,
+    CallLimitsConfig,
     CallRecordingConfig,
     RuntimeConfig,
     load_from_environment,
@@ -83,6 +84,7 @@ from voicefleet_runtime.delivery import (
     signing_key,
     spool_directory,
 )
+from voicefleet_runtime.limits import CallLimiter
 from voicefleet_runtime.pipeline import (
     TurnDetectionPlan,
     build_pipeline,
@@ -508,6 +510,10 @@ async def entrypoint(ctx: JobContext) -> None:
         )
         pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
         session_options: dict[str, Any] = pipeline.session_options()
+        call_limits = config.call_limits or CallLimitsConfig()
+        session_options["user_away_timeout"] = CallLimiter.user_away_timeout(
+            call_limits, pipeline.user_away_timeout
+        )
         # Session-level toolsets: one MCP session per call, kept across handoffs.
         mcp_toolsets = build_mcp_toolsets(config.mcp_servers, os.environ, labels, call=state)
         if mcp_toolsets:
@@ -549,6 +555,7 @@ async def entrypoint(ctx: JobContext) -> None:
         await session.start(
             factory.entry(), room=ctx.room, room_options=room_options, **start_options
         )
+        CallLimiter(call_limits, session, controls.hang_up_at_limit).start()
         logger.info(
             "call started in room %s (session start %.3fs)",
             ctx.room.name,
@@ -633,6 +640,7 @@ def spool_record(
             hung_up_by_agent=controls is not None and controls.hung_up,
             transferred=controls is not None and bool(controls.transfers),
             overflowed=overflowed,
+            limit_reached=controls.limit_reached if controls is not None else None,
         )
         path = Spool(spool_directory(config)).put(record)
     except Exception:
@@ -688,6 +696,9 @@ class CountingAgentServer(AgentServer):
         await super().aclose()
         if self.runtime is not None:
             runtime, self.runtime = self.runtime, None  # once
+            if runtime.desk is not None:
+                # Overflow treatments in progress (a few seconds each) finish and spool theirs.
+                await runtime.desk.aclose()
             await runtime.flush_records()
 
 
