@@ -47,6 +47,10 @@ LIMITS = CallLimitsConfig(
     warn_before_seconds=WARN_BEFORE_S,
     silence_timeout_seconds=SILENCE_TIMEOUT_S,
 )
+"""The duration test's worker (a talkative caller never reaches the silence timeout)."""
+SILENCE_ONLY = CallLimitsConfig(silence_timeout_seconds=SILENCE_TIMEOUT_S)
+"""The silence test's worker: on a loaded machine greeting, prompt and goodbye can outlast a
+short maximum duration, whose warning would then come in between."""
 WARNING = LIMITS.warning_text()
 
 
@@ -68,6 +72,7 @@ async def webhooks() -> AsyncIterator[Webhooks]:
 
 @pytest_asyncio.fixture
 async def limited_worker(
+    request: pytest.FixtureRequest,
     livekit: LiveKitEndpoint,
     providers: ProviderServer,
     webhooks: Webhooks,
@@ -78,7 +83,8 @@ async def limited_worker(
     config: dict[str, Any] = records_config(
         dispatch_name, providers.base_url, webhooks.url, receiver
     )
-    config["callLimits"] = LIMITS.wire()
+    limits: CallLimitsConfig = getattr(request, "param", LIMITS)
+    config["callLimits"] = limits.wire()
     worker = records_worker(livekit, config, tmp_path / "worker")
     worker.start()
     try:
@@ -154,6 +160,7 @@ async def test_a_call_at_its_maximum_duration_is_warned_then_ended(
     )
 
 
+@pytest.mark.parametrize("limited_worker", [SILENCE_ONLY], indirect=True, ids=["silence"])
 async def test_a_silent_caller_is_prompted_then_hung_up(
     livekit: LiveKitEndpoint,
     providers: ProviderServer,
