@@ -472,6 +472,13 @@ SPEC_RULES: Final[list[JsonDict]] = [
         "every name in an agent's tools must be the name of one of spec.tools",
         ".agents",
     ),
+    # Twin of VoiceAgentSpec._dtmf_needs_telephony.
+    cel(
+        "!has(self.dtmf) || has(self.telephony)",
+        "spec.dtmf: DTMF (phone keypad digits) needs phone calls; set spec.telephony "
+        "(numbers, inbound) or remove spec.dtmf",
+        ".dtmf",
+    ),
     # Twin of VoiceAgentSpec._target_within_threshold; omitted fields take their defaults.
     cel(
         "(has(self.scaling) && has(self.scaling.targetLoad) ? self.scaling.targetLoad : "
@@ -539,6 +546,15 @@ class VoiceAgentSpec(AgentsSection):
         for index, agent in enumerate(self.agents):
             _unique(agent.tools, f"agents[{index}].tools entry")
             _unique(agent.handoffs, f"agents[{index}].handoffs entry")
+        return self
+
+    @model_validator(mode="after")
+    def _dtmf_needs_telephony(self) -> Self:
+        if self.dtmf is not None and self.telephony is None:
+            raise ValueError(
+                "spec.dtmf: DTMF (phone keypad digits) needs phone calls; set spec.telephony "
+                "(numbers, inbound) or remove spec.dtmf"
+            )
         return self
 
     @model_validator(mode="after")

@@ -295,6 +295,8 @@ def runtime_config(ref: VoiceAgentRef, spec: VoiceAgentSpec) -> RuntimeConfig:
     }
     if spec.call_limits is not None:
         document["callLimits"] = spec.call_limits.wire()
+    if spec.dtmf is not None:
+        document["dtmf"] = spec.dtmf.wire()
     webhook = records_webhook(spec)
     if webhook is not None:
         hook = webhook.wire()

@@ -530,6 +530,27 @@ class CallLimitsConfig(Model):
         return self.warning_message.replace("{seconds}", str(self.warn_before_seconds))
 
 
+DTMF_DIGITS = r"^[0-9*#A-D]{1,32}$"
+
+
+class DtmfConfig(Model):
+    """Phone keypad digits (DTMF, RFC 4733 events through livekit-sip), both ways."""
+
+    inter_digit_timeout_seconds: Annotated[float, Field(ge=0.3, le=10)] = 2.0
+    """Digits the caller presses are gathered until they pause this long (or press
+    `terminator`), then reach the LLM as one caller message, e.g. `[The caller pressed the
+    phone keys: 1234]`."""
+    terminator: Literal["#", "*", "none"] = "#"
+    """A key that ends the entry at once (it is passed on with the digits); `none`: only the
+    pause ends it."""
+    interrupt: bool = True
+    """A key press interrupts the agent's speech (as in phone menus)."""
+    send_tool: bool = True
+    """Agents get a `send_dtmf` tool that presses keys on the call (phone menus, PINs); each
+    digit goes to livekit-sip, which sends it to the caller's side as an RFC 4733 event."""
+
+
+# --- tools ----------------------------------------------------------------------------------
 # --- tools ----------------------------------------------------------------------------------
 
 
@@ -744,6 +765,9 @@ class AgentsSection(Model):
     """STT, LLM, TTS, VAD and turn-taking."""
     call_limits: CallLimitsConfig | None = None
     """Longest call and longest silence, each ended politely; omit for no limits."""
+    dtmf: DtmfConfig | None = None
+    """Phone keypad digits: what the caller presses reaches the LLM, and agents may press keys
+    (send_dtmf). Phone calls only: needs `telephony`. Omit to ignore key presses."""
 
     @model_validator(mode="after")
     def _references(self) -> Self:

@@ -84,6 +84,7 @@ from voicefleet_runtime.delivery import (
     signing_key,
     spool_directory,
 )
+from voicefleet_runtime.dtmf import DtmfReceiver, DtmfSender
 from voicefleet_runtime.limits import CallLimiter
 from voicefleet_runtime.pipeline import (
     TurnDetectionPlan,
@@ -541,7 +542,17 @@ async def entrypoint(ctx: JobContext) -> None:
             ctx.room.name, phone_call, config.telephony.transfer_to, room=ctx.room
         )
         call_controls.append(controls)
-        factory = AgentFactory(config, toolbox, state, call_tools=controls.function_tools)
+        # Keypad digits on phone calls (spec.dtmf): the caller's reach the LLM, agents may send.
+        dtmf = config.dtmf if phone_call is not None else None
+        sender = DtmfSender(ctx.room) if dtmf is not None and dtmf.send_tool else None
+
+        def call_tools() -> list[Any]:
+            tools: list[Any] = list(controls.function_tools())
+            if sender is not None:
+                tools += sender.function_tools()
+            return tools
+
+        factory = AgentFactory(config, toolbox, state, call_tools=call_tools)
         room_options = room_io.RoomOptions(
             participant_identity=participant.identity,
             audio_input=room_io.AudioInputOptions(noise_cancellation=pipeline.noise_cancellation),
@@ -556,6 +567,8 @@ async def entrypoint(ctx: JobContext) -> None:
             factory.entry(), room=ctx.room, room_options=room_options, **start_options
         )
         CallLimiter(call_limits, session, controls.hang_up_at_limit).start()
+        if dtmf is not None:
+            DtmfReceiver(dtmf, session, ctx.room, participant.identity).start()
         logger.info(
             "call started in room %s (session start %.3fs)",
             ctx.room.name,

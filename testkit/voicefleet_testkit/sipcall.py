@@ -90,6 +90,24 @@ class RtpFrame:
     rms: float
 
 
+DTMF_EVENTS = "0123456789*#ABCD"
+"""RFC 4733 event codes 0-15 as keypad digits."""
+
+
+@dataclass
+class TelephoneEvent:
+    """One RFC 4733 telephone-event packet (an RTP payload of 4 bytes): a key being pressed.
+    A key press is several packets with the same RTP timestamp, the last ones marked `end`."""
+
+    at: float
+    payload_type: int
+    timestamp: int
+    event: int
+    end: bool
+    duration: int
+    """In timestamp units (8 kHz: 1/8000 s)."""
+
+
 @dataclass
 class SipPacket:
     at: float
@@ -110,6 +128,9 @@ class WireCapture:
     media_port: int
     rtp: list[RtpFrame] = field(default_factory=list)
     sip: list[SipPacket] = field(default_factory=list)
+    events: list[TelephoneEvent] = field(default_factory=list)
+    """4-byte RTP payloads of any payload type but PCMU: candidate telephone-events (the
+    payload type is dynamic; `dtmf_digits` keeps the one the answer's SDP names)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _socket: socket.socket | None = None
@@ -178,6 +199,12 @@ class WireCapture:
         if packet[0] & 0x20 and body:  # padding
             body = body[: -body[-1]]
         rms = 0.0
+        if payload_type != 0 and len(body) == 4:
+            event, flags, duration = struct.unpack("!BBH", body)
+            timestamp = struct.unpack_from("!I", packet, 4)[0]
+            self.events.append(
+                TelephoneEvent(at, payload_type, timestamp, event, bool(flags & 0x80), duration)
+            )
         if payload_type == 0 and body:
             samples = ULAW[np.frombuffer(body, dtype=np.uint8)]
             self._samples.append(samples)
@@ -198,6 +225,25 @@ class WireCapture:
 
     def first_voiced_at(self) -> float | None:
         return next((f.at for f in self.pcmu_frames() if f.rms > SILENCE_RMS), None)
+
+    def telephone_event_payload_type(self) -> int | None:
+        """The telephone-event payload type livekit-sip's answer (SDP) chose."""
+        answer = self.answer()
+        if answer is None:
+            return None
+        found = re.search(r"^a=rtpmap:(\d+) telephone-event/8000", answer.text, re.M | re.I)
+        return int(found.group(1)) if found else None
+
+    def dtmf_digits(self) -> str:
+        """The keys livekit-sip pressed towards the caller, in order: one digit per distinct
+        RTP timestamp of the answer's telephone-event payload type (RFC 4733 sends a key as
+        several packets with one timestamp, the last ones repeated with the end bit)."""
+        payload_type = self.telephone_event_payload_type()
+        digits: dict[int, str] = {}
+        for event in self.events:
+            if event.payload_type == payload_type and event.event < len(DTMF_EVENTS):
+                digits.setdefault(event.timestamp, DTMF_EVENTS[event.event])
+        return "".join(digits.values())
 
     def sent(self, method: str) -> list[SipPacket]:
         return [p for p in self.sip if p.outgoing and p.first_line.startswith(method + " ")]
