@@ -40,7 +40,7 @@ import aiohttp
 import kopf
 from voicefleet_runtime.config import PROVIDER_KEY_ENV, ConfigError
 
-from voicefleet_operator import autoscaler, image_policy, metrics, render
+from voicefleet_operator import autoscaler, image_policy, metrics, platform_features, render
 from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
     DNS1035_LABEL,
@@ -233,6 +233,10 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         problems += [
             Problem("ImageNotAllowed", message)
             for message in image_policy.image_problems(spec, ctx.settings)
+        ]
+        problems += [
+            Problem("NeedsLiveKitCloud", message)
+            for message in platform_features.platform_problems(spec, ctx.settings)
         ]
     if spec is None or problems:
         deployment = await _owned(ctx, ref, "Deployment", names.deployment)

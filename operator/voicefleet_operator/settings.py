@@ -57,6 +57,11 @@ class PlatformSettings(BaseModel):
     """VOICEFLEET_LIVEKIT_API_URL: the URL the operator itself uses for LiveKit's server API
     (SIP trunks, dispatch rules); defaults to livekit_url."""
 
+    livekit_cloud: bool = False
+    """VOICEFLEET_LIVEKIT_CLOUD (Helm value livekit.cloud): the LiveKit server is LiveKit Cloud.
+    Features only LiveKit Cloud serves (enhanced noise cancellation, spec.pipeline.
+    noiseCancellation.mode bvc / bvc-telephony) are refused otherwise (platform_features.py)."""
+
     livekit_secret_name: Annotated[str, Field(min_length=1)] = "voicefleet-livekit"
     """VOICEFLEET_LIVEKIT_SECRET_NAME: Secret holding LIVEKIT_API_KEY and LIVEKIT_API_SECRET."""
 

@@ -384,7 +384,9 @@ class NoiseCancellationConfig(Model):
     """Noise cancellation applied to the caller's audio."""
 
     mode: Literal["none", "bvc", "bvc-telephony"] = "none"
-    """bvc and bvc-telephony need LiveKit Cloud's enhanced noise cancellation."""
+    """bvc and bvc-telephony need LiveKit Cloud's enhanced noise cancellation: a self-hosted
+    livekit-server does not authorize the filter (the audio goes through unfiltered), so the
+    operator refuses them unless the platform's LiveKit is LiveKit Cloud (livekit.cloud)."""
 
 
 class InterruptionsConfig(Model):

@@ -123,13 +123,19 @@ def noise_cancellation(config: NoiseCancellationConfig) -> Any:
     return nc.BVC() if config.mode == "bvc" else nc.BVCTelephony()
 
 
+NOISE_CANCELLATION_MODULE = "livekit.plugins.noise_cancellation"
+"""Never preloaded: importing it registers its audio filter with livekit.rtc's native runtime
+(`rtc.AudioFilter`, an FFI request), which cannot be used across fork(); imported in the
+forkserver, every job process's `ctx.connect()` fails ("livekit.rtc was used in a parent process
+before fork()") and every call crashes. Each job process imports it when it builds its pipeline."""
+
+
 def plugin_modules(config: PipelineConfig) -> list[str]:
     """The plugin packages this pipeline uses, for the forkserver to import once: a job process
-    would otherwise spend seconds importing them at its first call."""
+    would otherwise spend seconds importing them at its first call (all but the noise
+    cancellation plugin, see NOISE_CANCELLATION_MODULE)."""
     modules = {f"livekit.plugins.{p}" for p in (config.stt.provider, config.tts.provider)}
     modules |= {"livekit.plugins.openai", "livekit.plugins.silero"}
-    if config.noise_cancellation.mode != "none":
-        modules.add("livekit.plugins.noise_cancellation")
     return sorted(modules)
 
 

@@ -525,6 +525,28 @@ def test_a_tool_schema_no_provider_takes_is_config_valid_false_naming_the_field(
     assert list_children(cluster, tenant, "support")["Deployment"] == []
 
 
+def test_cloud_only_noise_cancellation_is_refused_on_a_self_hosted_livekit(
+    cluster: ClusterHandle, tenant: str, operator: OperatorProcess
+) -> None:
+    """bvc needs LiveKit Cloud (platform_features.py): with the platform's default
+    livekit.cloud: false the operator rolls nothing out and names the field; mode none
+    recovers."""
+    spec = example_spec()
+    spec["pipeline"]["noiseCancellation"] = {"mode": "bvc"}
+    create_agent(cluster, tenant, "support", spec)
+    agent = wait_condition(cluster, tenant, "support", "ConfigValid", "False", generation=1)
+    invalid = condition(agent, "ConfigValid")
+    assert invalid is not None and invalid["reason"] == "NeedsLiveKitCloud"
+    assert invalid["message"].startswith(
+        "spec.pipeline.noiseCancellation.mode: 'bvc' needs LiveKit Cloud"
+    ), invalid["message"]
+    assert list_children(cluster, tenant, "support")["Deployment"] == []
+    generation = patch_spec(
+        cluster, tenant, "support", {"pipeline": {"noiseCancellation": {"mode": "none"}}}
+    )
+    wait_condition(cluster, tenant, "support", "ConfigValid", "True", generation=generation)
+
+
 def test_deleted_deployment_is_recreated(
     cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
