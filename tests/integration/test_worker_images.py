@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,16 @@ REFUSED = [
 ]
 
 
+def _render_chart(*set_args: str) -> list[dict[str, Any]]:
+    """`helm template` with the pinned helm (found by localdev, not on PATH: `make test` does
+    not put it there) and the test kit's base values."""
+    argv = [str(chart.helm()), "template", "vf", str(chart.CHART), "--namespace", "vf-system"]
+    argv += [*observability.BASE_VALUES, *set_args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}{proc.stdout}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
 def policy_namespace(control_plane: ClusterHandle) -> Iterator[str]:
     """The CRD, a namespace, and the chart's image policy bound to that namespace."""
@@ -57,7 +68,7 @@ def policy_namespace(control_plane: ClusterHandle) -> Iterator[str]:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(chart.CHART / "crds"))
     namespace = f"images-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
-    docs = observability.render_chart(
+    docs = _render_chart(
         "--set", f"watchNamespaces={{{namespace}}}",
         "--set", f"runtime.allowedImages.repositories={{{REPOSITORY}}}",
         "--set", f"runtime.allowedImages.digests={{{DIGEST}}}",
