@@ -4,6 +4,8 @@
 PYTHON ?= .venv/bin/python
 INFRA := $(PYTHON) -m voicefleet_localdev
 PYTEST := $(PYTHON) -m pytest
+# The pinned binaries (helm, kubectl, ...) on PATH for the tests, as `eval "$(make -s env)"` does.
+WITH_TOOLS = eval "$$($(INFRA) env)" &&
 # uv is pinned here and installed by `make setup` when missing; it installs from uv.lock exactly.
 UV_VERSION := 0.13.8
 UV := python3 -m uv
@@ -35,7 +37,7 @@ unit-tools: setup
 	$(INFRA) build helm debian
 
 unit: unit-tools
-	eval "$$($(INFRA) env)" && $(PYTEST) tests/unit
+	$(WITH_TOOLS) $(PYTEST) tests/unit
 
 # Every program the local platform runs is installed by `make infra` (fails naming the ones
 # nothing installs).
@@ -48,19 +50,19 @@ check: lint typecheck programs unit
 # Integration tests (real kube-apiserver, real livekit-server) and the full-stack e2e tests; the
 # fixtures start what is not running and stop what they started.
 integration: setup infra
-	$(PYTEST) tests/integration
+	$(WITH_TOOLS) $(PYTEST) tests/integration
 
 e2e: setup infra
-	$(PYTEST) tests/e2e
+	$(WITH_TOOLS) $(PYTEST) tests/e2e
 
 # Only the phone-call e2e (sipp through livekit-sip to the worker pods); part of `make test`.
 e2e-telephony: setup infra
-	$(PYTEST) tests/e2e/test_telephony.py
+	$(WITH_TOOLS) $(PYTEST) tests/e2e/test_telephony.py
 
 # Everything CI runs (README's test command): checks, then every integration and e2e test in one
 # pytest session so the cluster and LiveKit stack are started once.
 test: check infra
-	$(PYTEST) --durations=25 -rs tests/integration tests/e2e
+	$(WITH_TOOLS) $(PYTEST) --durations=25 -rs tests/integration tests/e2e
 
 # ---------------------------------------------------------------- code generation
 

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from voicefleet_localdev import paths, pki, procs
+from voicefleet_localdev import leases, paths, pki, procs
 from voicefleet_localdev.procs import ComponentError, run
 
 NODE_NAME = "voicefleet-node"
@@ -1077,6 +1077,18 @@ def up(
 def down(node_only: bool = False, provider_name: str = "auto") -> None:
     with exclusive():
         provider(provider_name).down(node_only)
+
+
+def down_unless_held(node_only: bool = False, *, excluding_pid: int) -> list[leases.Holder]:
+    """Stop the cluster (or only its node) unless another process holds a lease on it, and
+    return those holders. Checked and done under the cluster lock, which a test session also
+    holds while it takes its lease and looks for a running cluster: nobody finds the cluster
+    running and then loses it."""
+    with exclusive():
+        held = leases.holders(excluding_pid=excluding_pid)
+        if not held:
+            provider().down(node_only)
+        return held
 
 
 def record_starter(field: str, pid: int | None) -> None:

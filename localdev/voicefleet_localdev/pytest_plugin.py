@@ -133,8 +133,10 @@ def control_plane() -> Iterator[ClusterHandle]:
     """A control plane (etcd, kube-apiserver, controller-manager, scheduler); may have a node
     if one was already running. Stopped at the end by the last test session using it, if a
     test session started it (a cluster from `make cluster-up` is left running)."""
-    lease = leases.hold(leases.TEST_SESSION)
-    if cluster.provider().running() is None:
+    with cluster.exclusive():  # no holder's teardown can stop what this session just found
+        lease = leases.hold(leases.TEST_SESSION)
+        running = cluster.provider().running()
+    if running is None:
         _up(with_node=False)
         cluster.record_starter("startedBy", os.getpid())
     info = cluster.read_info()
@@ -146,8 +148,8 @@ def control_plane() -> Iterator[ClusterHandle]:
         handle.api_client.close()
         lease.unlink(missing_ok=True)
         current = cluster.read_info()
-        if current is not None and current.startedBy is not None and not _other_holders():
-            cluster.down()
+        if current is not None and current.startedBy is not None:
+            cluster.down_unless_held(excluding_pid=os.getpid())
 
 
 @pytest.fixture(scope="session")
@@ -165,8 +167,8 @@ def cluster_with_node(control_plane: ClusterHandle) -> Iterator[ClusterHandle]:
     finally:
         handle.api_client.close()
         current = cluster.read_info()
-        if current is not None and current.nodeStartedBy is not None and not _other_holders():
-            cluster.down(node_only=True)
+        if current is not None and current.nodeStartedBy is not None:
+            cluster.down_unless_held(node_only=True, excluding_pid=os.getpid())
 
 
 @pytest.fixture(scope="session")
