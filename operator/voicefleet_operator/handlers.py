@@ -155,11 +155,14 @@ async def check_secrets(
             )
     provided = {key for ref in spec.secret_refs for key in (secrets.get(ref.name) or {})}
     pipeline = spec.pipeline
-    for part, provider in (
+    parts = [
         ("stt", pipeline.stt.provider),
         ("llm", pipeline.llm.provider),
         ("tts", pipeline.tts.provider),
-    ):
+    ]
+    if pipeline.realtime is not None:  # the realtime model replaces the three
+        parts = [("realtime", pipeline.realtime.provider)]
+    for part, provider in parts:
         variable = PROVIDER_KEY_ENV.get(provider)
         if variable and variable not in provided:
             listed = ", ".join(repr(ref.name) for ref in spec.secret_refs) or "none listed"

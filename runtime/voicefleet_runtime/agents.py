@@ -58,6 +58,17 @@ def render_instructions(template: str, state: CallState) -> str:
     )
 
 
+def say_line(session: Any, text: str, *, allow_interruptions: bool = True) -> Any:
+    """Say `text` as written: with the pipeline's TTS, or, with a realtime model (no TTS), by
+    asking the model to say exactly these words. Returns the SpeechHandle."""
+    if session.tts is not None:
+        return session.say(text, allow_interruptions=allow_interruptions)
+    return session.generate_reply(
+        instructions=f'Say exactly the following words, and nothing else: "{text}"',
+        allow_interruptions=allow_interruptions,
+    )
+
+
 def handoff_tool_name(agent_name: str) -> str:
     return "transfer_to_" + agent_name.replace("-", "_")
 
@@ -105,7 +116,7 @@ class ConfiguredAgent(Agent):
     async def on_enter(self) -> None:
         self.state.current_agent = self.config.name
         if self.config.greeting:
-            self.session.say(render_instructions(self.config.greeting, self.state))
+            say_line(self.session, render_instructions(self.config.greeting, self.state))
         else:
             self.session.generate_reply()
 

@@ -426,6 +426,71 @@ class EndpointingConfig(Model):
     )
 
 
+class RealtimeTurnDetection(Model):
+    """How the realtime model decides the caller finished speaking (on the provider's server)."""
+
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    """server_vad: silence after speech; semantic_vad: a model judges whether the caller is done
+    (`eagerness`)."""
+    threshold: Annotated[float | None, Field(ge=0, le=1)] = None
+    """server_vad: speech probability above which audio counts as speech (provider default
+    0.5)."""
+    prefix_padding_ms: Annotated[int | None, Field(ge=0, le=5000)] = None
+    """server_vad: audio kept before detected speech (provider default 300)."""
+    silence_duration_ms: Annotated[int | None, Field(ge=0, le=10000)] = None
+    """server_vad: silence that ends the caller's turn (provider default 500)."""
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None
+    """semantic_vad: how soon the model answers (provider default auto)."""
+    interrupt_response: bool = True
+    """The caller's speech interrupts the agent."""
+
+    @model_validator(mode="after")
+    def _options_of_the_type(self) -> Self:
+        server_only = ("threshold", "prefix_padding_ms", "silence_duration_ms")
+        if self.type == "semantic_vad":
+            for name in server_only:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{to_camel(name)} applies to type server_vad only")
+        elif self.eagerness is not None:
+            raise ValueError("eagerness applies to type semantic_vad only")
+        return self
+
+
+class RealtimeConfig(Model):
+    """A speech-to-speech model (OpenAI Realtime API) in place of STT, LLM and TTS: it hears the
+    caller, decides the end of turn, calls tools and speaks."""
+
+    provider: Literal["openai"] = "openai"
+    """Realtime provider; any server speaking the OpenAI Realtime protocol works through
+    `baseUrl`. Its API key comes from OPENAI_API_KEY."""
+    model: Annotated[str, Field(min_length=1, max_length=128)] = "gpt-realtime"
+    """Model name."""
+    voice: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    """Voice (e.g. marin, alloy); omit for the plugin default."""
+    modalities: Annotated[list[Literal["audio", "text"]], Field(min_length=1, max_length=1)] = [
+        "audio"
+    ]
+    """["audio"]: the model speaks; ["text"]: it writes (needs a TTS, not offered here)."""
+    turn_detection: RealtimeTurnDetection = RealtimeTurnDetection()
+    """End-of-turn detection on the provider's server."""
+    input_transcription_model: Annotated[str | None, Field(min_length=1, max_length=128)] = (
+        "gpt-4o-mini-transcribe"
+    )
+    """Model that transcribes the caller for transcripts and call records; null for none."""
+    speed: Annotated[float | None, Field(ge=0.25, le=1.5)] = None
+    """Speaking rate; omit for the provider default."""
+    base_url: Annotated[str | None, Field(pattern=r"^(https?|wss?)://")] = None
+    """Override the provider's endpoint (self-hosted or test servers)."""
+
+    @model_validator(mode="after")
+    def _audio_only(self) -> Self:
+        if self.modalities != ["audio"]:
+            raise ValueError(
+                "modalities: only [audio] is offered (a text-only realtime model needs a TTS)"
+            )
+        return self
+
+
 class PipelineConfig(Model):
     """The speech pipeline: STT, LLM, TTS, VAD, turn detection and conversation behaviour."""
 
@@ -449,6 +514,30 @@ class PipelineConfig(Model):
     """Start the LLM reply before the end of turn is final (lower latency, more tokens)."""
     user_away_timeout_seconds: Annotated[float | None, Field(gt=0, le=3600)] = 15.0
     """Silence after which the caller counts as away; omit to disable."""
+    realtime: RealtimeConfig | None = None
+    """A speech-to-speech model instead of stt, llm and tts (leave those at their defaults:
+    a spec that customises both is refused). Choose it for the most natural turn-taking and
+    the lowest latency on one provider; choose stt/llm/tts to pick each provider, keep costs
+    per part down, or use any OpenAI-compatible LLM."""
+
+    @model_validator(mode="after")
+    def _realtime_or_parts(self) -> Self:
+        if self.realtime is None:
+            return self
+        customised = [
+            name
+            for name, default in (("stt", SttConfig()), ("llm", LlmConfig()), ("tts", TtsConfig()))
+            if getattr(self, name) != default
+        ]
+        if customised:
+            raise ValueError(
+                "realtime replaces stt, llm and tts, but "
+                + ", ".join(f"pipeline.{name}" for name in customised)
+                + " is set too; remove "
+                + ("it" if len(customised) == 1 else "them")
+                + " or remove pipeline.realtime"
+            )
+        return self
 
 
 # --- call limits and DTMF -------------------------------------------------------------------
@@ -857,6 +946,8 @@ class RuntimeConfig(AgentsSection):
         """Provider API key variables the pipeline's providers need."""
         pipeline = self.pipeline
         providers = {pipeline.stt.provider, pipeline.llm.provider, pipeline.tts.provider}
+        if pipeline.realtime is not None:
+            providers = {pipeline.realtime.provider}
         return sorted(PROVIDER_KEY_ENV[p] for p in providers if p in PROVIDER_KEY_ENV)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from livekit.agents import AgentSession, UserStateChangedEvent
 
+from voicefleet_runtime.agents import say_line
 from voicefleet_runtime.config import CallLimitsConfig
 
 logger = logging.getLogger("voicefleet.runtime.limits")
@@ -111,7 +112,7 @@ class CallLimiter:
             return
         self.warned = True
         logger.info("call limit: %d s to go, warning the caller", self.limits.warn_before_seconds)
-        self.session.say(self.limits.warning_text(), allow_interruptions=False)
+        say_line(self.session, self.limits.warning_text(), allow_interruptions=False)
 
     async def _end(self, reason: LimitReason) -> None:
         if self.ending is not None:
@@ -126,7 +127,7 @@ class CallLimiter:
                 # The limit is hard: what the agent is saying stops here.
                 with contextlib.suppress(RuntimeError):
                     await self.session.interrupt(force=True)
-            handle = self.session.say(message, allow_interruptions=False)
+            handle = say_line(self.session, message, allow_interruptions=False)
             try:
                 await asyncio.wait_for(handle.wait_for_playout(), END_MESSAGE_TIMEOUT_SECONDS)
             except TimeoutError:
@@ -157,7 +158,7 @@ class CallLimiter:
         assert timeout is not None
         self.prompted += 1
         logger.info("caller silent for %.0f s: prompting", timeout)
-        handle = self.session.say(self.limits.silence_prompt)
+        handle = say_line(self.session, self.limits.silence_prompt)
         await handle.wait_for_playout()
         await asyncio.sleep(timeout)
         if self.session.user_state == "away" and self.ending is None:

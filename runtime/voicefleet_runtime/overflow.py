@@ -34,7 +34,7 @@ from livekit.agents import AutoSubscribe, JobContext
 
 from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE, OVERFLOW_HEADER, OverflowOptions
 from voicefleet_runtime.config import RuntimeConfig
-from voicefleet_runtime.pipeline import build_tts
+from voicefleet_runtime.pipeline import build_tts, message_tts
 from voicefleet_runtime.telephony import CallControls, PhoneCall
 
 logger = logging.getLogger("voicefleet.runtime.overflow")
@@ -64,7 +64,7 @@ def prewarm_tts(config: RuntimeConfig) -> Any:
     for module in WARM_IMPORTS:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    return build_tts(config.pipeline.tts)
+    return build_tts(message_tts(config.pipeline))
 
 
 def reject_headers(options: OverflowOptions, reason: str) -> dict[str, str]:
@@ -132,7 +132,7 @@ async def give_overflow_treatment(
     """`tts`: the pipeline's TTS built in the process's prewarm (else built here)."""
     options = config.overflow
     received_at = float(getattr(getattr(ctx, "_info", None), "received_at", 0.0) or 0.0)
-    tts = tts if tts is not None else build_tts(config.pipeline.tts)
+    tts = tts if tts is not None else build_tts(message_tts(config.pipeline))
     # A phone call that is to be rejected needs no message: do not synthesise (or bill) it.
     message = Message(tts, options.message) if options.sip.action != "reject" else None
     try:
@@ -294,7 +294,7 @@ class OverflowDesk:
             self._synthesis = asyncio.create_task(self._synthesise(), name="overflow-message")
 
     async def _synthesise(self) -> None:
-        tts = build_tts(self.config.pipeline.tts)
+        tts = build_tts(message_tts(self.config.pipeline))
         frames: list[rtc.AudioFrame] = []
         try:
             async with tts.synthesize(self.config.overflow.message) as stream:

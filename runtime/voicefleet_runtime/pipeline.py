@@ -23,6 +23,7 @@ from voicefleet_runtime.config import (
     LlmConfig,
     NoiseCancellationConfig,
     PipelineConfig,
+    RealtimeConfig,
     SttConfig,
     TtsConfig,
     VadConfig,
@@ -273,7 +274,7 @@ class Pipeline:
     user_away_timeout: float | None
 
     def session_options(self) -> dict[str, Any]:
-        return {
+        options = {
             "stt": self.stt,
             "llm": self.llm,
             "tts": self.tts,
@@ -281,10 +282,84 @@ class Pipeline:
             "turn_handling": self.turn_handling,
             "user_away_timeout": self.user_away_timeout,
         }
+        # A realtime model hears and speaks itself: no STT, no TTS.
+        return {
+            key: value
+            for key, value in options.items()
+            if key not in ("stt", "tts") or value is not None
+        }
+
+
+def message_tts(config: PipelineConfig) -> TtsConfig:
+    """The TTS for lines said outside a conversation (the overflow message): the pipeline's, or
+    with a realtime model the same provider's TTS endpoint (OpenAI's /v1/audio/speech at the
+    realtime base URL, with OPENAI_API_KEY)."""
+    if config.realtime is None:
+        return config.tts
+    base_url = config.realtime.base_url
+    if base_url is not None and base_url.startswith("ws"):
+        base_url = "http" + base_url.removeprefix("ws")
+    return TtsConfig(provider="openai", base_url=base_url)
+
+
+def build_realtime(config: RealtimeConfig) -> Any:
+    """openai.realtime.RealtimeModel from config (GA Realtime protocol over a WebSocket)."""
+    from livekit.plugins import openai
+    from openai.types.realtime.realtime_audio_input_turn_detection import SemanticVad, ServerVad
+
+    detection = config.turn_detection
+    turn_detection: Any
+    if detection.type == "semantic_vad":
+        turn_detection = SemanticVad(
+            type="semantic_vad",
+            eagerness=detection.eagerness,
+            create_response=True,
+            interrupt_response=detection.interrupt_response,
+        )
+    else:
+        turn_detection = ServerVad(
+            type="server_vad",
+            threshold=detection.threshold,
+            prefix_padding_ms=detection.prefix_padding_ms,
+            silence_duration_ms=detection.silence_duration_ms,
+            create_response=True,
+            interrupt_response=detection.interrupt_response,
+        )
+    options: dict[str, Any] = {
+        "model": config.model,
+        "modalities": list(config.modalities),
+        "turn_detection": turn_detection,
+    }
+    if config.voice:
+        options["voice"] = config.voice
+    if config.speed is not None:
+        options["speed"] = config.speed
+    if config.base_url:
+        options["base_url"] = config.base_url
+    if config.input_transcription_model:
+        from openai.types.realtime import AudioTranscription
+
+        options["input_audio_transcription"] = AudioTranscription(
+            model=config.input_transcription_model
+        )
+    else:
+        options["input_audio_transcription"] = None
+    return openai.realtime.RealtimeModel(**options)
 
 
 def build_pipeline(config: PipelineConfig, vad: Any | None = None) -> Pipeline:
     mode = effective_turn_mode(config)
+    if config.realtime is not None:
+        handling = turn_handling(config, "realtime_llm")
+        return Pipeline(
+            stt=None,
+            llm=build_realtime(config.realtime),
+            tts=None,
+            vad=vad if vad is not None else load_vad(config.vad),
+            turn_handling=handling,
+            noise_cancellation=noise_cancellation(config.noise_cancellation),
+            user_away_timeout=config.user_away_timeout_seconds,
+        )
     return Pipeline(
         stt=build_stt(config.stt),
         llm=build_llm(config.llm),

@@ -471,7 +471,11 @@ async def entrypoint(ctx: JobContext) -> None:
     received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
     pipeline_config = config.pipeline
     providers: dict[str, str] = {
-        "llm_usage": pipeline_config.llm.provider,
+        "llm_usage": (
+            pipeline_config.realtime.provider
+            if pipeline_config.realtime is not None
+            else pipeline_config.llm.provider
+        ),
         "tts_usage": pipeline_config.tts.provider,
         "stt_usage": pipeline_config.stt.provider,
     }

@@ -104,6 +104,7 @@ class FakeSession:
         self.said: list[tuple[str, bool]] = []
         self.interrupted = 0
         self.user_state = "listening"
+        self.tts = object()  # a pipeline with TTS: lines are said with say()
         self.handlers: dict[str, list[Callable[[Any], None]]] = {}
 
     def on(self, event: str, handler: Callable[[Any], None]) -> None:

@@ -21,8 +21,8 @@ DEFAULT_TRANSCRIPT = "Hello, can you hear me?"
 # Tool results are read back by the default reply; cap them so TTS stays short.
 MAX_TOOL_RESULT_CHARS = 300
 
-RequestKind = Literal["chat", "tts", "stt"]
-REQUEST_KINDS: tuple[RequestKind, ...] = ("chat", "tts", "stt")
+RequestKind = Literal["chat", "tts", "stt", "realtime"]
+REQUEST_KINDS: tuple[RequestKind, ...] = ("chat", "tts", "stt", "realtime")
 LastRole = Literal["any", "user", "tool"]
 
 

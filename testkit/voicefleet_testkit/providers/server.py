@@ -35,6 +35,7 @@ from aiohttp import web
 
 from voicefleet_testkit.providers.deepgram_server import add_deepgram_routes
 from voicefleet_testkit.providers.elevenlabs_server import add_elevenlabs_routes
+from voicefleet_testkit.providers.openai_realtime_server import add_openai_realtime_routes
 from voicefleet_testkit.providers.openai_server import add_openai_routes
 from voicefleet_testkit.providers.script import (
     REQUEST_KINDS,
@@ -106,6 +107,7 @@ def build_app(state: ProviderState, *, api_key: str | None = None) -> web.Applic
     app[REQUIRED_API_KEY] = api_key
     app.on_response_prepare.append(_add_request_id)
     add_openai_routes(app)
+    add_openai_realtime_routes(app)
     add_deepgram_routes(app)
     add_elevenlabs_routes(app)
     app.router.add_post("/_control/script", _control_script)

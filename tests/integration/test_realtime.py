@@ -1,0 +1,106 @@
+"""spec.pipeline.realtime against a real livekit-server: a worker process whose agent is an
+openai.realtime.RealtimeModel talking over the network to the local provider server's OpenAI
+Realtime WebSocket endpoint (voicefleet_testkit.providers.openai_realtime_server), and a WebRTC
+caller (livekit rtc SDK).
+
+The greeting is heard, the caller's question is heard by the model (server VAD on the caller's
+audio), the model calls the tenant's webhook tool and speaks the answer; the model got the
+agent's instructions and tools, and usage is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_testkit.waiting import wait_until
+
+from tests.integration.test_runtime_worker import (
+    GREETING,
+    ORDERS_TOKEN,
+    RuntimeWorker,
+    Webhooks,
+    dispatched_call,
+    runtime_config,
+    sample_values,
+)
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "Where is my order A-1234?"
+ANSWER = "Your order A-1234 has shipped."
+
+
+@pytest_asyncio.fixture
+async def webhooks() -> AsyncIterator[Webhooks]:
+    hooks = Webhooks()
+    await hooks.start()
+    yield hooks
+    await hooks.runner.cleanup()
+
+
+async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
+    livekit: LiveKitEndpoint,
+    providers: ProviderServer,
+    webhooks: Webhooks,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    dispatch_name = f"realtime-{uuid.uuid4().hex[:6]}"
+    config = runtime_config(dispatch_name, providers.base_url, webhooks.url)
+    config["pipeline"] = {
+        "realtime": {
+            "baseUrl": providers.base_url,
+            "voice": "alloy",
+            "turnDetection": {"type": "server_vad", "silenceDurationMs": 600},
+        },
+        "turnDetection": {"mode": "vad"},
+    }
+    providers.script_transcripts(QUESTION)
+    providers.script_llm(
+        LLMReply(GREETING),  # the greeting: the model is asked to say it as written
+        LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "A-1234"})], match="order"),
+        LLMReply(ANSWER, after="tool"),
+    )
+    worker = RuntimeWorker(livekit, config, tmp_path / "worker")
+    worker.start()
+    try:
+        await worker.wait_registered()
+        async with dispatched_call(livekit, dispatch_name) as call:
+            greeting_s = await call.wait_for_greeting()
+            reply_at = await call.ask(QUESTION)
+            await call.caller.wait_for_transcript("has shipped", timeout_s=30)
+            said = call.caller.said()
+            turn_s = reply_at - call.caller.phrases[-1].ended_at if call.caller.phrases else None
+        assert GREETING in said and ANSWER in said, said
+        [hook] = [c for c in webhooks.calls if c["path"] == "/orders"]
+        assert hook["body"] == {"order_id": "A-1234"}
+        assert hook["headers"]["Authorization"] == ORDERS_TOKEN
+        requests = providers.requests("realtime")
+        assert requests and all("lookup_order" in r["tools"] for r in requests), requests
+        assert "receptionist of Acme" in requests[0]["instructions"]
+        assert any(m.get("content") == QUESTION for r in requests for m in r["messages"])
+
+        def llm_tokens() -> float:
+            return sum(
+                value
+                for labels, value in sample_values(
+                    worker.metrics(), "voicefleet_llm_prompt_tokens_total"
+                )
+            )
+
+        await wait_until(
+            "LLM tokens counted", lambda: llm_tokens() > 0, 20, describe=worker.log_tail
+        )
+        figures = {"dispatch_to_greeting_s": round(greeting_s, 2), "turn_s": turn_s}
+        print("realtime measurements:", json.dumps(figures))
+        for key, value in figures.items():
+            record_property(key, value)
+    finally:
+        await worker.stop()
