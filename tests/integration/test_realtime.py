@@ -22,6 +22,7 @@ from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.waiting import wait_until
 
 from tests.integration.test_runtime_worker import (
+    BILLING_INSTRUCTIONS,
     GREETING,
     ORDERS_TOKEN,
     RuntimeWorker,
@@ -35,6 +36,8 @@ pytestmark = pytest.mark.integration
 
 QUESTION = "Where is my order A-1234?"
 ANSWER = "Your order A-1234 has shipped."
+BILLING_QUESTION = "And I have a question about my invoice."
+BILLING_OPENING = "Billing here, I can see your invoice."
 
 
 @pytest_asyncio.fixture
@@ -62,11 +65,15 @@ async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
         },
         "turnDetection": {"mode": "vad"},
     }
-    providers.script_transcripts(QUESTION)
+    providers.script_transcripts(QUESTION, BILLING_QUESTION)
     providers.script_llm(
         LLMReply(GREETING),  # the greeting: the model is asked to say it as written
         LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "A-1234"})], match="order"),
         LLMReply(ANSWER, after="tool"),
+        LLMReply(
+            tool_calls=[ToolCall("transfer_to_billing", {"reason": "invoice"})], match="invoice"
+        ),
+        LLMReply(BILLING_OPENING, match="invoice"),  # the billing agent's opening
     )
     worker = RuntimeWorker(livekit, config, tmp_path / "worker")
     worker.start()
@@ -75,17 +82,25 @@ async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
         async with dispatched_call(livekit, dispatch_name) as call:
             greeting_s = await call.wait_for_greeting()
             reply_at = await call.ask(QUESTION)
+            turn_s = round(reply_at - call.caller.phrases[-1].ended_at, 2)
             await call.caller.wait_for_transcript("has shipped", timeout_s=30)
+            # A handoff on the realtime model keeps the conversation.
+            await call.caller.say(BILLING_QUESTION)
+            await call.caller.wait_for_transcript("Billing here", timeout_s=30)
             said = call.caller.said()
-            turn_s = reply_at - call.caller.phrases[-1].ended_at if call.caller.phrases else None
         assert GREETING in said and ANSWER in said, said
         [hook] = [c for c in webhooks.calls if c["path"] == "/orders"]
         assert hook["body"] == {"order_id": "A-1234"}
         assert hook["headers"]["Authorization"] == ORDERS_TOKEN
         requests = providers.requests("realtime")
-        assert requests and all("lookup_order" in r["tools"] for r in requests), requests
-        assert "receptionist of Acme" in requests[0]["instructions"]
+        receptionist = [r for r in requests if "receptionist of Acme" in r["instructions"]]
+        assert receptionist and all("lookup_order" in r["tools"] for r in receptionist), requests
+        assert requests[0] == receptionist[0]
         assert any(m.get("content") == QUESTION for r in requests for m in r["messages"])
+        [billing] = [r for r in requests if BILLING_INSTRUCTIONS in r["instructions"]]
+        contents = [m.get("content") for m in billing["messages"]]
+        assert QUESTION in contents and BILLING_QUESTION in contents, contents
+        assert BILLING_OPENING in said, said
 
         def llm_tokens() -> float:
             return sum(
