@@ -92,6 +92,9 @@ def upgrade_install(
         *("--namespace", namespace, "--create-namespace"),
         *("--values", str(values_file)),
         *("--wait", "--timeout", f"{timeout_seconds}s"),
+        # The CRD is cluster-wide: the demo's release and each test's share it, and after a
+        # `git pull` the newest chart takes it over instead of failing on the older copy's owner.
+        "--force-conflicts",
         *(("--skip-crds",) if skip_crds else ()),
     ]
     try:

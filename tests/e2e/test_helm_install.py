@@ -155,7 +155,7 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     agent = _json(cluster, "-n", tenant, "get", "va", AGENT)
     table = cluster.kubectl("-n", tenant, "get", "va")
     header, _ = _table(table, AGENT)
-    assert header == ["NAME", "READY", "REPLICAS", "JOBS", "NUMBERS", "AGE"], table
+    assert header == ["NAME", "READY", "REPLICAS", "JOBS", "CAPACITY", "NUMBERS", "AGE"], table
     wide = cluster.kubectl("-n", tenant, "get", "va", "-o", "wide")
     header, row = _table(wide, AGENT)
     columns = dict(zip(header, row, strict=True))
@@ -176,6 +176,8 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     expected_jobs = str(status["activeJobs"]) if "activeJobs" in status else "<none>"
     assert columns["JOBS"] == expected_jobs
     assert columns["NUMBERS"] == status["numbers"] == number  # TelephonyReady gates Ready
+    capacity = next(c for c in status["conditions"] if c["type"] == "CapacityLimited")
+    assert columns["CAPACITY"] == capacity["reason"], (columns, capacity)
     # The short name and the category both list it.
     assert AGENT in cluster.kubectl("-n", tenant, "get", "voicefleet")
     assert columns["DISPATCH"] == f"{tenant}.{AGENT}" == agent["status"]["dispatchName"]

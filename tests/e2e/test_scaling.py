@@ -123,7 +123,11 @@ def operator_process(
 ) -> Iterator[OperatorProcess]:
     """`python -m voicefleet_operator` on the host, serving only this test's namespace."""
     repo = paths.REPO_ROOT
-    cluster_with_node.kubectl("apply", "--server-side", "-f", str(repo / "crds"))
+    # The CRD is cluster-wide and may have been applied by helm (another test's chart install):
+    # take it over, as installed_chart(skip_crds=True) does.
+    cluster_with_node.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(repo / "crds")
+    )
     cluster_with_node.kubectl(
         "wait", "--for=condition=Established", "crd/voiceagents.voicefleet.dev", "--timeout=60s"
     )
