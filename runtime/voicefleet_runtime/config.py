@@ -455,6 +455,25 @@ class RealtimeTurnDetection(Model):
             raise ValueError("eagerness applies to type semantic_vad only")
         return self
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "(has(self.type) ? self.type : 'server_vad') != 'semantic_vad' || "
+                    "(!has(self.threshold) && !has(self.prefixPaddingMs) && "
+                    "!has(self.silenceDurationMs))",
+                    "threshold, prefixPaddingMs and silenceDurationMs apply to type server_vad "
+                    "only",
+                ),
+                cel(
+                    "(has(self.type) ? self.type : 'server_vad') == 'semantic_vad' || "
+                    "!has(self.eagerness)",
+                    "eagerness applies to type semantic_vad only",
+                ),
+            ]
+        }
+    )
+
 
 class RealtimeConfig(Model):
     """A speech-to-speech model (OpenAI Realtime API) in place of STT, LLM and TTS: it hears the
@@ -490,6 +509,45 @@ class RealtimeConfig(Model):
             )
         return self
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.modalities) || self.modalities == ['audio']",
+                    "modalities: only [audio] is offered (a text-only realtime model needs a TTS)",
+                    ".modalities",
+                )
+            ]
+        }
+    )
+
+
+def _at_defaults(part: str, model: type[Model]) -> str:
+    """CEL: `self.<part>` has every field at its default (the API server fills defaults in
+    before it validates, so "left out" and "set to the default" look the same)."""
+    checks = []
+    for name, field in model.model_fields.items():
+        wire = field.alias or to_camel(name)
+        if field.default is None:
+            checks.append(f"!has(self.{part}.{wire})")
+        else:
+            checks.append(f"self.{part}.{wire} == {json.dumps(field.default)}")
+    return f"(!has(self.{part}) || ({' && '.join(checks)}))"
+
+
+def _realtime_rule() -> JsonDict:
+    """CEL twin of PipelineConfig._realtime_or_parts."""
+    parts = " && ".join(
+        _at_defaults(part, model)
+        for part, model in (("stt", SttConfig), ("llm", LlmConfig), ("tts", TtsConfig))
+    )
+    return cel(
+        f"!has(self.realtime) || ({parts})",
+        "realtime replaces stt, llm and tts: leave those out (or at their defaults), or remove "
+        "realtime",
+        ".realtime",
+    )
+
 
 class PipelineConfig(Model):
     """The speech pipeline: STT, LLM, TTS, VAD, turn detection and conversation behaviour."""
@@ -519,6 +577,12 @@ class PipelineConfig(Model):
     a spec that customises both is refused). Choose it for the most natural turn-taking and
     the lowest latency on one provider; choose stt/llm/tts to pick each provider, keep costs
     per part down, or use any OpenAI-compatible LLM."""
+
+    model_config = ConfigDict(
+        json_schema_extra=lambda schema: schema.setdefault(
+            "x-kubernetes-validations", [_realtime_rule()]
+        )
+    )
 
     @model_validator(mode="after")
     def _realtime_or_parts(self) -> Self:
