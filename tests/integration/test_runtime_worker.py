@@ -33,6 +33,7 @@ from aiohttp import web
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
 from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_runtime.admission import DEFAULT_OVERFLOW_MESSAGE
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
@@ -345,8 +346,14 @@ async def dispatch_at_once(lkapi: api.LiveKitAPI, dispatch_name: str, rooms: lis
 
 
 def spoken(providers: ProviderServer) -> str:
-    """Everything sent to TTS, in order (livekit-agents sends one request per sentence)."""
-    return " ".join(str(request["text"]) for request in providers.requests("tts"))
+    """Everything sent to TTS for calls, in order (livekit-agents sends one request per
+    sentence). A worker also synthesises its overflow message once when it starts, so that a
+    caller beyond capacity hears it at once; that request is no call's speech and is left out."""
+    return " ".join(
+        str(request["text"])
+        for request in providers.requests("tts")
+        if request["text"] != DEFAULT_OVERFLOW_MESSAGE
+    )
 
 
 def chat_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -695,9 +702,13 @@ async def test_two_workers_never_exceed_jobs_per_worker(
 
             served: list[int] = []
             deadline = time.monotonic() + 30
+
+            def everyone_answered_or_told() -> bool:
+                return all(n or room in told for n, room in zip(served, rooms, strict=True))
+
             while time.monotonic() < deadline:
                 served = [await agents_in(room) for room in rooms]
-                if sum(served) >= 4 and len(told) >= 2:
+                if everyone_answered_or_told():
                     break
                 await asyncio.sleep(0.2)
             # Give LiveKit time to (wrongly) place the other two somewhere.
@@ -710,20 +721,26 @@ async def test_two_workers_never_exceed_jobs_per_worker(
                 with contextlib.suppress(api.TwirpError):
                     await lkapi.room.delete_room(api.DeleteRoomRequest(room=room))
 
-        assert sorted(served) == [0, 0, 1, 1, 1, 1], served
+        # livekit-server offers each job to a worker picked at random among the available ones,
+        # and a worker at its two calls gives the overflow treatment rather than refuse (which
+        # would strand the caller): so between two (all to one worker) and four callers get the
+        # agent, never two agents in a room, and everyone else is told.
+        assert all(n <= 1 for n in served), served
+        assert 2 <= sum(served) <= 4, served
+        assert everyone_answered_or_told(), (served, told)
         assert told == {room for room, count in zip(rooms, served, strict=True) if not count}
-        assert peaks == [2, 2], peaks
+        assert max(peaks) <= 2, peaks  # (the poller also fails at once above two)
         accepted = [
             sum(v for _, v in sample_values(w.metrics(), "voicefleet_dispatch_accepted_total"))
             for w in workers
         ]
-        assert accepted == [2, 2], accepted
+        assert all(n <= 2 for n in accepted) and sum(accepted) == sum(served), (accepted, served)
         overflowed = sum(
             v
             for w in workers
             for _, v in sample_values(w.metrics(), "voicefleet_calls_overflowed_total")
         )
-        assert overflowed == 2
+        assert overflowed == len(told) == 6 - sum(served), (overflowed, told, served)
 
 
 async def test_offers_above_capacity_get_the_overflow_treatment(
