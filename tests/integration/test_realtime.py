@@ -10,14 +10,19 @@ agent's instructions and tools, and usage is counted.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
-from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
+from voicefleet_testkit import sipcall
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.waiting import wait_until
 
@@ -48,15 +53,10 @@ async def webhooks() -> AsyncIterator[Webhooks]:
     await hooks.runner.cleanup()
 
 
-async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
-    livekit: LiveKitEndpoint,
-    providers: ProviderServer,
-    webhooks: Webhooks,
-    tmp_path: Path,
-    record_property: Callable[[str, object], None],
-) -> None:
-    dispatch_name = f"realtime-{uuid.uuid4().hex[:6]}"
-    config = runtime_config(dispatch_name, providers.base_url, webhooks.url)
+def realtime_config(
+    dispatch_name: str, providers: ProviderServer, webhook_url: str
+) -> dict[str, Any]:
+    config = runtime_config(dispatch_name, providers.base_url, webhook_url)
     config["pipeline"] = {
         "realtime": {
             "baseUrl": providers.base_url,
@@ -65,6 +65,18 @@ async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
         },
         "turnDetection": {"mode": "vad"},
     }
+    return config
+
+
+async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
+    livekit: LiveKitEndpoint,
+    providers: ProviderServer,
+    webhooks: Webhooks,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    dispatch_name = f"realtime-{uuid.uuid4().hex[:6]}"
+    config = realtime_config(dispatch_name, providers, webhooks.url)
     providers.script_transcripts(QUESTION, BILLING_QUESTION)
     providers.script_llm(
         LLMReply(GREETING),  # the greeting: the model is asked to say it as written
@@ -117,5 +129,68 @@ async def test_a_realtime_agent_greets_answers_and_calls_a_tool(
         print("realtime measurements:", json.dumps(figures))
         for key, value in figures.items():
             record_property(key, value)
+    finally:
+        await worker.stop()
+
+
+async def test_a_phone_call_to_a_realtime_agent(
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    webhooks: Webhooks,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """sipp through livekit-sip: the 8 kHz caller reaches the model (resampled to 24 kHz), its
+    greeting and answer reach the caller as PCMU."""
+    dispatch_name = f"realtime-phone-{uuid.uuid4().hex[:6]}"
+    config = realtime_config(dispatch_name, providers, webhooks.url)
+    providers.script_transcripts(QUESTION)
+    providers.script_llm(LLMReply(GREETING), LLMReply(ANSWER, match="order"))
+    tenant = f"it-{secrets.token_hex(4)}"
+    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    target = TelephonyTarget(
+        namespace=tenant,
+        name="agent",
+        created="2025-01-01T00:00:00Z",
+        dispatch_name=dispatch_name,
+        numbers=(number,),
+    )
+    worker = RuntimeWorker(livekit, config, tmp_path / "worker")
+    worker.start()
+    try:
+        await worker.wait_registered()
+        async with livekit.api() as lkapi:
+            provisioner = TelephonyProvisioner(lkapi)
+            await provisioner.ensure(target, [target.claim])
+            try:
+                result = await asyncio.to_thread(
+                    sipcall.place_call,
+                    "call.xml",
+                    number,
+                    tmp_path / "sipp",
+                    sip_host=sip.host,
+                    sip_port=sip.port,
+                    talk_seconds=14,
+                    speech=QUESTION,
+                    speech_delay=5.0,  # after the greeting
+                )
+            finally:
+                await provisioner.remove(tenant, "agent")
+        assert result.returncode == 0, result.describe()
+        assert result.answered_at is not None, result.describe()
+        requests = providers.requests("realtime")
+        answered = [r for r in requests if r["reply"]["text"] == ANSWER]
+        assert answered, [r["reply"] for r in requests]
+        assert any(m.get("content") == QUESTION for m in answered[0]["messages"])
+        # The caller heard the greeting and the answer: voiced PCMU from livekit-sip.
+        voiced = result.capture.voiced_seconds()
+        assert voiced > 2.0, result.describe()
+        first_audio = result.invite_to_first_audio
+        print(
+            "realtime phone:",
+            json.dumps({"voiced_s": voiced, "invite_to_first_audio_s": first_audio}),
+        )
+        record_property("invite_to_first_audio_s", first_audio or -1)
     finally:
         await worker.stop()

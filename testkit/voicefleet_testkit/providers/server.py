@@ -1,6 +1,7 @@
 """`ProviderServer`: the local provider endpoints on one real HTTP port, plus a control API.
 
-OpenAI (openai_server.py), Deepgram STT (deepgram_server.py) and ElevenLabs TTS
+OpenAI (openai_server.py; the Realtime WebSocket endpoint in openai_realtime_server.py),
+Deepgram STT (deepgram_server.py) and ElevenLabs TTS
 (elevenlabs_server.py) share the port and one `ProviderState`: the same scripted transcripts
 answer whichever STT the runtime uses, and every request is recorded as chat, tts or stt.
 
