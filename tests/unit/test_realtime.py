@@ -95,3 +95,34 @@ def test_realtime_defaults() -> None:
         "gpt-realtime",
         ["audio"],
     )
+
+
+def test_lines_said_as_written_go_to_the_model_without_a_tts() -> None:
+    from voicefleet_runtime.agents import say_line
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class Session:
+        def __init__(self, tts: object | None) -> None:
+            self.tts = tts
+
+        def say(self, text: str, **options: Any) -> str:
+            calls.append(("say", {"text": text, **options}))
+            return "handle"
+
+        def generate_reply(self, **options: Any) -> str:
+            calls.append(("generate_reply", options))
+            return "handle"
+
+    assert say_line(Session(tts=object()), "Hello.", allow_interruptions=False) == "handle"
+    assert say_line(Session(tts=None), "Hello.") == "handle"
+    assert calls == [
+        ("say", {"text": "Hello.", "allow_interruptions": False}),
+        (
+            "generate_reply",
+            {
+                "instructions": 'Say exactly the following words, and nothing else: "Hello."',
+                "allow_interruptions": True,
+            },
+        ),
+    ]
