@@ -152,9 +152,15 @@ def network_policy_spec(
             {"to": [{"ipBlock": {"cidr": cidr}} for cidr in settings.egress_allowed_cidrs]}
         )
     egress.append(_public_rule(settings))
-    return {
+    policy: dict[str, Any] = {
         "podSelector": {"matchLabels": pod_selector},
         "policyTypes": ["Ingress", "Egress"],
-        "ingress": ingress,
         "egress": egress,
     }
+    # No rule at all (no platform namespace, no monitoring) still means "no ingress" under
+    # policyTypes Ingress. The key is left out then: the API server drops an empty list, so
+    # applying `ingress: []` would differ from what it stored and rewrite the object on every
+    # reconcile.
+    if ingress:
+        policy["ingress"] = ingress
+    return policy

@@ -27,6 +27,7 @@ import json
 import math
 import secrets
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
@@ -38,7 +39,9 @@ from voicefleet_localdev import chart, paths, plot
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.prometheus import PrometheusClient
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
+from voicefleet_operator import render
 from voicefleet_operator.render import ChildNames, dispatch_name
+from voicefleet_runtime.admission import ADMISSION_PATH, AdmissionReport
 from voicefleet_testkit import observability
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
@@ -156,6 +159,21 @@ def _condition(agent: dict[str, Any], kind: str) -> str | None:
         if condition["type"] == kind:
             return str(condition["status"])
     return None
+
+
+def _agent_calls_running(cluster: ClusterHandle, tenant: str, agent: str) -> int:
+    """Agent calls the agent's workers report running (GET /admission on their metrics port)."""
+    pods = _kubectl_json(
+        cluster, "-n", tenant, "get", "pods", "-l", f"{render.LABEL_VOICE_AGENT}={agent}"
+    )["items"]
+    running = 0
+    for pod in pods:
+        (container,) = (c for c in pod["spec"]["containers"] if c["name"] == "worker")
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        url = f"http://{pod['status']['podIP']}:{port}{ADMISSION_PATH}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            running += AdmissionReport.model_validate_json(response.read()).agent_jobs
+    return running
 
 
 def _worker_logs(cluster: ClusterHandle, tenant: str, agent: str) -> str:
@@ -315,6 +333,15 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
     try:
         turns = await asyncio.gather(
             *(_conversation(livekit, tenant, "quality", i) for i in (0, 1))
+        )
+        # The worker admits two agent calls; a job counts until its process has ended, a moment
+        # after its caller left. The next caller is for the agent, not the overflow treatment:
+        # call once the worker itself reports both calls over.
+        await asyncio.to_thread(
+            wait_for,
+            "the quality worker to report its two calls ended",
+            lambda: _agent_calls_running(cluster, tenant, "quality") == 0,
+            60,
         )
         turns.append(await _conversation(livekit, tenant, "quality", 2))
     except Exception as error:
