@@ -51,6 +51,13 @@ PROVIDERS_PROCESS = "demo-providers"
 PROVIDERS_PORT = int(os.environ.get("VOICEFLEET_DEMO_PROVIDERS_PORT", "8300"))
 RESULTS_FILE = paths.logs_dir() / "demo.json"
 RENDERED_AGENT = paths.state_dir() / "demo-voiceagent.yaml"
+# The tenant's call-record receiver (voicefleet_testkit.records) on the address pods reach; every
+# verified record lands in RECORDS_DIR as <recordId>.json.
+RECORDS_PROCESS = "demo-records"
+RECORDS_PORT = int(os.environ.get("VOICEFLEET_DEMO_RECORDS_PORT", "8310"))
+RECORDS_DIR = paths.state_dir() / "call-records"
+RECORDS_SECRET = "acme-call-records"
+RECORDS_KEY_FILE = paths.state_dir() / "demo-call-records.key"
 PLOT_FILE = paths.logs_dir() / "demo-latency.png"
 PLOT_SCRAPE_WAIT_S = 12
 CALLER_NUMBER = "+15550001111"
@@ -198,6 +205,32 @@ def providers_up(host: str) -> str:
     return url
 
 
+def records_key() -> str:
+    """The tenant's signing key, made once and kept with the demo's state."""
+    if not RECORDS_KEY_FILE.exists():
+        RECORDS_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RECORDS_KEY_FILE.write_text(secrets.token_hex(32))
+        RECORDS_KEY_FILE.chmod(0o600)
+    return RECORDS_KEY_FILE.read_text().strip()
+
+
+def records_up(host: str) -> str:
+    """The call-record receiver as a host process; returns the webhook URL pods post to."""
+    from voicefleet_testkit import records
+
+    argv = [sys.executable, "-m", "voicefleet_testkit.records", "--host", host,
+            "--port", str(RECORDS_PORT), "--out", str(RECORDS_DIR)]  # fmt: skip
+    if not procs.is_running(RECORDS_PROCESS):
+        env = {**os.environ, records.KEY_ENV: records_key()}
+        procs.start(RECORDS_PROCESS, argv, cwd=paths.REPO_ROOT, env=env)
+    procs.wait_until(
+        RECORDS_PROCESS, "listening", lambda: stack.tcp_open(host, RECORDS_PORT), timeout=30
+    )
+    url = f"http://{host}:{RECORDS_PORT}{records.PATH}"
+    print(f"    {url} -> {RECORDS_DIR}/<recordId>.json (log {paths.log_file(RECORDS_PROCESS)})")
+    return url
+
+
 def install_chart() -> None:
     from voicefleet_localdev import images
 
@@ -217,11 +250,18 @@ def ensure_namespace(name: str, labels: dict[str, str]) -> None:
     kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
 
 
-def rendered_example(url: str) -> dict[str, Any]:
-    """examples/voiceagent.yaml with the provider endpoints pointed at the local provider server
-    and this host allowed to place SIP calls (sipp runs here); nothing else changes."""
+def rendered_example(url: str, records_url: str) -> dict[str, Any]:
+    """examples/voiceagent.yaml with the provider endpoints pointed at the local provider server,
+    this host allowed to place SIP calls (sipp runs here) and call records sent to the demo's
+    receiver; nothing else changes."""
     example = yaml.safe_load(EXAMPLE.read_text())
     agent = copy.deepcopy(example)
+    agent["spec"]["callRecords"] = {
+        "webhook": {
+            "url": records_url,
+            "signingSecretRef": {"name": RECORDS_SECRET, "key": "signingKey"},
+        }
+    }
     pipeline = agent["spec"]["pipeline"]
     pipeline["stt"]["baseUrl"] = url  # Deepgram: the runtime appends /v1/listen
     pipeline["llm"]["baseUrl"] = f"{url}/v1"
@@ -242,12 +282,24 @@ def overrides(agent: dict[str, Any]) -> list[str]:
             f"spec.telephony.inbound.allowedAddresses = {inbound['allowedAddresses']} "
             "(sipp calls from this host)"
         )
+    webhook = (agent["spec"].get("callRecords") or {}).get("webhook")
+    if webhook:
+        lines.append(
+            f"spec.callRecords.webhook = {webhook['url']}, signed with Secret {RECORDS_SECRET}"
+        )
     return lines
 
 
-def apply_example(url: str) -> dict[str, Any]:
+def apply_example(url: str, records_url: str) -> dict[str, Any]:
     kubectl("-n", TENANT, "apply", "-f", str(EXAMPLE_SECRETS))
-    agent = rendered_example(url)
+    signing = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": RECORDS_SECRET},
+        "stringData": {"signingKey": records_key()},
+    }
+    kubectl("-n", TENANT, "apply", "-f", "-", stdin=json.dumps(signing))
+    agent = rendered_example(url, records_url)
     RENDERED_AGENT.write_text(yaml.safe_dump(agent, sort_keys=False))
     kubectl("-n", TENANT, "apply", "-f", str(RENDERED_AGENT))
     from voicefleet_localdev import images
@@ -539,9 +591,10 @@ def up(args: argparse.Namespace) -> int:
         clock.step("LiveKit stack up", livekit_up)
         clock.step("images built and imported", images_up)
         url = clock.step("provider server", lambda: providers_up(host))
+        records_url = clock.step("call-record receiver", lambda: records_up(host))
         ensure_namespace(TENANT, {"pod-security.kubernetes.io/enforce": "restricted"})
         clock.step("chart installed", install_chart)
-        agent = clock.step("example applied", lambda: apply_example(url))
+        agent = clock.step("example applied", lambda: apply_example(url, records_url))
         name = agent["metadata"]["name"]
         applied = time.monotonic()
         status = clock.step("VoiceAgent Ready", lambda: wait_ready(name, clock, args.timeout))
@@ -567,6 +620,7 @@ def calls(
 ) -> int:
     name = agent["metadata"]["name"]
     dispatch_name = status["status"].get("dispatchName") or f"{TENANT}.{name}"
+    calls_began = time.time()
     reports = []
     webrtc = clock.step("test call (WebRTC)", lambda: asyncio.run(webrtc_call(dispatch_name, url)))
     reports.append(webrtc)
@@ -587,6 +641,7 @@ def calls(
     for report in reports:
         print_call(report)
     results["calls"] = [vars(r) for r in reports]
+    results["call_records"] = [str(p) for p in print_records(len(reports), calls_began)]
     time.sleep(PLOT_SCRAPE_WAIT_S)  # Prometheus scrapes every 5 s: let it see the last call
     plot = write_plot(clock, started_unix)
     if plot is not None:
@@ -599,6 +654,34 @@ def calls(
     verdict = "OK: answered" if answered else "FAILED: not answered"
     print(f"{verdict}: {', '.join(f'{r.kind} {r.answered}' for r in reports)}")
     return 0 if answered else 1
+
+
+def print_records(count: int, since: float, timeout: float = 60) -> list[Path]:
+    """Wait for the `count` calls' records the worker signs and posts after each call; print
+    where each went and what it says."""
+
+    def arrived() -> list[Path] | None:
+        found = [p for p in RECORDS_DIR.glob("*.json") if p.stat().st_mtime >= since]
+        return sorted(found, key=lambda p: p.stat().st_mtime) if len(found) >= count else None
+
+    try:
+        found = wait_for(f"{count} call record(s) in {RECORDS_DIR}", arrived, timeout)
+    except DemoError as missing:
+        print(f"\n=== Call records: {missing}")
+        return []
+    print(f"\n=== Call records (signed, verified by the receiver): {len(found)} in {RECORDS_DIR}")
+    for path in found:
+        record = json.loads(path.read_text())
+        usage = record.get("usage") or {}
+        tokens = sum(u.get("promptTokens", 0) + u.get("completionTokens", 0)
+                     for u in usage.get("llm", []))  # fmt: skip
+        print(
+            f"  {path}\n    {record.get('channel', record.get('direction'))} call in "
+            f"{record['room']}: {record['durationSeconds']:.1f}s, end {record['endReason']}, "
+            f"{len(record.get('transcript', []))} transcript turns, agents "
+            f"{[a['name'] for a in record.get('agents', [])]}, LLM tokens {tokens}"
+        )
+    return found
 
 
 def write_results(results: dict[str, Any], clock: Clock) -> None:
@@ -637,6 +720,8 @@ def down(args: argparse.Namespace) -> int:
             leases.release(leases.DEMO, holder.pid)
     stopped = procs.stop(PROVIDERS_PROCESS)
     clock.say(f"provider server {'stopped' if stopped else 'was not running'}")
+    stopped = procs.stop(RECORDS_PROCESS)
+    clock.say(f"call-record receiver {'stopped' if stopped else 'was not running'}")
     clock.step("LiveKit stack down", lambda: stack.down(report=lambda line: print(f"    {line}")))
     clock.step("cluster down", cluster.down)
     RENDERED_AGENT.unlink(missing_ok=True)

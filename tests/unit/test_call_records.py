@@ -243,9 +243,7 @@ def test_record_of_a_call_that_failed_before_anyone_spoke() -> None:
         ),
     ],
 )
-def test_end_reason(
-    close: str | None, shutdown: str, flags: dict[str, Any], expected: str
-) -> None:
+def test_end_reason(close: str | None, shutdown: str, flags: dict[str, Any], expected: str) -> None:
     assert end_reason(close, shutdown, **flags) == expected
     assert expected in callrecords.END_REASONS
 
