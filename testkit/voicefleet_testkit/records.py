@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from voicefleet_runtime.callrecords import verify
+from voicefleet_runtime.callrecords import CallRecord, verify
 
 from voicefleet_testkit.net import free_port
 
@@ -82,6 +82,14 @@ class RecordReceiver:
         return [
             {**d, "record": json.loads(d["body"])} for d in self.deliveries if d["status"] == 200
         ]
+
+    def record_of(self, room: str) -> tuple[CallRecord, dict[str, Any]] | None:
+        """The first accepted record of `room`, parsed with the contract's model, and its
+        delivery; None while none arrived."""
+        for delivery in self.accepted():
+            if delivery["record"]["room"] == room:
+                return CallRecord.model_validate_json(delivery["body"]), delivery
+        return None
 
     def records_for(self, room: str) -> dict[str, dict[str, Any]]:
         """The accepted records of one room by recordId (what a receiver keeps)."""

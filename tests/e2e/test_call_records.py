@@ -22,17 +22,16 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import S3_PORT, LiveKitEndpoint, S3Endpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator.render import dispatch_name
-from voicefleet_runtime.callrecords import CallRecord, verify
+from voicefleet_runtime.callrecords import verify
 from voicefleet_runtime.config import CallRecordingConfig
 from voicefleet_runtime.recording import EMPTY_SHA256, get_object, sign
-from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer, openai_pipeline
+from voicefleet_testkit.records import RecordReceiver as Receiver
 from voicefleet_testkit.waiting import wait_for, wait_until
 from yarl import URL
 
@@ -81,43 +80,6 @@ def release(
         cluster_with_node, release, platform, values, tenants=[tenant], skip_crds=True
     ):
         yield release
-
-
-class Receiver:
-    """The tenant's record receiver on the host address pods reach."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.port = free_port()
-        self.url = f"http://{host}:{self.port}/records"
-        self.deliveries: list[dict[str, Any]] = []
-        self.script: list[int] = []
-        self._runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        status = self.script.pop(0) if self.script else 200
-        self.deliveries.append(
-            {"at": time.time(), "headers": dict(request.headers), "body": body, "status": status}
-        )
-        return web.Response(status=status)
-
-    async def up(self) -> None:
-        app = web.Application()
-        app.router.add_post("/records", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-
-    async def down(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def record_of(self, room: str) -> tuple[CallRecord, dict[str, Any]] | None:
-        for delivery in self.deliveries:
-            if delivery["status"] == 200 and json.loads(delivery["body"])["room"] == room:
-                return CallRecord.model_validate_json(delivery["body"]), delivery
-        return None
 
 
 @pytest_asyncio.fixture(loop_scope="session")

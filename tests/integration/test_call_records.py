@@ -25,13 +25,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
 from voicefleet_runtime.callrecords import CallRecord, verify
 from voicefleet_testkit import sipcall
-from voicefleet_testkit.net import free_port
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_testkit.records import RecordReceiver as Receiver
 from voicefleet_testkit.waiting import wait_until
 
 from tests.integration.test_runtime_worker import (
@@ -53,62 +52,9 @@ RECEIVER_DOWN_SECONDS = 60.0
 DELIVERY_AFTER_RECOVERY_TIMEOUT_S = 100.0
 
 
-class Receiver:
-    """The tenant's call-record receiver on a fixed port; can go down and come back.
-
-    `script` holds statuses for the next requests (then 200)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/call-records"
-        self.deliveries: list[dict[str, Any]] = []
-        self.script: list[int] = []
-        self._runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        status = self.script.pop(0) if self.script else 200
-        self.deliveries.append(
-            {
-                "at": time.time(),
-                "headers": dict(request.headers),
-                "body": body,
-                "status": status,
-            }
-        )
-        return web.Response(status=status, text="ok" if status == 200 else "try again")
-
-    async def up(self) -> None:
-        app = web.Application()
-        app.router.add_post("/call-records", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def down(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def accepted(self) -> list[dict[str, Any]]:
-        """Deliveries answered 200, each parsed: {at, headers, body, record}."""
-        return [
-            {**d, "record": json.loads(d["body"])} for d in self.deliveries if d["status"] == 200
-        ]
-
-    def records_for(self, room: str) -> dict[str, dict[str, Any]]:
-        """The accepted records of one room, deduplicated by recordId (what a receiver keeps)."""
-        kept: dict[str, dict[str, Any]] = {}
-        for delivery in self.accepted():
-            if delivery["record"]["room"] == room:
-                kept.setdefault(delivery["record"]["recordId"], delivery)
-        return kept
-
-
 @pytest_asyncio.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.up()
+    server = await Receiver().up()
     yield server
     await server.down()
 
