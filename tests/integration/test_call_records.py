@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +25,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
-from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
 from voicefleet_runtime.callrecords import CallRecord, verify
-from voicefleet_testkit import sipcall
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.records import RecordReceiver as Receiver
 from voicefleet_testkit.waiting import wait_until
@@ -42,6 +39,7 @@ from tests.integration.test_runtime_worker import (
     runtime_config,
     sample_values,
 )
+from tests.integration.test_telephony import call_a_fresh_number
 
 pytestmark = pytest.mark.integration
 
@@ -367,37 +365,21 @@ async def test_a_phone_call_leaves_a_record_with_the_numbers(
     caller_words = "Where is my order?"
     providers.script_transcripts(caller_words)
     providers.script_llm(LLMReply("Let me check that for you.", match="order"))
-    tenant = f"it-{secrets.token_hex(4)}"
-    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
-    target = TelephonyTarget(
-        namespace=tenant,
-        name="agent",
-        created="2025-01-01T00:00:00Z",
-        dispatch_name=dispatch_name,
-        numbers=(number,),
-    )
     worker = records_worker(livekit, config, tmp_path / "worker")
     worker.start()
     try:
         await worker.wait_registered()
-        async with livekit.api() as lkapi:
-            provisioner = TelephonyProvisioner(lkapi)
-            await provisioner.ensure(target, [target.claim])
-            try:
-                result = await asyncio.to_thread(
-                    sipcall.place_call,
-                    "call.xml",
-                    number,
-                    tmp_path / "sipp",
-                    sip_host=sip.host,
-                    sip_port=sip.port,
-                    caller="+15550001111",
-                    talk_seconds=14,
-                    speech="Where is my order?",
-                    speech_delay=5.0,  # after the greeting
-                )
-            finally:
-                await provisioner.remove(tenant, "agent")
+        number, result = await call_a_fresh_number(
+            livekit,
+            sip,
+            dispatch_name,
+            "call.xml",
+            tmp_path / "sipp",
+            caller="+15550001111",
+            talk_seconds=14,
+            speech="Where is my order?",
+            speech_delay=5.0,  # after the greeting
+        )
         assert result.returncode == 0, result.describe()
         assert result.bye_sent_at is not None, result.describe()
         # The caller's BYE, on the wall clock the receiver stamps deliveries with.

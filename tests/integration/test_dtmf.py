@@ -9,9 +9,7 @@ telephone-events, which the wire capture decodes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import secrets
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +17,7 @@ from typing import Any
 
 import pytest
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
-from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
 from voicefleet_runtime.dtmf import SEND_DTMF_TOOL, caller_message
-from voicefleet_testkit import sipcall
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.providers.script import last_user_text
 
@@ -32,6 +28,7 @@ from tests.integration.test_runtime_worker import (
     runtime_config,
     tool_names,
 )
+from tests.integration.test_telephony import call_a_fresh_number
 
 pytestmark = pytest.mark.integration
 
@@ -67,36 +64,20 @@ async def test_caller_keys_reach_the_llm_and_the_agent_presses_keys_back(
         ),
         LLMReply("Done.", after="tool"),
     )
-    tenant = f"it-{secrets.token_hex(4)}"
-    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
-    target = TelephonyTarget(
-        namespace=tenant,
-        name="agent",
-        created="2025-01-01T00:00:00Z",
-        dispatch_name=dispatch_name,
-        numbers=(number,),
-    )
     worker = RuntimeWorker(livekit, config, tmp_path / "worker")
     worker.start()
     try:
         await worker.wait_registered()
-        async with livekit.api() as lkapi:
-            provisioner = TelephonyProvisioner(lkapi)
-            await provisioner.ensure(target, [target.claim])
-            try:
-                result = await asyncio.to_thread(
-                    sipcall.place_call,
-                    "call_dtmf.xml",
-                    number,
-                    tmp_path / "sipp",
-                    sip_host=sip.host,
-                    sip_port=sip.port,
-                    talk_seconds=14,
-                    speech="Hello.",
-                    speech_delay=60.0,  # a caller who only listens and presses keys
-                )
-            finally:
-                await provisioner.remove(tenant, "agent")
+        _, result = await call_a_fresh_number(
+            livekit,
+            sip,
+            dispatch_name,
+            "call_dtmf.xml",
+            tmp_path / "sipp",
+            talk_seconds=14,
+            speech="Hello.",
+            speech_delay=60.0,  # a caller who only listens and presses keys
+        )
         assert result.returncode == 0, result.describe()
         assert result.answered_at is not None, result.describe()
 

@@ -10,9 +10,7 @@ agent's instructions and tools, and usage is counted.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,8 +19,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
-from voicefleet_operator.telephony import TelephonyProvisioner, TelephonyTarget
-from voicefleet_testkit import sipcall
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
 from voicefleet_testkit.waiting import wait_until
 
@@ -36,6 +32,7 @@ from tests.integration.test_runtime_worker import (
     runtime_config,
     sample_values,
 )
+from tests.integration.test_telephony import call_a_fresh_number
 
 pytestmark = pytest.mark.integration
 
@@ -147,36 +144,20 @@ async def test_a_phone_call_to_a_realtime_agent(
     config = realtime_config(dispatch_name, providers, webhooks.url)
     providers.script_transcripts(QUESTION)
     providers.script_llm(LLMReply(GREETING), LLMReply(ANSWER, match="order"))
-    tenant = f"it-{secrets.token_hex(4)}"
-    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
-    target = TelephonyTarget(
-        namespace=tenant,
-        name="agent",
-        created="2025-01-01T00:00:00Z",
-        dispatch_name=dispatch_name,
-        numbers=(number,),
-    )
     worker = RuntimeWorker(livekit, config, tmp_path / "worker")
     worker.start()
     try:
         await worker.wait_registered()
-        async with livekit.api() as lkapi:
-            provisioner = TelephonyProvisioner(lkapi)
-            await provisioner.ensure(target, [target.claim])
-            try:
-                result = await asyncio.to_thread(
-                    sipcall.place_call,
-                    "call.xml",
-                    number,
-                    tmp_path / "sipp",
-                    sip_host=sip.host,
-                    sip_port=sip.port,
-                    talk_seconds=14,
-                    speech=QUESTION,
-                    speech_delay=5.0,  # after the greeting
-                )
-            finally:
-                await provisioner.remove(tenant, "agent")
+        _, result = await call_a_fresh_number(
+            livekit,
+            sip,
+            dispatch_name,
+            "call.xml",
+            tmp_path / "sipp",
+            talk_seconds=14,
+            speech=QUESTION,
+            speech_delay=5.0,  # after the greeting
+        )
         assert result.returncode == 0, result.describe()
         assert result.answered_at is not None, result.describe()
         requests = providers.requests("realtime")

@@ -9,6 +9,7 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,6 +49,36 @@ def make_target(namespace: str, name: str = "agent", **overrides: object) -> Tel
     }
     fields.update(overrides)
     return TelephonyTarget(**fields)  # type: ignore[arg-type]
+
+
+async def call_a_fresh_number(
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    dispatch_name: str,
+    scenario: str,
+    workdir: Path,
+    **call: Any,
+) -> tuple[str, sipcall.CallResult]:
+    """A number of its own routed to `dispatch_name` (trunk and dispatch rule, as the operator
+    provisions them), one sipp call to it with `scenario` and `call` options, the number freed:
+    (the number, the call's result)."""
+    target = make_target(f"it-{secrets.token_hex(4)}", dispatch_name=dispatch_name)
+    async with livekit.api() as lkapi:
+        provisioner = TelephonyProvisioner(lkapi)
+        await provisioner.ensure(target, [target.claim])
+        try:
+            result = await asyncio.to_thread(
+                sipcall.place_call,
+                scenario,
+                target.numbers[0],
+                workdir,
+                sip_host=sip.host,
+                sip_port=sip.port,
+                **call,
+            )
+        finally:
+            await provisioner.remove(target.namespace, target.name)
+    return target.numbers[0], result
 
 
 @pytest.fixture
