@@ -116,6 +116,18 @@ def _other_holders() -> list[leases.Holder]:
     return leases.holders(excluding_pid=os.getpid())
 
 
+def refuse_while_the_demo_holds(action: str) -> None:
+    """For a test that takes down what the demo uses (the cluster, the LiveKit stack): refuse
+    while the demo holds the platform, naming it — a skip with that reason on a developer's
+    machine, a failure in CI, where nothing but the test session may hold it."""
+    demo = [holder for holder in leases.holders() if holder.kind == leases.DEMO]
+    if demo:
+        refusal = f"not {action}: {demo[0]} holds it; `make demo-down` first to run this test"
+        if os.environ.get("CI"):
+            pytest.fail(refusal, pytrace=False)
+        pytest.skip(refusal)
+
+
 def wait_for_other_holders(timeout: float) -> None:
     """Wait until nothing else holds the platform (before taking it down)."""
     try:

@@ -17,8 +17,12 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
-from voicefleet_localdev import cluster, images, leases
-from voicefleet_localdev.pytest_plugin import ClusterHandle, wait_for_other_holders
+from voicefleet_localdev import cluster, images
+from voicefleet_localdev.pytest_plugin import (
+    ClusterHandle,
+    refuse_while_the_demo_holds,
+    wait_for_other_holders,
+)
 from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -276,15 +280,7 @@ def test_cluster_down_leaves_nothing_behind(cluster_with_node: ClusterHandle) ->
     (the demo's namespace, chart and VoiceAgent would be lost): it refuses, naming the holder —
     a skip with that reason on a developer's machine, a failure in CI (where nothing but the test
     session may hold the cluster). Other test sessions end by themselves: it waits for them."""
-    demo = [h for h in leases.holders() if h.kind == leases.DEMO]
-    if demo:
-        refusal = (
-            f"not taking the cluster down: {demo[0]} holds it; `make demo-down` first to run "
-            "this test"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(refusal, pytrace=False)
-        pytest.skip(refusal)
+    refuse_while_the_demo_holds("taking the cluster down")
     wait_for_other_holders(timeout=600)  # below pytest-timeout, so this message is shown
     info = cluster.read_info()
     assert info is not None

@@ -21,7 +21,7 @@ from livekit import api, rtc
 from voicefleet_localdev import images, paths
 from voicefleet_localdev import livekit as stack
 from voicefleet_localdev.prometheus import PrometheusClient
-from voicefleet_localdev.pytest_plugin import ClusterHandle
+from voicefleet_localdev.pytest_plugin import ClusterHandle, refuse_while_the_demo_holds
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.waiting import wait_for
 
@@ -452,6 +452,7 @@ def test_livekit_down_stops_every_process_and_up_restores_them(
     prometheus: PrometheusClient,
     s3: stack.S3Endpoint,
 ) -> None:
+    refuse_while_the_demo_holds("taking the LiveKit stack down")
     pids = stack.status()
     assert all(pids.values()), pids
     cli = [sys.executable, "-m", "voicefleet_localdev", "livekit"]
