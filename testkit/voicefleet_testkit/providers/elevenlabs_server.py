@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from voicefleet_testkit.providers import audio
+import voicefleet_testkit.providers.audio as audio  # the module, not the package (no cycle)
 from voicefleet_testkit.providers.script import (
     REQUIRED_API_KEY,
     STATE_KEY,

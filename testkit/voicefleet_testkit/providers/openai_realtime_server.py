@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from voicefleet_testkit.providers import audio
+import voicefleet_testkit.providers.audio as audio  # the module, not the package (no cycle)
 from voicefleet_testkit.providers.script import STATE_KEY, LLMReply, ProviderState
 
 log = logging.getLogger("voicefleet.providers.realtime")
