@@ -227,6 +227,50 @@ def _unmount_all(prefixes: tuple[str, ...]) -> None:
                 run(["umount", "-l", mount_point], check=False)
 
 
+NETNS_DIR = Path("/run/netns")
+
+
+def _pod_netns_mounts() -> list[str]:
+    """nsfs mounts of pod network namespaces, including any hidden under a later mount."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount_point = fields[4].encode().decode("unicode_escape")
+        fs_type = fields[fields.index("-") + 1]
+        if fs_type == "nsfs" and mount_point.startswith(f"{NETNS_DIR}/cni-"):
+            found.append(mount_point)
+    return found
+
+
+def _own_netns_peer_group() -> None:
+    """Make /run/netns a mount of its own peer group before containerd mounts pods' netns in it.
+
+    Where /run/netns sits on the root filesystem, `ip netns add` bind-mounts it onto itself in the
+    root's peer group: every nsfs mount made in it then propagates a copy to the root mount, hidden
+    under the bind, which `ip netns delete` cannot remove ("Device or resource busy"). A private
+    then shared bind starts a peer group of its own, so nothing propagates."""
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    if run(["mountpoint", "-q", str(NETNS_DIR)], check=False).returncode != 0:
+        run(["mount", "--bind", str(NETNS_DIR), str(NETNS_DIR)])
+    run(["mount", "--make-private", str(NETNS_DIR)])
+    run(["mount", "--make-shared", str(NETNS_DIR)])
+
+
+def _unmount_hidden_pod_netns() -> None:
+    """Copies of pods' nsfs mounts hidden under /run/netns's bind (see _own_netns_peer_group):
+    lift the bind to reach them, then unmount them."""
+    if not _pod_netns_mounts():
+        return
+    for _ in range(3):  # a bind on a bind needs several passes
+        if run(["mountpoint", "-q", str(NETNS_DIR)], check=False).returncode != 0:
+            break
+        run(["umount", "-l", str(NETNS_DIR)], check=False)
+    for mount_point in _pod_netns_mounts():
+        run(["umount", "-l", mount_point], check=False)
+        with contextlib.suppress(OSError):
+            Path(mount_point).unlink()
+
+
 def _link_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}").exists()
 
@@ -629,6 +673,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 json.dumps(self._cni_config(), indent=2)
             )
             paths.containerd_socket().parent.mkdir(parents=True, exist_ok=True)
+            _own_netns_peer_group()
             procs.start("containerd", ["containerd", "--config", configs / "containerd.toml"])
         procs.wait_until(
             "containerd",
@@ -831,6 +876,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 run(["umount", "-l", str(ns)], check=False)
                 with contextlib.suppress(OSError):
                     ns.unlink()
+        _unmount_hidden_pod_netns()
 
     def _kill_strays(self) -> None:
         """Any process still running one of our binaries or using our state dir."""
@@ -1120,9 +1166,9 @@ def leftovers() -> dict[str, list[str]]:
             )
         )
     ]
-    mounts = _mounts_under((str(paths.cluster_dir()),)) + [
-        str(p) for p in Path("/run/netns").glob("cni-*")
-    ]
+    mounts = _mounts_under((str(paths.cluster_dir()),)) + sorted(
+        {*_pod_netns_mounts(), *(str(p) for p in NETNS_DIR.glob("cni-*"))}
+    )
     interfaces = [
         link.name
         for link in Path("/sys/class/net").iterdir()

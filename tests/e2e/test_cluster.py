@@ -287,20 +287,28 @@ def test_cluster_down_leaves_nothing_behind(cluster_with_node: ClusterHandle) ->
     # Checked again under the cluster lock: a session that arrived meanwhile keeps it up.
     held = cluster.down_unless_held(excluding_pid=os.getpid())
     assert not held, f"not taking the cluster down: held by {', '.join(map(str, held))}"
-    left = cluster.leftovers()
-    assert left == {"processes": [], "mounts": [], "interfaces": [], "rules": [], "cgroups": []}
-    assert not cluster.provider(info.provider).running()
-    cluster.down()  # a second down is harmless
-    assert cluster.leftovers() == left
-
-    restarted = cluster.up(
-        with_node=info.has_node,
-        provider_name=info.provider,
-        prepare_node=images.ensure_node_images,
-    )
+    try:
+        left = cluster.leftovers()
+        assert left == {
+            "processes": [],
+            "mounts": [],
+            "interfaces": [],
+            "rules": [],
+            "cgroups": [],
+        }
+        assert not cluster.provider(info.provider).running()
+        cluster.down()  # a second down is harmless
+        assert cluster.leftovers() == left
+    finally:
+        # Whatever failed above, the rest of the session gets its cluster back as it was.
+        restarted = cluster.up(
+            with_node=info.has_node,
+            provider_name=info.provider,
+            prepare_node=images.ensure_node_images,
+        )
+        # Whoever was to stop the cluster at the end of the session still does.
+        cluster.record_starter("startedBy", info.startedBy)
+        cluster.record_starter("nodeStartedBy", info.nodeStartedBy)
     assert restarted.has_node == info.has_node
-    # Whoever was to stop the cluster at the end of the session still does.
-    cluster.record_starter("startedBy", info.startedBy)
-    cluster.record_starter("nodeStartedBy", info.nodeStartedBy)
     nodes: Any = k8s.CoreV1Api(cluster_with_node.api_client).list_node()
     assert [n.metadata.name for n in nodes.items] == [info.nodeName]
