@@ -32,6 +32,7 @@ from typing import Any
 from livekit import api, rtc
 from livekit.agents import AutoSubscribe, JobContext
 
+from voicefleet_runtime import agents_internals
 from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE, OVERFLOW_HEADER, OverflowOptions
 from voicefleet_runtime.config import RuntimeConfig
 from voicefleet_runtime.pipeline import build_tts, message_tts
@@ -131,7 +132,7 @@ async def give_overflow_treatment(
 ) -> None:
     """`tts`: the pipeline's TTS built in the process's prewarm (else built here)."""
     options = config.overflow
-    received_at = float(getattr(getattr(ctx, "_info", None), "received_at", 0.0) or 0.0)
+    received_at = agents_internals.dispatch_received_at(ctx)
     tts = tts if tts is not None else build_tts(message_tts(config.pipeline))
     # A phone call that is to be rejected needs no message: do not synthesise (or bill) it.
     message = Message(tts, options.message) if options.sip.action != "reject" else None

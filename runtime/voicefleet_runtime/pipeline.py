@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from voicefleet_runtime import agents_internals
 from voicefleet_runtime.config import (
     LlmConfig,
     NoiseCancellationConfig,
@@ -204,8 +205,6 @@ def register_turn_detector(plan: TurnDetectionPlan) -> None:
     would then load (and need the files of) both. An unused model costs ~200-400 MB, and a
     missing one would stop the worker from starting.
     """
-    from livekit.agents.inference_runner import _InferenceRunner
-
     _import_turn_detector()
     from livekit.plugins.turn_detector.english import _EUORunnerEn
     from livekit.plugins.turn_detector.multilingual import _EUORunnerMultilingual
@@ -214,9 +213,8 @@ def register_turn_detector(plan: TurnDetectionPlan) -> None:
         "english": _EUORunnerEn.INFERENCE_METHOD,
         "multilingual": _EUORunnerMultilingual.INFERENCE_METHOD,
     }.get(plan.effective)
-    for method in (_EUORunnerEn.INFERENCE_METHOD, _EUORunnerMultilingual.INFERENCE_METHOD):
-        if method != keep:
-            _InferenceRunner.registered_runners.pop(method, None)
+    every = {_EUORunnerEn.INFERENCE_METHOD, _EUORunnerMultilingual.INFERENCE_METHOD}
+    agents_internals.drop_inference_runners(every - {keep})
     os.environ[EFFECTIVE_TURN_DETECTION_ENV] = plan.effective
 
 

@@ -53,11 +53,10 @@ from livekit.agents import (
     room_io,
 )
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
-from livekit.agents.utils.http_server import HttpServer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from voicefleet_runtime import metrics, overflow
+from voicefleet_runtime import agents_internals, metrics, overflow
 from voicefleet_runtime.admission import (
     ADMISSION_PATH,
     LIVEKIT_LOAD_THRESHOLD,
@@ -152,7 +151,7 @@ class WorkerRuntime:
         self.worker_id: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._http: HttpServer | None = None
+        self._http: agents_internals.HttpServer | None = None
         # Overflow treatments from this process (no job process), when it can mint tokens.
         self.desk = overflow.OverflowDesk.from_environment(config, on_done=self._overflow_done)
         self.delivery: RecordDelivery | None = None
@@ -363,8 +362,7 @@ class WorkerRuntime:
         server = self.server
         if server is None or self.worker_id is None:
             return False, "not registered with LiveKit yet"
-        # livekit-agents sets _connecting from each (re)connect until the register response.
-        if getattr(server, "_connecting", False):
+        if agents_internals.is_reconnecting(server):
             return False, "reconnecting to LiveKit"
         if server.draining:
             return False, "draining: finishing running calls, taking no new ones"
@@ -406,7 +404,7 @@ class WorkerRuntime:
 
     async def _serve_metrics_and_readiness(self) -> None:
         port = self.config.worker.metrics_port
-        http = HttpServer("", port)  # all interfaces, like livekit-agents
+        http = agents_internals.HttpServer("", port)  # all interfaces, like livekit-agents
         http.app.add_routes(
             [
                 web.get("/metrics", self._metrics),
@@ -468,7 +466,7 @@ async def entrypoint(ctx: JobContext) -> None:
         await overflow.give_overflow_treatment(ctx, config, overflow_reason, tts=tts)
         return
     labels = metric_labels(config)
-    received_at = getattr(getattr(ctx, "_info", None), "received_at", 0.0)
+    received_at = agents_internals.dispatch_received_at(ctx)
     pipeline_config = config.pipeline
     providers: dict[str, str] = {
         "llm_usage": (
@@ -625,7 +623,7 @@ async def spool_overflow_record(
         config_hash=runtime_config_hash(),
         job_id=ctx.job.id,
         room=ctx.job.room.name,
-        dispatch_received_at=getattr(getattr(ctx, "_info", None), "received_at", 0.0),
+        dispatch_received_at=agents_internals.dispatch_received_at(ctx),
     )
     callers = [
         p
@@ -694,7 +692,7 @@ class CountingAgentServer(AgentServer):
     runtime: WorkerRuntime | None = None
 
     def _get_effective_load(self) -> float:
-        return float(self._worker_load)
+        return agents_internals.worker_load(self)
 
     def _is_available(self) -> bool:
         available = super()._is_available()
