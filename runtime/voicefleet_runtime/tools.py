@@ -15,16 +15,23 @@ servers get the same headers but X-VoiceFleet-Agent (one MCP session serves the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 from livekit.agents import RunContext, ToolError, function_tool
 from livekit.agents.llm import RawFunctionTool
-from livekit.agents.llm.mcp import MCPServerHTTP, MCPToolset
+
+if TYPE_CHECKING:
+    # Imported where used: livekit.agents.llm.mcp imports the mcp SDK (~130 modules: starlette,
+    # uvicorn, jsonschema; ~25 MB and ~2.5 s a process), which only VoiceAgents with MCP servers
+    # need. worker.py is preloaded into the forkserver, so an import here cost every worker
+    # process that (issue 17's idle-memory gap against the plain livekit-agents agent).
+    from livekit.agents.llm.mcp import MCPServerHTTP, MCPToolset
 
 from voicefleet_runtime import metrics
 from voicefleet_runtime.config import HttpHeader, McpServerConfig, WebhookTool
@@ -198,6 +205,8 @@ def mcp_server(
     config: McpServerConfig, environ: Mapping[str, str], call: Any = None
 ) -> MCPServerHTTP:
     """One MCP server of the call; its requests carry the call's headers, like webhooks'."""
+    from livekit.agents.llm.mcp import MCPServerHTTP
+
     return MCPServerHTTP(
         url=config.url,
         # Explicit: livekit-agents would otherwise guess the transport from the URL's path.
@@ -209,30 +218,40 @@ def mcp_server(
     )
 
 
-class TenantMcpToolset(MCPToolset):
-    """MCPToolset that says which tenant server failed to connect, and counts it.
+@functools.cache
+def tenant_mcp_toolset() -> Callable[[McpServerConfig, MCPServerHTTP, dict[str, str]], MCPToolset]:
+    """The TenantMcpToolset class, defined on first use (see the TYPE_CHECKING import)."""
+    from livekit.agents.llm.mcp import MCPToolset
 
-    livekit-agents logs a failed setup as "Error in _do_setup" with neither server name nor URL,
-    and leaves the server's tools out of the call; the tenant needs to know which server it was.
-    """
+    class TenantMcpToolset(MCPToolset):
+        """MCPToolset that says which tenant server failed to connect, and counts it.
 
-    def __init__(self, config: McpServerConfig, server: MCPServerHTTP, labels: dict[str, str]):
-        super().__init__(id=f"mcp-{config.name}", mcp_server=server)
-        self.config = config
-        self._labels = labels
+        livekit-agents logs a failed setup as "Error in _do_setup" with neither server name nor
+        URL, and leaves the server's tools out of the call; the tenant needs to know which
+        server it was.
+        """
 
-    async def setup(self, *, reload: bool = False) -> Self:
-        try:
-            return await super().setup(reload=reload)
-        except Exception as error:
-            metrics.ERRORS.labels(**self._labels, component="mcp", recoverable="true").inc()
-            logger.warning(
-                "MCP server %s (%s) is unavailable, its tools are left out of this call: %s",
-                self.config.name,
-                self.config.url,
-                type(error).__name__,
-            )
-            raise
+        def __init__(
+            self, config: McpServerConfig, server: MCPServerHTTP, labels: dict[str, str]
+        ) -> None:
+            super().__init__(id=f"mcp-{config.name}", mcp_server=server)
+            self.config = config
+            self._labels = labels
+
+        async def setup(self, *, reload: bool = False) -> Self:
+            try:
+                return await super().setup(reload=reload)
+            except Exception as error:
+                metrics.ERRORS.labels(**self._labels, component="mcp", recoverable="true").inc()
+                logger.warning(
+                    "MCP server %s (%s) is unavailable, its tools are left out of this call: %s",
+                    self.config.name,
+                    self.config.url,
+                    type(error).__name__,
+                )
+                raise
+
+    return TenantMcpToolset
 
 
 def build_mcp_toolsets(
@@ -242,6 +261,7 @@ def build_mcp_toolsets(
     call: Any = None,
 ) -> list[MCPToolset]:
     """The MCP servers as livekit-agents toolsets, one per server, for the AgentSession."""
-    return [
-        TenantMcpToolset(config, mcp_server(config, environ, call), labels) for config in servers
-    ]
+    if not servers:
+        return []
+    toolset = tenant_mcp_toolset()
+    return [toolset(config, mcp_server(config, environ, call), labels) for config in servers]
