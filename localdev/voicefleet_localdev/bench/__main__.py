@@ -1,9 +1,11 @@
-"""`make bench`: VoiceFleet's costs against baselines measured in the same run.
+"""`make bench`: VoiceFleet against the agent a team would write without it, same work, one run.
 
-  memory     PSS of a runtime worker (main process, forkserver, idle job processes) idle and with
-             N calls held, vs a bare livekit-agents AgentServer doing nothing (same process model)
-  latency    dispatch to the first audio of the greeting, vs the provider server's own TTS time
-             for that greeting (first byte and whole), and dispatch-to-joined vs the bare worker
+  compare    the VoiceFleet runtime and bench/baseline_agent.py (plain livekit-agents, the same
+             plugins, models, options, instructions and greeting) side by side: scripted calls
+             alternating between them, then a ramp of concurrent calls; per side p50/p95 of
+             dispatch -> joined, dispatch -> greeting, turn latency, idle PSS, PSS per call, CPU
+             per call-minute, and calls per core; ratios VoiceFleet / baseline (bench/compare.py)
+             Once per provider path: Deepgram + ElevenLabs, then OpenAI STT/TTS.
   reconcile  create VoiceAgent -> reconciled (children applied, status written), vs a bare
              kube-apiserver create + get of a ConfigMap
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import time
 from typing import Any
@@ -25,10 +26,11 @@ from voicefleet_testkit.participant import ParticipantError
 
 from voicefleet_localdev import cluster, paths
 from voicefleet_localdev import livekit as stack
-from voicefleet_localdev.bench import reconcile, workers
+from voicefleet_localdev.bench import compare, reconcile, stats, workers
 from voicefleet_localdev.procs import CommandError, ComponentError
 
 RESULTS_FILE = paths.logs_dir() / "bench.json"
+TABLE_FILE = paths.logs_dir() / "bench.md"
 WORKDIR = paths.state_dir() / "bench"
 
 
@@ -37,31 +39,8 @@ def say(message: str) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
+    """The reconcile figures as a plain table (the comparison prints its own markdown)."""
     rows: list[tuple[str, str, str, str]] = []
-    if "workers" in results:
-        w = results["workers"]
-        mem, lat = w["memory"], w["latency"]
-        ours, base = mem["runtime"], mem["baseline_bare_agentserver"]
-        rows += [
-            ("idle worker, PSS of all processes (MB)", f"{ours['idle']['pss_total_mb']}",
-             f"{base['idle']['pss_total_mb']}", f"{mem['idle_worker_pss_ratio']}x"),
-            ("idle worker, main process RSS (MB)", f"{ours['idle']['main_rss_mb']}",
-             f"{base['idle']['main_rss_mb']}", f"{mem['idle_main_rss_ratio']}x"),
-            (f"per active call, PSS (MB, {w['settings']['active_calls']} calls)",
-             f"{ours['per_call_pss_mb']}", f"{base['per_call_pss_mb']}",
-             f"{mem['per_call_pss_ratio']}x"),
-            ("dispatch -> greeting audio (s, median)",
-             f"{lat['runtime_dispatch_to_greeting_median_s']}",
-             f"{lat['baseline_provider_tts']['tts_first_byte_s']} (TTS 1st byte)",
-             f"{lat['greeting_vs_tts_first_byte_ratio']}x"),
-            ("  same, vs whole TTS of the greeting", "",
-             f"{lat['baseline_provider_tts']['tts_total_s']} (TTS total)",
-             f"{lat['greeting_vs_tts_total_ratio']}x"),
-            ("dispatch -> agent joined (s, median)",
-             f"{statistics.median(lat['runtime_dispatch_to_joined_s']):.3f}",
-             f"{statistics.median(lat['baseline_dispatch_to_joined_s']):.3f}",
-             f"{lat['joined_vs_bare_joined_ratio']}x"),
-        ]  # fmt: skip
     if "reconcile" in results:
         r = results["reconcile"]
         rows += [
@@ -87,25 +66,40 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--only", choices=["workers", "reconcile"], action="append")
-    parser.add_argument("--calls", type=int, default=3, help="calls held for the memory figure")
-    parser.add_argument("--latency-calls", type=int, default=3)
+    parser.add_argument("--only", choices=["compare", "reconcile"], action="append")
+    parser.add_argument("--calls", type=int, default=10, help="single calls per side")
+    parser.add_argument(
+        "--ramp", default="1,2,4,6,8", help="concurrent calls per ramp level, comma-separated"
+    )
+    parser.add_argument(
+        "--providers", choices=compare.PROVIDER_PATHS, action="append",
+        help="provider path(s) to run (default: both, one after the other)",
+    )  # fmt: skip
     parser.add_argument("--idle-processes", type=int, default=2)
     parser.add_argument("--voiceagents", type=int, default=10, help="VoiceAgents in the burst")
     args = parser.parse_args(argv)
-    wanted = set(args.only or ["workers", "reconcile"])
+    wanted = set(args.only or ["compare", "reconcile"])
+    ramp = [int(level) for level in args.ramp.split(",") if level.strip()]
     started = time.monotonic()
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     stack_started = stack.UpResult()
     cluster_started = False
     try:
         stack.up(("redis", "livekit-server"), result=stack_started)
-        if "workers" in wanted:
-            print("workers: runtime vs bare AgentServer", flush=True)
-            results["workers"] = asyncio.run(
-                workers.run(WORKDIR, calls=args.calls, latency_calls=args.latency_calls,
-                            idle_processes=args.idle_processes, report=say)
-            )  # fmt: skip
+        if "compare" in wanted:
+            results["compare"] = {}
+            for path in args.providers or compare.PROVIDER_PATHS:
+                print(f"compare ({path}): VoiceFleet runtime vs the plain agent", flush=True)
+                results["compare"][path] = asyncio.run(
+                    compare.run(WORKDIR / path, calls=args.calls, ramp=ramp,
+                                idle_processes=args.idle_processes, provider_path=path,
+                                report=say)
+                )  # fmt: skip
+            # The headline ratios: the example's providers when they ran, else the one path.
+            first = results["compare"].get("deepgram-elevenlabs") or next(
+                iter(results["compare"].values())
+            )
+            results["ratios"] = first["ratios"]
         if "reconcile" in wanted:
             print("reconcile: operator vs kube-apiserver round trip", flush=True)
             if cluster.provider().running() is None:
@@ -124,8 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = round(time.monotonic() - started, 1)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(json.dumps(results, indent=2))
-    print()
-    print(table(results))
+    if "compare" in results:
+        markdown = "\n\n".join(
+            f"### {path}: {compared['started']}, {compared['machine']['cpus']} CPUs, "
+            f"load average {compared['machine']['load_average_before'][0]} -> "
+            f"{compared['machine']['load_average_after'][0]}\n\n{stats.markdown_table(compared)}"
+            for path, compared in results["compare"].items()
+        )
+        TABLE_FILE.write_text(markdown + "\n")
+        print(f"\n{markdown}\n\n{TABLE_FILE}")
+    if "reconcile" in results:
+        print()
+        print(table(results))
     print(f"\n{RESULTS_FILE} ({results['total_s']:.0f}s)")
     return 0
 
