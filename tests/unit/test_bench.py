@@ -32,7 +32,7 @@ def test_percentile_interpolates_between_closest_ranks() -> None:
 def test_percentile_refuses_nothing_and_out_of_range() -> None:
     with pytest.raises(ValueError, match="no values"):
         stats.percentile([], 50)
-    with pytest.raises(ValueError, match="0..100"):
+    with pytest.raises(ValueError, match=r"0\.\.100"):
         stats.percentile([1.0], 101)
 
 
