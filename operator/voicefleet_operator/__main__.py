@@ -157,6 +157,12 @@ async def run_operator(
         await kube.close()
 
 
+def watched_namespaces(settings: PlatformSettings) -> list[str]:
+    """The served namespaces and their worker namespaces (the worker Deployments live there)."""
+    served = list(settings.watch_namespaces)
+    return served + [render.worker_namespace(n) for n in served]
+
+
 async def _run_kopf(
     settings: PlatformSettings,
     kube: Kube,
@@ -170,7 +176,7 @@ async def _run_kopf(
         settings=kopf_settings,
         standalone=True,
         clusterwide=not settings.watch_namespaces,
-        namespaces=settings.watch_namespaces,
+        namespaces=watched_namespaces(settings),
         liveness_endpoint=(
             f"http://0.0.0.0:{settings.liveness_port}/healthz" if liveness else None
         ),

@@ -674,6 +674,10 @@ class VoiceAgentStatus(Model):
     """Average worker load (active calls / jobsPerWorker)."""
     dispatch_name: Annotated[str | None, Field(max_length=128)] = None
     """Agent name the workers register with LiveKit (unique across tenants)."""
+    worker_namespace: Annotated[str | None, Field(max_length=63)] = None
+    """The platform-owned namespace where the workers run (`vf-<namespace>`): tenants read
+    their pods, logs and events there (`kubectl -n vf-<namespace> logs deploy/<name>`), never
+    its Secrets."""
     config_hash: Annotated[str | None, Field(max_length=128)] = None
     """Hash of the rendered runtime config on the worker pod template."""
     numbers: Annotated[str | None, Field(max_length=2048)] = None

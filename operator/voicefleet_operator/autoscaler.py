@@ -127,17 +127,17 @@ async def evaluate(
     policy = ScalingPolicy.from_spec(spec)
     names = ChildNames.of(ref.name)
 
-    deployment = await kube.get("Deployment", ref.namespace, names.deployment)
+    deployment = await kube.get("Deployment", ref.worker_namespace, names.deployment)
     if deployment is None or deployment.get("metadata", {}).get("deletionTimestamp"):
         return _inactive("NoDeployment", "the worker Deployment does not exist yet")
 
     started = time.monotonic()
-    raw_pods = await kube.list("Pod", ref.namespace, _selector(ref.name))
+    raw_pods = await kube.list("Pod", ref.worker_namespace, _selector(ref.name))
     pods = [WorkerPod.from_pod(p) for p in raw_pods]
     fleet = await read_fleet(pods, spec.worker.health_port, request_seconds=request_seconds)
     metrics.WORKER_READ_SECONDS.labels(*labels).observe(time.monotonic() - started)
 
-    await _update_deletion_costs(kube, ref.namespace, pods, fleet, policy.jobs_per_worker)
+    await _update_deletion_costs(kube, ref.worker_namespace, pods, fleet, policy.jobs_per_worker)
 
     jobs_per_worker = policy.jobs_per_worker
     active_jobs = fleet.active_jobs(jobs_per_worker)
@@ -200,7 +200,7 @@ async def evaluate(
         or decision.pending != pending
         or not _owns_replicas(deployment)
     ):
-        await _apply_replicas(kube, ref.namespace, names.deployment, decision)
+        await _apply_replicas(kube, ref.worker_namespace, names.deployment, decision)
 
     event = None
     if decision.replicas != current:

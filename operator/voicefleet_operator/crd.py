@@ -100,6 +100,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "priority": 1,
     },
     {
+        "name": "Workers",
+        "type": "string",
+        "jsonPath": ".status.workerNamespace",
+        "description": "Namespace of the worker pods (kubectl -n <it> logs deploy/<name>).",
+        "priority": 1,
+    },
+    {
         "name": "Age",
         "type": "date",
         "jsonPath": ".metadata.creationTimestamp",

@@ -6,11 +6,18 @@ One `reconcile()` turns a VoiceAgent into its children, in clear steps:
   2. validate: the schema (pydantic, the same models as the CRD), then what the schema cannot
      see: referenced Secrets and keys, provider API keys. Problems set ConfigValid=False with a
      message naming the field, post an Event, and STOP: the last good children keep running;
-  3. read the platform's LiveKit Secret and the existing children (a name taken by an object
-     this VoiceAgent does not own is reported, never taken over);
+  3. make sure the tenant's worker namespace `vf-<namespace>` exists with its observer RBAC
+     (worker_namespace.py); read the platform's LiveKit Secret and the existing children there
+     (a name taken by an object this VoiceAgent does not own is reported, never taken over);
   4. render every child (render.py, pure);
-  5. server-side apply each one as `voicefleet-operator` (idempotent; Deployment last);
+  5. server-side apply each one as `voicefleet-operator` (idempotent; Deployment last); then
+     delete what an older operator left in the tenant namespace (the LiveKit key's copy);
   6. write status (status.py, pure maths) and post Events for what changed.
+
+Children live in the worker namespace, out of the tenant's reach (operator/README.md, "Tenant
+isolation"); owner references cannot cross namespaces, so they carry the VoiceAgent's uid as a
+label and its finalizer (`finalize`) deletes them, and the worker namespace with the tenant's
+last VoiceAgent.
 
 Who calls it: create/update/resume handlers; a resync timer (drift, rotated Secrets); a fast
 recheck timer while ConfigValid or Reconciled is False (a missing Secret appears); the watcher of
@@ -40,7 +47,14 @@ import aiohttp
 import kopf
 from voicefleet_runtime.config import PROVIDER_KEY_ENV, ConfigError
 
-from voicefleet_operator import autoscaler, image_policy, metrics, platform_features, render
+from voicefleet_operator import (
+    autoscaler,
+    image_policy,
+    metrics,
+    platform_features,
+    render,
+    worker_namespace,
+)
 from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
     DNS1035_LABEL,
@@ -98,6 +112,17 @@ def validate_spec(body: Mapping[str, Any]) -> tuple[VoiceAgentSpec | None, list[
                 f"metadata.name: {name!r} must be a DNS-1035 label of at most "
                 f"{NAME_MAX_LENGTH} characters (the children's names derive from it); "
                 "recreate the VoiceAgent under a shorter name",
+            )
+        )
+    namespace = str(body["metadata"].get("namespace", ""))
+    if len(namespace) > render.TENANT_NAMESPACE_MAX_LENGTH:
+        problems.append(
+            Problem(
+                "NamespaceTooLong",
+                f"metadata.namespace: {namespace!r} is longer than "
+                f"{render.TENANT_NAMESPACE_MAX_LENGTH} characters, so its worker namespace "
+                f"{render.worker_namespace(namespace)!r} cannot exist (a namespace name has at "
+                "most 63); create the VoiceAgent in a namespace with a shorter name",
             )
         )
     try:
@@ -213,7 +238,7 @@ async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> Outcome:
         with metrics.observe_reconcile(namespace, name) as record:
             body = await ctx.kube.get("VoiceAgent", namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
-                # The garbage collector removes the children.
+                # The finalizer (finalize) removes the children.
                 return record.done(Outcome(False, "Gone"))
             return record.done(await _reconcile(ctx, body))
 
@@ -261,7 +286,14 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         return Outcome(False, problems[0].reason)
     valid = ConditionUpdate.true(CONDITION_CONFIG_VALID, "Valid", "the configuration is valid")
 
-    # 3. platform Secret and existing children
+    # 3. the worker namespace, the platform Secret and existing children
+    try:
+        await worker_namespace.ensure(ctx.kube, ref.namespace)
+    except worker_namespace.NamespaceTaken as error:
+        return await _not_reconciled(ctx, ref, status_of, valid, "NamespaceConflict", str(error))
+    except (KubeError, aiohttp.ClientError) as error:
+        what = f"preparing the worker namespace {ref.worker_namespace!r} failed: {error}"
+        return await _not_reconciled(ctx, ref, status_of, valid, "ApplyFailed", what)
     try:
         livekit_data = await _platform_livekit_data(ctx)
         existing = await _existing_children(ctx, ref)
@@ -282,11 +314,13 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         )
     # A foreign HPA of the same name matters only when this VoiceAgent renders one.
     if not render.hpa_owns_replicas(spec):
-        existing.pop("HorizontalPodAutoscaler", None)
+        existing = {
+            key: obj for key, obj in existing.items() if key[0] != "HorizontalPodAutoscaler"
+        }
     foreign = [
         f"{obj['kind']} {obj['metadata']['name']!r}"
         for obj in existing.values()
-        if obj is not None and not _controlled_by(obj, ref)
+        if obj is not None and not render.owned_by(obj, ref)
     ]
     if foreign:
         return await _not_reconciled(
@@ -295,12 +329,13 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
             status_of,
             valid,
             "NameConflict",
-            f"{', '.join(foreign)} already exist(s) in namespace {ref.namespace!r} and "
-            "belong(s) to something else; delete or rename it, or rename the VoiceAgent",
+            f"{', '.join(foreign)} already exist(s) in namespace {ref.worker_namespace!r} "
+            "and belong(s) to something else; delete or rename it, or rename the VoiceAgent",
         )
 
     # 4. render
-    replicas = replicas_for(spec, existing.get("Deployment"))
+    names = render.ChildNames.of(ref.name)
+    replicas = replicas_for(spec, existing.get(("Deployment", names.deployment)))
     # "platform/livekit" cannot clash with a tenant Secret: names have no slash.
     secrets_data = {
         **secrets,
@@ -313,6 +348,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         livekit_data=livekit_data,
         secrets_hash=render.secrets_hash(secrets_data),
         replicas=replicas,
+        secrets=secrets,
     )
 
     # 5. apply, Deployment last
@@ -328,7 +364,23 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
     except (KubeError, aiohttp.ClientError) as error:
         what = "removing the HorizontalPodAutoscaler (scaling.mode is not hpa) failed: "
         return await _not_reconciled(ctx, ref, status_of, valid, "ApplyFailed", what + str(error))
-    created = [kind for kind, obj in existing.items() if obj is None]
+    created = sorted({kind for (kind, _), obj in existing.items() if obj is None})
+    if (body.get("status") or {}).get("workerNamespace") != ref.worker_namespace:
+        # Upgrading from workers in the tenant namespace: the new ones are applied; the old
+        # ones (and the LiveKit key's copy there) go.
+        try:
+            removed = await worker_namespace.remove_legacy_children(ctx.kube, ref)
+        except (KubeError, aiohttp.ClientError) as error:
+            what = f"removing the children left in namespace {ref.namespace!r} failed: {error}"
+            return await _not_reconciled(ctx, ref, status_of, valid, "ApplyFailed", what)
+        if removed:
+            log.info(
+                "%s/%s: moved to %s; removed %s",
+                ref.namespace,
+                ref.name,
+                ref.worker_namespace,
+                ", ".join(removed),
+            )
 
     # 6. status and events
     result = await write_status(
@@ -346,6 +398,7 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         facts=WorkloadFacts.from_deployment(applied["Deployment"]),
         fields={
             "dispatchName": ref.dispatch_name,
+            "workerNamespace": ref.worker_namespace,
             "configHash": rendered.config_hash,
             "desiredReplicas": replicas,
         },
@@ -354,7 +407,12 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
     if result is not None:
         _, old, _ = result
         if created:
-            post_event(body, "Normal", "Created", f"created {', '.join(sorted(created))}")
+            post_event(
+                body,
+                "Normal",
+                "Created",
+                f"created {', '.join(created)} in namespace {ref.worker_namespace}",
+            )
         previous_hash = old.get("configHash")
         if previous_hash and previous_hash != rendered.config_hash:
             post_event(
@@ -411,20 +469,22 @@ async def _platform_livekit_data(ctx: OperatorContext) -> dict[str, str] | None:
 
 async def _existing_children(
     ctx: OperatorContext, ref: render.VoiceAgentRef
-) -> dict[str, dict[str, Any] | None]:
+) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """{(kind, name): the object in the worker namespace or None} for every child's name."""
     names = render.ChildNames.of(ref.name)
-    wanted = {
-        "ServiceAccount": names.service_account,
-        "Secret": names.livekit_secret,
-        "ConfigMap": names.config_map,
-        "Service": names.service,
-        "PodDisruptionBudget": names.pod_disruption_budget,
-        "NetworkPolicy": names.network_policy,
-        "Deployment": names.deployment,
-        "HorizontalPodAutoscaler": names.deployment,
-    }
+    wanted = [
+        ("ServiceAccount", names.service_account),
+        ("Secret", names.livekit_secret),
+        ("Secret", names.tenant_secrets),
+        ("ConfigMap", names.config_map),
+        ("Service", names.service),
+        ("PodDisruptionBudget", names.pod_disruption_budget),
+        ("NetworkPolicy", names.network_policy),
+        ("Deployment", names.deployment),
+        ("HorizontalPodAutoscaler", names.deployment),
+    ]
     found = await asyncio.gather(
-        *(ctx.kube.get(kind, ref.namespace, name) for kind, name in wanted.items())
+        *(ctx.kube.get(kind, ref.worker_namespace, name) for kind, name in wanted)
     )
     return dict(zip(wanted, found, strict=True))
 
@@ -437,43 +497,52 @@ async def _remove_unrendered_hpa(
         return
     name = render.ChildNames.of(ref.name).deployment
     if await _owned(ctx, ref, "HorizontalPodAutoscaler", name) is not None:
-        await ctx.kube.delete("HorizontalPodAutoscaler", ref.namespace, name)
-
-
-def _controlled_by(obj: Mapping[str, Any], ref: render.VoiceAgentRef) -> bool:
-    owners = obj.get("metadata", {}).get("ownerReferences") or []
-    return any(o.get("uid") == ref.uid and o.get("controller") for o in owners)
+        await ctx.kube.delete("HorizontalPodAutoscaler", ref.worker_namespace, name)
 
 
 async def _owned(
     ctx: OperatorContext, ref: render.VoiceAgentRef, kind: str, name: str
 ) -> dict[str, Any] | None:
+    """The child `kind`/`name` of `ref` in its worker namespace, None if absent or another's."""
     try:
-        obj = await ctx.kube.get(kind, ref.namespace, name)
+        obj = await ctx.kube.get(kind, ref.worker_namespace, name)
     except (KubeError, aiohttp.ClientError):
         return None
-    return obj if obj is not None and _controlled_by(obj, ref) else None
+    return obj if obj is not None and render.owned_by(obj, ref) else None
+
+
+# --- deletion (the finalizer) ---------------------------------------------------------------
+
+
+async def finalize(ctx: OperatorContext, namespace: str, name: str, uid: str) -> None:
+    """The VoiceAgent is being deleted: delete its children in the worker namespace (no owner
+    reference does it) and the namespace itself with the tenant's last VoiceAgent. Raises on
+    API errors, so that kopf retries and the finalizer stays until it succeeded."""
+    ref = render.VoiceAgentRef(name, namespace, uid)
+    async with ctx.lock(namespace, name):
+        deleted = await worker_namespace.delete_children(ctx.kube, ref)
+        gone = await worker_namespace.delete_if_unused(ctx.kube, namespace, name)
+    log.info(
+        "%s/%s: deleted %s%s",
+        namespace,
+        name,
+        ", ".join(deleted) or "no children",
+        f"; namespace {ref.worker_namespace} (the tenant's last VoiceAgent)" if gone else "",
+    )
 
 
 # --- the worker Deployment's state ----------------------------------------------------------
 
 
-def _owner(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(name, uid) of the VoiceAgent controlling `obj`."""
-    for owner in obj.get("metadata", {}).get("ownerReferences") or []:
-        if owner.get("kind") == "VoiceAgent" and owner.get("controller"):
-            return str(owner["name"]), str(owner["uid"])
-    return None
-
-
 async def refresh_workers(
-    ctx: OperatorContext, namespace: str, deployment: Mapping[str, Any], deleted: bool
+    ctx: OperatorContext, deployment: Mapping[str, Any], deleted: bool
 ) -> None:
-    """Deployment changed: update replicas, readiness and WorkersAvailable of its owner."""
-    owner = _owner(deployment)
+    """Deployment changed: update replicas, readiness and WorkersAvailable of its owner (the
+    VoiceAgent its labels name, in the tenant namespace)."""
+    owner = render.owner_of(deployment)
     if owner is None:
         return
-    name, uid = owner
+    namespace, name, uid = owner
     if deleted:
         # Deleted behind the operator's back (the owner's own deletion is no concern: then the
         # reconcile finds the VoiceAgent gone or terminating).
@@ -593,10 +662,8 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         labels={render.LABEL_MANAGED_BY: render.MANAGED_BY},
         registry=registry,
     )
-    async def worker_deployment_event(
-        *, type: str | None, body: kopf.Body, namespace: str | None, **_: Any
-    ) -> None:
-        await refresh_workers(ctx, str(namespace), body, deleted=type == "DELETED")
+    async def worker_deployment_event(*, type: str | None, body: kopf.Body, **_: Any) -> None:
+        await refresh_workers(ctx, body, deleted=type == "DELETED")
 
     # A daemon, not a timer: a 5 s loop per VoiceAgent, without kopf logging every run.
     @kopf.daemon(*resource, cancellation_timeout=10, registry=registry)
@@ -609,6 +676,13 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
             except Exception:  # never let one bad evaluation end the loop
                 log.exception("%s/%s: autoscaler evaluation failed", namespace, name)
             await stopped.wait(autoscaler.INTERVAL_SECONDS)
+
+    # Not optional: the finalizer stays until the children in the worker namespace are gone.
+    @kopf.on.delete(*resource, registry=registry)
+    async def delete_worker_children(
+        *, name: str, namespace: str | None, uid: str | None, **_: Any
+    ) -> None:
+        await finalize(ctx, str(namespace), name, str(uid))
 
     @kopf.on.delete(*resource, optional=True, registry=registry)
     async def forget_voiceagent_metrics(*, name: str, namespace: str | None, **_: Any) -> None:

@@ -10,7 +10,9 @@ Egress:
   - DNS (port 53, UDP and TCP, any resolver);
   - LiveKit: its URL's address, every port (media ports are LiveKit's choice); an in-cluster
     LiveKit (<svc>.<ns>.svc...) is its namespace;
-  - the tenant's own namespace (its own in-cluster webhooks, by Service name or ClusterIP);
+  - the worker namespace the policy lives in and the tenant's namespace (its own in-cluster
+    webhooks, by Service name or ClusterIP; a bare Service name resolves in the tenant's
+    namespace: the workers' DNS search list has it);
   - what the VoiceAgent declares (tool, MCP, provider base URLs, call record webhook, recording
     endpoint): an IP address on the URL's port, an in-cluster name as its namespace;
   - ranges the platform allows every worker (egress_allowed_cidrs);
@@ -122,7 +124,8 @@ def network_policy_spec(
     spec: VoiceAgentSpec,
     settings: PlatformSettings,
 ) -> dict[str, Any]:
-    """The NetworkPolicy's spec for the workers selected by `pod_selector` in `namespace`."""
+    """The NetworkPolicy's spec for tenant `namespace`'s workers selected by `pod_selector` (in
+    the tenant's worker namespace, where the policy lives)."""
     health = {"protocol": "TCP", "port": spec.worker.health_port}
     metrics = {"protocol": "TCP", "port": spec.worker.metrics_port}
     ingress: list[dict[str, Any]] = []
@@ -140,7 +143,9 @@ def network_policy_spec(
 
     egress: list[dict[str, Any]] = [
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-        {"to": [{"podSelector": {}}]},  # the tenant's own namespace
+        # The policy's own namespace (the tenant's worker namespace) and the tenant namespace
+        # (its own in-cluster webhooks).
+        {"to": [{"podSelector": {}}, _namespace_peer(namespace)]},
     ]
     livekit = egress_rule_for_url(settings.livekit_url, namespace, settings, any_port=True)
     declared = [egress_rule_for_url(url, namespace, settings) for _, url in declared_urls(spec)]

@@ -3,10 +3,17 @@
 Pure functions, no I/O: the reconcile reads what it needs (the platform's LiveKit Secret, the
 tenant's Secrets, the current replicas) and passes it in. Golden files pin every child.
 
-Children of VoiceAgent `<name>` in namespace `<ns>` (all owned by it, all labelled):
+Children of VoiceAgent `<name>` in tenant namespace `<ns>` live in the tenant's worker
+namespace `vf-<ns>` (worker_namespace.py creates it; the tenant can observe it, not read its
+Secrets nor exec into its pods). Owner references cannot cross namespaces: every child carries
+the VoiceAgent's namespace, name and uid as labels (child_labels), the operator checks ownership
+by the uid label and the VoiceAgent's finalizer deletes them:
 
     ServiceAccount       <name>           no API token mounted: workers never talk to Kubernetes
     Secret               <name>-livekit   LIVEKIT_API_KEY/SECRET copied from the platform Secret
+    Secret               <name>-secrets   copies of the tenant Secrets' values the spec refers to
+                                          (secretRefs: every key; header, signing and recording
+                                          references: that key, under its env var's name)
     ConfigMap            <name>-config    the runtime config (no secrets: `valueFromEnv` names)
     Service              <name>-metrics   headless, one endpoint per worker for Prometheus
     PodDisruptionBudget  <name>           evictions one worker at a time
@@ -17,10 +24,10 @@ Children of VoiceAgent `<name>` in namespace `<ns>` (all owned by it, all labell
     HorizontalPodAutoscaler <name>        only with scaling.mode hpa (and no pin): scales the
                                           Deployment on the workers' load metric
 
-Why copy the LiveKit credentials into each tenant namespace: the workers need them to register
-with LiveKit, and a pod can only read Secrets of its own namespace. The copy is an owned child,
-so it goes away with the VoiceAgent and follows the platform Secret on every reconcile; the
-operator needs no RBAC at run time of the workers, and the workers need none at all.
+Why copy the LiveKit credentials into each worker namespace: the workers need them to register
+with LiveKit, and a pod can only read Secrets of its own namespace. The worker namespace is the
+platform's, not the tenant's: tenants never hold the key (operator/README.md, "Tenant
+isolation"). The copy follows the platform Secret on every reconcile; the workers need no RBAC.
 """
 
 from __future__ import annotations
@@ -61,6 +68,17 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_VOICE_AGENT = "voicefleet.dev/voiceagent"
 """On every child: the owning VoiceAgent's name (the Deployment watcher finds its owner by it)."""
+LABEL_VOICE_AGENT_NAMESPACE = "voicefleet.dev/voiceagent-namespace"
+"""On every child: the owning VoiceAgent's (tenant) namespace."""
+LABEL_VOICE_AGENT_UID = "voicefleet.dev/voiceagent-uid"
+"""On every child: the owning VoiceAgent's uid (ownership: owner references cannot cross
+namespaces)."""
+LABEL_TENANT = "voicefleet.dev/tenant"
+"""On a worker namespace: the tenant namespace it serves."""
+
+WORKER_NAMESPACE_PREFIX = "vf-"
+TENANT_NAMESPACE_MAX_LENGTH = 63 - len(WORKER_NAMESPACE_PREFIX)
+"""A worker namespace name is a DNS label too (at most 63 characters)."""
 
 APP_NAME = "voicefleet-runtime"
 MANAGED_BY = "voicefleet-operator"
@@ -103,6 +121,11 @@ def dispatch_name(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
+def worker_namespace(tenant_namespace: str) -> str:
+    """The platform-owned namespace where tenant `tenant_namespace`'s workers run."""
+    return f"{WORKER_NAMESPACE_PREFIX}{tenant_namespace}"
+
+
 @dataclass(frozen=True)
 class VoiceAgentRef:
     """Identity of the VoiceAgent being rendered."""
@@ -120,11 +143,17 @@ class VoiceAgentRef:
     def dispatch_name(self) -> str:
         return dispatch_name(self.namespace, self.name)
 
+    @property
+    def worker_namespace(self) -> str:
+        """Where the children live (`vf-<namespace>`)."""
+        return worker_namespace(self.namespace)
+
 
 @dataclass(frozen=True)
 class ChildNames:
     service_account: str
     livekit_secret: str
+    tenant_secrets: str
     config_map: str
     service: str
     pod_disruption_budget: str
@@ -136,6 +165,7 @@ class ChildNames:
         return cls(
             service_account=name,
             livekit_secret=f"{name}-livekit",
+            tenant_secrets=f"{name}-secrets",
             config_map=f"{name}-config",
             service=f"{name}-metrics",
             pod_disruption_budget=name,
@@ -159,7 +189,34 @@ def labels(name: str) -> dict[str, str]:
     }
 
 
+def child_labels(ref: VoiceAgentRef) -> dict[str, str]:
+    """Labels of every child and worker pod: `labels` plus the VoiceAgent's namespace and uid."""
+    return {
+        **labels(ref.name),
+        LABEL_VOICE_AGENT_NAMESPACE: ref.namespace,
+        LABEL_VOICE_AGENT_UID: ref.uid,
+    }
+
+
+def owned_by(obj: Mapping[str, Any], ref: VoiceAgentRef) -> bool:
+    """`obj` is a child of the VoiceAgent `ref` (its uid label; owner references cannot cross
+    from the tenant namespace into the worker namespace)."""
+    found = obj.get("metadata", {}).get("labels") or {}
+    return bool(found.get(LABEL_VOICE_AGENT_UID) == ref.uid)
+
+
+def owner_of(obj: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(namespace, name, uid) of the VoiceAgent a child's labels name, None if not a child."""
+    found = obj.get("metadata", {}).get("labels") or {}
+    keys = (LABEL_VOICE_AGENT_NAMESPACE, LABEL_VOICE_AGENT, LABEL_VOICE_AGENT_UID)
+    if not all(found.get(key) for key in keys):
+        return None
+    return str(found[keys[0]]), str(found[keys[1]]), str(found[keys[2]])
+
+
 def owner_reference(ref: VoiceAgentRef) -> dict[str, Any]:
+    """The owner reference children had when they lived in the tenant namespace (the upgrade
+    recognises those by it)."""
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -171,12 +228,7 @@ def owner_reference(ref: VoiceAgentRef) -> dict[str, Any]:
 
 
 def _metadata(ref: VoiceAgentRef, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": ref.namespace,
-        "labels": labels(ref.name),
-        "ownerReferences": [owner_reference(ref)],
-    }
+    return {"name": name, "namespace": ref.worker_namespace, "labels": child_labels(ref)}
 
 
 # --- secrets the workers need -------------------------------------------------------------
@@ -372,7 +424,7 @@ def render_service_account(ref: VoiceAgentRef) -> dict[str, Any]:
 
 
 def render_livekit_secret(ref: VoiceAgentRef, platform_data: Mapping[str, str]) -> dict[str, Any]:
-    """The tenant-namespace copy of the platform's LiveKit credentials (base64 `data`, as read)."""
+    """The worker-namespace copy of the platform's LiveKit credentials (base64 `data`, as read)."""
     missing = [key for key in LIVEKIT_SECRET_KEYS if key not in platform_data]
     if missing:
         raise ValueError(f"the platform LiveKit Secret lacks key(s) {', '.join(missing)}")
@@ -382,6 +434,37 @@ def render_livekit_secret(ref: VoiceAgentRef, platform_data: Mapping[str, str]) 
         "metadata": _metadata(ref, ChildNames.of(ref.name).livekit_secret),
         "type": "Opaque",
         "data": {key: platform_data[key] for key in LIVEKIT_SECRET_KEYS},
+    }
+
+
+def tenant_secret_data(
+    spec: VoiceAgentSpec, secrets: Mapping[str, Mapping[str, str]]
+) -> dict[str, str]:
+    """The worker namespace's copy of what the workers read from the tenant's Secrets
+    (`secrets`: {name: base64 data}, as read): every key of each spec.secretRefs Secret (the
+    workers get them all as environment variables; a later Secret wins a shared key, as with
+    envFrom) and each referenced key under its environment variable's name. Nothing else. A
+    key missing from `secrets` is left out (the reconcile checked them all: check_secrets)."""
+    data: dict[str, str] = {}
+    for ref in spec.secret_refs:
+        data.update(secrets.get(ref.name) or {})
+    for use in secret_key_uses(spec):
+        source = secrets.get(use.secret) or {}
+        if use.key in source:
+            data[use.env_var] = source[use.key]
+    return data
+
+
+def render_tenant_secret(
+    ref: VoiceAgentRef, spec: VoiceAgentSpec, secrets: Mapping[str, Mapping[str, str]]
+) -> dict[str, Any]:
+    """`<name>-secrets`: the tenant Secrets' values the workers use (tenant_secret_data)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(ref, ChildNames.of(ref.name).tenant_secrets),
+        "type": "Opaque",
+        "data": tenant_secret_data(spec, secrets),
     }
 
 
@@ -443,7 +526,8 @@ def render_network_policy(
     ref: VoiceAgentRef, spec: VoiceAgentSpec, settings: PlatformSettings
 ) -> dict[str, Any]:
     """Ingress from the platform namespace and its monitoring only; egress to DNS, LiveKit, the
-    tenant's own namespace, what the VoiceAgent declares and the public internet (netpol.py)."""
+    tenant's namespace and its worker namespace, what the VoiceAgent declares and the public
+    internet (netpol.py)."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -522,7 +606,7 @@ def _environment(ref: VoiceAgentRef, spec: VoiceAgentSpec, settings: PlatformSet
         env.append(
             {
                 "name": use.env_var,
-                "valueFrom": {"secretKeyRef": {"name": use.secret, "key": use.key}},
+                "valueFrom": {"secretKeyRef": {"name": names.tenant_secrets, "key": use.env_var}},
             }
         )
     return env
@@ -549,7 +633,8 @@ def render_deployment(
         "imagePullPolicy": settings.runtime_image_pull_policy,
         "command": list(RUNTIME_COMMAND),
         "env": _environment(ref, spec, settings),
-        "envFrom": [{"secretRef": {"name": s.name}} for s in spec.secret_refs],
+        # The copy of every spec.secretRefs key (render_tenant_secret).
+        "envFrom": [{"secretRef": {"name": names.tenant_secrets}}],
         "ports": [
             {"name": "health", "containerPort": worker.health_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": worker.metrics_port, "protocol": "TCP"},
@@ -616,11 +701,17 @@ def render_deployment(
                 "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0},
             },
             "template": {
-                "metadata": {"labels": labels(ref.name), "annotations": template_annotations},
+                "metadata": {
+                    "labels": child_labels(ref),
+                    "annotations": template_annotations,
+                },
                 "spec": {
                     "serviceAccountName": names.service_account,
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
+                    # A bare Service name in a tool or webhook URL means one of the tenant's
+                    # Services, as it did when the workers ran in the tenant namespace.
+                    "dnsConfig": {"searches": [f"{ref.namespace}.svc.{settings.cluster_domain}"]},
                     "terminationGracePeriodSeconds": (
                         worker.drain_timeout_seconds + TERMINATION_GRACE_MARGIN_SECONDS
                     ),
@@ -663,11 +754,10 @@ def render_horizontal_pod_autoscaler(ref: VoiceAgentRef, spec: VoiceAgentSpec) -
     names = ChildNames.of(ref.name)
     return render_hpa(
         name=names.deployment,
-        namespace=ref.namespace,
+        namespace=ref.worker_namespace,
         deployment_name=names.deployment,
         policy=ScalingPolicy.from_spec(spec),
-        labels=labels(ref.name),
-        owner_references=[owner_reference(ref)],
+        labels=child_labels(ref),
     )
 
 
@@ -699,14 +789,17 @@ def render_all(
     livekit_data: Mapping[str, str],
     secrets_hash: str,
     replicas: int,
+    secrets: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Rendered:
-    """Every child; raises ConfigError (runtime config) or ValueError (LiveKit Secret)."""
+    """Every child; raises ConfigError (runtime config) or ValueError (LiveKit Secret).
+    `secrets`: {tenant Secret name: base64 data} of the Secrets the spec refers to."""
     config = runtime_config(ref, spec)
     text = config_yaml(config)
     digest = config_hash(text)
     children = [
         render_service_account(ref),
         render_livekit_secret(ref, livekit_data),
+        render_tenant_secret(ref, spec, secrets or {}),
         render_config_map(ref, text),
         render_service(ref, spec),
         render_pod_disruption_budget(ref),

@@ -82,8 +82,9 @@ def test_workers_get_the_signing_key_from_the_secret_and_a_spool_volume() -> Non
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
-    key_env = env[render.header_env_var("records", "signing-key")]
-    assert key_env["valueFrom"] == {"secretKeyRef": {"name": "records", "key": "signing-key"}}
+    variable = render.header_env_var("records", "signing-key")
+    key_env = env[variable]
+    assert key_env["valueFrom"] == {"secretKeyRef": {"name": "support-secrets", "key": variable}}
     # The spool: the same variable the runtime reads, on an emptyDir volume.
     assert render.SPOOL_DIR_ENV == delivery.SPOOL_DIR_ENV
     assert env[render.SPOOL_DIR_ENV]["value"] == render.SPOOL_DIR
@@ -176,12 +177,9 @@ def test_recording_credentials_reach_the_workers_through_the_environment() -> No
     assert "credentialsSecretRef" not in result.child("ConfigMap")["data"]["config.yaml"]
     [container] = result.child("Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
-    assert env[access]["valueFrom"] == {
-        "secretKeyRef": {"name": "recordings", "key": "accessKeyId"}
-    }
-    assert env[secret]["valueFrom"] == {
-        "secretKeyRef": {"name": "recordings", "key": "secretAccessKey"}
-    }
+    # From the worker namespace's copy of the tenant's Secret (render_tenant_secret).
+    assert env[access]["valueFrom"] == {"secretKeyRef": {"name": "support-secrets", "key": access}}
+    assert env[secret]["valueFrom"] == {"secretKeyRef": {"name": "support-secrets", "key": secret}}
 
 
 def test_recording_without_a_webhook_needs_no_spool() -> None:

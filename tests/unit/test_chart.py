@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from voicefleet_operator import worker_namespace
 from voicefleet_testkit import observability
 
 CHART = observability.CHART
@@ -194,19 +195,39 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
     assert granted == {
         ("voicefleet.dev", "voiceagents"): ["get", "list", "patch", "watch"],
         ("voicefleet.dev", "voiceagents/status"): ["patch"],
-        ("voicefleet.dev", "voiceagents/finalizers"): ["update"],
-        ("", "configmaps"): ["create", "get", "patch"],
-        ("", "secrets"): ["create", "get", "patch"],
-        ("", "services"): ["create", "get", "patch"],
-        ("", "serviceaccounts"): ["create", "get", "patch"],
-        ("apps", "deployments"): ["create", "get", "list", "patch", "watch"],
-        ("policy", "poddisruptionbudgets"): ["create", "get", "patch"],
-        ("networking.k8s.io", "networkpolicies"): ["create", "get", "patch"],
-        ("", "pods"): ["list", "patch"],
+        # (No voiceagents/finalizers: no child carries an owner reference, so no
+        # blockOwnerDeletion; kopf patches its finalizer through voiceagents.)
+        # Children in the worker namespaces (vf-<tenant>): applied, deleted by the finalizer.
+        ("", "configmaps"): ["create", "delete", "get", "list", "patch", "watch"],
+        ("", "secrets"): ["create", "delete", "get", "patch"],
+        ("", "services"): ["create", "delete", "get", "list", "patch", "watch"],
+        ("", "serviceaccounts"): ["create", "delete", "get", "patch"],
+        ("apps", "deployments"): ["create", "delete", "get", "list", "patch", "watch"],
+        ("policy", "poddisruptionbudgets"): ["create", "delete", "get", "patch"],
+        ("networking.k8s.io", "networkpolicies"): ["create", "delete", "get", "patch"],
+        ("", "pods"): ["get", "list", "patch", "watch"],
         ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "get", "patch"],
-        ("", "events"): ["create"],
+        ("", "events"): ["create", "get", "list", "watch"],
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
+        # The worker namespaces and their observer RBAC.
+        ("", "namespaces"): ["create", "delete", "get", "patch"],
+        ("rbac.authorization.k8s.io", "roles"): ["create", "get", "patch"],
+        ("rbac.authorization.k8s.io", "rolebindings"): ["create", "get", "list", "patch"],
+        # Held only to grant them in the observer Role (no bind/escalate).
+        ("", "pods/log"): ["get", "list", "watch"],
+        ("apps", "replicasets"): ["get", "list", "watch"],
+        ("events.k8s.io", "events"): ["get", "list", "watch"],
     }
+    # Secrets are never listed (read by name only), no one may be impersonated, and RBAC is
+    # never escalated: the operator grants tenants only what it holds itself.
+    assert "list" not in granted[("", "secrets")]
+    assert ("rbac.authorization.k8s.io", "clusterroles") not in granted
+    for verbs in granted.values():
+        assert not {"bind", "escalate", "impersonate"} & set(verbs)
+    for rule in worker_namespace.OBSERVER_RULES:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert set(rule["verbs"]) <= set(granted[(group, resource)]), (group, resource)
     binding = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "vf-voicefleet", "namespace": NAMESPACE}
@@ -226,9 +247,11 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
     assert role_binding["subjects"] == binding["subjects"]
     # Watching chosen namespaces makes kopf follow namespaces too.
     namespaced_role = by_kind(documents("namespaced"), "ClusterRole")
-    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in (
-        namespaced_role["rules"]
-    )
+    assert {
+        "apiGroups": [""],
+        "resources": ["namespaces"],
+        "verbs": ["get", "create", "patch", "delete", "list", "watch"],
+    } in namespaced_role["rules"]
 
 
 def test_livekit_secret_is_created_only_without_an_existing_one() -> None:

@@ -79,7 +79,9 @@ def test_egress_dns_own_namespace_livekit_declared_and_public() -> None:
     assert egress[0] == {
         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
     }
-    assert egress[1] == {"to": [{"podSelector": {}}]}
+    # The worker namespace the policy lives in, and the tenant's namespace (its webhooks).
+    tenant = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tenant-a"}}}
+    assert egress[1] == {"to": [{"podSelector": {}}, tenant]}
     # LiveKit: every port of its address (media ports are LiveKit's choice).
     assert {"to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}]} in egress
     # The in-cluster tool: its namespace (after Service translation the port is the target's).

@@ -40,6 +40,14 @@ LIVEKIT_DATA = {
 REF = VoiceAgentRef(
     name="acme-support", namespace="acme", uid="0b3c1f7e-1111-4222-8333-444455556666"
 )
+TENANT_SECRETS = {
+    "provider-keys": {"OPENAI_API_KEY": base64.b64encode(b"sk-tenant").decode()},
+    "acme-orders-api": {
+        "authorization": base64.b64encode(b"Bearer t0ken").decode(),
+        "unused": base64.b64encode(b"never copied").decode(),
+    },
+    "unrelated": {"password": base64.b64encode(b"not referenced").decode()},
+}
 
 MINIMAL_SPEC: dict[str, Any] = {
     "agents": [{"name": "assistant", "instructions": "Be helpful and brief."}],
@@ -66,6 +74,7 @@ def rendered(spec: dict[str, Any], replicas: int = 1, ref: VoiceAgentRef = REF) 
         livekit_data=LIVEKIT_DATA,
         secrets_hash="0123456789abcdef",
         replicas=replicas,
+        secrets=TENANT_SECRETS,
     )
 
 
@@ -98,29 +107,69 @@ def test_child_matches_golden_file(case: str, kind: str) -> None:
 
 
 def test_children_are_applied_in_dependency_order() -> None:
-    kinds = [child["kind"] for child in rendered(example_spec()).children]
-    assert kinds == KINDS  # the Deployment last: everything it mounts exists before it
-    assert len(set(kinds)) == len(kinds)
+    children = rendered(example_spec()).children
+    kinds = [child["kind"] for child in children]
+    # The Deployment last: everything it mounts exists before it.
+    assert kinds == [*KINDS[:2], "Secret", *KINDS[2:]]
+    assert [c["metadata"]["name"] for c in children if c["kind"] == "Secret"] == [
+        "acme-support-livekit",
+        "acme-support-secrets",
+    ]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_child_is_owned_labelled_and_namespaced(case: str) -> None:
+def test_every_child_is_in_the_worker_namespace_labelled_with_its_voiceagent(case: str) -> None:
+    """Children live in vf-<tenant>, out of the tenant's reach; owner references cannot
+    cross namespaces, so the VoiceAgent's namespace, name and uid are labels."""
     for child in rendered(CASES[case]()).children:
         metadata = child["metadata"]
-        assert metadata["namespace"] == REF.namespace
-        assert metadata["ownerReferences"] == [
-            {
-                "apiVersion": "voicefleet.dev/v1alpha1",
-                "kind": "VoiceAgent",
-                "name": REF.name,
-                "uid": REF.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+        assert metadata["namespace"] == "vf-acme" == REF.worker_namespace
+        assert "ownerReferences" not in metadata
         assert metadata["labels"][render.LABEL_VOICE_AGENT] == REF.name
+        assert metadata["labels"][render.LABEL_VOICE_AGENT_NAMESPACE] == REF.namespace
+        assert metadata["labels"][render.LABEL_VOICE_AGENT_UID] == REF.uid
         assert metadata["labels"][render.LABEL_MANAGED_BY] == "voicefleet-operator"
+        assert render.owned_by(child, REF)
+        assert not render.owned_by(child, VoiceAgentRef(REF.name, REF.namespace, "other-uid"))
+        assert render.owner_of(child) == (REF.namespace, REF.name, REF.uid)
         assert len(metadata["name"]) <= 63
+    pod_labels = rendered(CASES[case]()).child("Deployment")["spec"]["template"]["metadata"]
+    assert pod_labels["labels"][render.LABEL_VOICE_AGENT_UID] == REF.uid
+
+
+def test_the_tenant_secrets_copy_holds_only_the_referenced_values() -> None:
+    result = rendered(example_spec())
+    [_, copy_] = [c for c in result.children if c["kind"] == "Secret"]
+    variable = render.header_env_var("acme-orders-api", "authorization")
+    assert copy_["metadata"]["name"] == "acme-support-secrets"
+    # secretRefs: every key (envFrom); a header's reference: that key under its variable.
+    assert copy_["data"] == {
+        "OPENAI_API_KEY": TENANT_SECRETS["provider-keys"]["OPENAI_API_KEY"],
+        variable: TENANT_SECRETS["acme-orders-api"]["authorization"],
+    }
+    # The platform's key is never in the tenant values' copy, nor tenant values in its copy.
+    livekit = result.child("Secret")
+    assert set(livekit["data"]) == {"LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"}
+    for value in LIVEKIT_DATA.values():
+        assert value not in copy_["data"].values()
+
+
+def test_a_later_secret_ref_wins_a_shared_key_as_env_from_does() -> None:
+    spec = parse_spec({**MINIMAL_SPEC, "secretRefs": [{"name": "a"}, {"name": "b"}]})
+    data = render.tenant_secret_data(
+        spec, {"a": {"K": "YQ==", "A_ONLY": "eA=="}, "b": {"K": "Yg=="}}
+    )
+    assert data == {"K": "Yg==", "A_ONLY": "eA=="}
+
+
+def test_workers_resolve_bare_service_names_in_the_tenant_namespace() -> None:
+    pod = rendered(example_spec()).child("Deployment")["spec"]["template"]["spec"]
+    assert pod["dnsConfig"] == {"searches": ["acme.svc.cluster.local"]}
+
+
+def test_worker_namespace_names() -> None:
+    assert render.worker_namespace("acme") == "vf-acme"
+    assert render.TENANT_NAMESPACE_MAX_LENGTH == 60
 
 
 def test_config_map_holds_a_valid_runtime_config_without_secrets(tmp_path: Path) -> None:
@@ -148,14 +197,15 @@ def test_secret_header_reaches_the_worker_as_env_from_the_secret_key() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {item["name"]: item for item in container["env"]}
     variable = render.header_env_var("acme-orders-api", "authorization")
+    # From the worker namespace's copy (the workers cannot read the tenant namespace).
     assert env[variable]["valueFrom"] == {
-        "secretKeyRef": {"name": "acme-orders-api", "key": "authorization"}
+        "secretKeyRef": {"name": "acme-support-secrets", "key": variable}
     }
     assert env["VOICEFLEET_CONFIG"]["value"] == "/etc/voicefleet/config.yaml"
     assert env["LIVEKIT_URL"]["value"] == SETTINGS.livekit_url
     for key in ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "acme-support-livekit", "key": key}
-    assert container["envFrom"] == [{"secretRef": {"name": "provider-keys"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "acme-support-secrets"}}]
 
 
 def test_header_env_vars_are_distinct_per_secret_key() -> None:

@@ -427,7 +427,8 @@ def test_hpa_is_a_child_only_in_hpa_mode(scaling: dict[str, object], has_hpa: bo
     if has_hpa:
         hpa = children[-1]
         assert kinds[-2:] == ["Deployment", "HorizontalPodAutoscaler"]
-        assert hpa["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+        assert hpa["metadata"]["namespace"] == "vf-acme"
+        assert render.owned_by(hpa, ref)
         assert hpa["spec"]["scaleTargetRef"]["name"] == children[-2]["metadata"]["name"]
 
 
