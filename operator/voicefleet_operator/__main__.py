@@ -6,7 +6,8 @@ VOICEFLEET_METRICS_PORT (/metrics).
 
 `build()` is the one place where the operator is wired: one `OperatorContext` (context.py), every
 handler module registered with it (handlers.py: the VoiceAgent's children, status, autoscaling;
-telephony_handlers.py: SIP trunks and dispatch rules), the API login and cleanup, and kopf's
+telephony_handlers.py: SIP trunks and dispatch rules; wake.py: the standby that wakes fleets
+scaled to zero), the API login and cleanup, and kopf's
 own settings. Handler modules never import each other.
 """
 
@@ -24,7 +25,7 @@ import kopf
 import prometheus_client
 from aiohttp import web
 
-from voicefleet_operator import handlers, render, telephony_handlers
+from voicefleet_operator import handlers, render, telephony_handlers, wake
 from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.election import ElectionConfig, LeaderElector, default_identity
 from voicefleet_operator.kube import Kube, authorization_header, client_configuration
@@ -43,6 +44,7 @@ def build(
     registry = kopf.OperatorRegistry()
     handlers.register(registry, context)
     telephony_handlers.register(registry, context)
+    wake.register(registry, context)
     register_connection(registry, context)
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, settings)

@@ -16,6 +16,7 @@ In HPA mode the HorizontalPodAutoscaler owns the replicas: only steps 1, 2 and 4
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -58,6 +59,9 @@ FIELD_MANAGER = "voicefleet-autoscaler"
 
 INTERVAL_SECONDS = 5.0
 """How often each VoiceAgent is evaluated; with spareJobs this bounds how late a scale-up is."""
+WAKING_INTERVAL_SECONDS = 1.0
+"""How often while callers wait for a fleet to wake from zero (wake.py): how late a registered
+worker is noticed."""
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,9 @@ class Evaluation:
     """The worker Deployment as last read or written (None when there is none)."""
     capacity: ConditionUpdate | None = None
     """CapacityLimited (capacity.py), when the workers were read."""
+    registered_workers: int = 0
+    """Serving worker pods registered with LiveKit (Ready, or answering /ready when callers
+    wait for the fleet to wake); 0 once the decision is zero replicas."""
 
 
 def _selector(name: str) -> str:
@@ -114,9 +121,12 @@ async def evaluate(
     now: datetime | None = None,
     request_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
     namespace_cap: int | None = None,
+    waiting_calls: int = 0,
 ) -> Evaluation:
     """One autoscaler evaluation of the VoiceAgent `body` (see module doc). `namespace_cap`:
-    the platform's cap on the calls of the VoiceAgent's namespace (settings)."""
+    the platform's cap on the calls of the VoiceAgent's namespace (settings); `waiting_calls`:
+    callers the operator's standby holds while the fleet wakes from zero (wake.py), counted as
+    calls: they need workers now."""
     ref = VoiceAgentRef.from_body(body)
     labels = (ref.namespace, ref.name)
     try:
@@ -135,6 +145,9 @@ async def evaluate(
     raw_pods = await kube.list("Pod", ref.worker_namespace, _selector(ref.name))
     pods = [WorkerPod.from_pod(p) for p in raw_pods]
     fleet = await read_fleet(pods, spec.worker.health_port, request_seconds=request_seconds)
+    registered = await registered_workers(
+        pods, spec.worker.metrics_port, probe=waiting_calls > 0, request_seconds=request_seconds
+    )
     metrics.WORKER_READ_SECONDS.labels(*labels).observe(time.monotonic() - started)
 
     await _update_deletion_costs(kube, ref.worker_namespace, pods, fleet, policy.jobs_per_worker)
@@ -176,13 +189,14 @@ async def evaluate(
             replicas_before=current,
             deployment=deployment,
             capacity=capacity,
+            registered_workers=registered,
         )
 
     annotations = deployment.get("metadata", {}).get("annotations") or {}
     pending = PendingScaleDown.from_annotation(annotations.get(SCALE_DOWN_ANNOTATION))
     decision = decide(
         current_replicas=current,
-        active_jobs=active_jobs,
+        active_jobs=active_jobs + waiting_calls,
         policy=policy,
         pending=pending,
         now=now or datetime.now(UTC),
@@ -227,7 +241,49 @@ async def evaluate(
         condition = ConditionUpdate.true(
             CONDITION_SCALING_ACTIVE, decision.reason.value, decision.message + readings
         )
-    return Evaluation(condition, fields, event, decision, fleet, current, deployment, capacity)
+    return Evaluation(
+        condition,
+        fields,
+        event,
+        decision,
+        fleet,
+        current,
+        deployment,
+        capacity,
+        registered_workers=registered if decision.replicas > 0 else 0,
+    )
+
+
+READY_PATH = "/ready"
+"""On worker.metricsPort: 200 only while the worker is registered with LiveKit, not draining."""
+
+
+async def registered_workers(
+    pods: list[WorkerPod], metrics_port: int, *, probe: bool, request_seconds: float
+) -> int:
+    """Serving pods registered with LiveKit: Ready ones (the readiness probe is GET /ready),
+    and, with `probe`, the others that answer GET /ready with 200 now (a pod turns Ready only
+    at its next probe, up to periodSeconds later: too late for a caller waiting on a wake)."""
+    serving = [pod for pod in pods if not pod.terminating]
+    ready = sum(1 for pod in serving if pod.ready)
+    unready = [pod for pod in serving if not pod.ready and pod.ip]
+    if not probe or not unready:
+        return ready
+    timeout = aiohttp.ClientTimeout(total=request_seconds)
+
+    async def answers(session: aiohttp.ClientSession, pod: WorkerPod) -> bool:
+        ip = pod.ip or ""
+        try:
+            host = f"[{ip}]" if ":" in ip else ip
+            url = f"http://{host}:{metrics_port}{READY_PATH}"
+            async with session.get(url, timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async with aiohttp.ClientSession() as session:
+        found = await asyncio.gather(*(answers(session, pod) for pod in unready))
+    return ready + sum(found)
 
 
 NAMESPACE_LEDGER_TTL_SECONDS = 30.0

@@ -8,10 +8,29 @@ with it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from dataclasses import dataclass, field
 
 from voicefleet_operator.kube import Kube
-from voicefleet_operator.settings import PlatformSettings
+from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
+
+
+@dataclass
+class WakeState:
+    """A fleet scaled to zero and the callers the operator's standby holds for it (wake.py),
+    shared with the autoscaler (handlers.autoscale), which counts the callers as demand and
+    says when a worker has registered."""
+
+    waiting: dict[str, float] = field(default_factory=dict)
+    """Room -> monotonic time the standby took its caller's job."""
+    registered_workers: int = 0
+    """Serving worker pods registered with LiveKit, at the last autoscaler evaluation."""
+    worker_registered: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while registered_workers > 0 (the autoscaler evaluates every second while callers
+    wait)."""
+    nudge: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to have the autoscaler evaluate now instead of at its next interval."""
 
 
 @dataclass
@@ -21,8 +40,32 @@ class OperatorContext:
     settings: PlatformSettings
     kube: Kube
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _wakes: dict[tuple[str, str], WakeState] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """The per-VoiceAgent lock: every step that reads and writes one VoiceAgent's children,
         status or LiveKit objects holds it, so they never act on each other's stale reads."""
         return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def wake(self, namespace: str, name: str) -> WakeState:
+        """The VoiceAgent's wake state (created empty on first use)."""
+        return self._wakes.setdefault((namespace, name), WakeState())
+
+    def forget_wake(self, namespace: str, name: str) -> None:
+        self._wakes.pop((namespace, name), None)
+
+    async def livekit_credentials(self) -> tuple[str, str, str] | None:
+        """(API URL, key, secret) from the platform Secret; None when it is missing or
+        incomplete (the reconcile says so in the status)."""
+        settings = self.settings
+        secret = await self.kube.get(
+            "Secret", settings.livekit_secret_namespace, settings.livekit_secret_name
+        )
+        data = (secret or {}).get("data") or {}
+        try:
+            key, value = (base64.b64decode(data.get(k) or "").decode() for k in LIVEKIT_SECRET_KEYS)
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        if not key or not value:
+            return None
+        return settings.effective_livekit_api_url, key, value

@@ -37,6 +37,7 @@ Kopf's own bookkeeping lives in annotations under `voicefleet.dev/`, never in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Mapping
@@ -564,9 +565,13 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
         body = await ctx.kube.get("VoiceAgent", namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
+        wake = ctx.wake(namespace, name)
         try:
             evaluation = await autoscaler.evaluate(
-                ctx.kube, body, namespace_cap=ctx.settings.namespace_call_limit(namespace)
+                ctx.kube,
+                body,
+                namespace_cap=ctx.settings.namespace_call_limit(namespace),
+                waiting_calls=len(wake.waiting),
             )
         except (KubeError, aiohttp.ClientError) as error:
             # Nothing changed; the next evaluation tries again (unreachable workers are not
@@ -574,6 +579,12 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
             metrics.SCALING_ERRORS.labels(namespace, name).inc()
             log.warning("%s/%s: autoscaling failed: %s", namespace, name, error)
             return
+        # The standby (wake.py) hands its held callers over once a worker has registered.
+        wake.registered_workers = evaluation.registered_workers
+        if evaluation.registered_workers:
+            wake.worker_registered.set()
+        else:
+            wake.worker_registered.clear()
         facts = None
         if evaluation.deployment is not None:
             facts = WorkloadFacts.from_deployment(evaluation.deployment)
@@ -671,11 +682,19 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         *, name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
         while not stopped:
+            wake = ctx.wake(str(namespace), name)
+            wake.nudge.clear()
             try:
                 await autoscale(ctx, str(namespace), name)
             except Exception:  # never let one bad evaluation end the loop
                 log.exception("%s/%s: autoscaler evaluation failed", namespace, name)
-            await stopped.wait(autoscaler.INTERVAL_SECONDS)
+            # Every second while the standby holds callers of a fleet waking from zero (and at
+            # once when it takes one), else every INTERVAL_SECONDS.
+            interval = (
+                autoscaler.WAKING_INTERVAL_SECONDS if wake.waiting else autoscaler.INTERVAL_SECONDS
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.nudge.wait(), interval)
 
     # Not optional: the finalizer stays until the children in the worker namespace are gone.
     @kopf.on.delete(*resource, registry=registry)

@@ -75,6 +75,21 @@ UNSCHEDULABLE_WORKERS = Gauge(
     VOICEAGENT_LABELS,
     registry=REGISTRY,
 )
+WAKES = Counter(
+    "voicefleet_operator_wakes_total",
+    "Callers of a VoiceAgent scaled to zero that the operator's standby held while the fleet "
+    "woke (wake.py), by result: handed_over (to the first worker), timed_out (the treatment "
+    "without a worker: 486 or the voicefleet.overflow attribute), caller_left.",
+    (*VOICEAGENT_LABELS, "result"),
+    registry=REGISTRY,
+)
+WAKE_SECONDS = Histogram(
+    "voicefleet_operator_wake_seconds",
+    "From the standby taking a sleeping fleet's call to handing it over to the first worker.",
+    VOICEAGENT_LABELS,
+    buckets=(1, 2, 5, 10, 15, 20, 25, 30, 60),
+    registry=REGISTRY,
+)
 UNREACHABLE_WORKERS = Gauge(
     "voicefleet_operator_unreachable_workers",
     "Ready worker pods whose /worker endpoint did not answer (counted as full).",

@@ -162,6 +162,14 @@ class PlatformSettings(BaseModel):
     lease_retry_seconds: Annotated[float, Field(gt=0)] = 2.0
     """VOICEFLEET_LEASE_RETRY_SECONDS: how often the leader renews and a standby tries."""
 
+    wake_timeout_seconds: Annotated[float, Field(ge=1, le=300)] = 25.0
+    """VOICEFLEET_WAKE_TIMEOUT_SECONDS: how long a caller of a VoiceAgent scaled to zero
+    (minReplicas 0) waits for its first worker to start before the operator gives the
+    treatment it can give without a worker (wake.py): a phone call is ended (486 Busy Here),
+    a WebRTC caller gets the `voicefleet.overflow=wake_timeout` attribute. The SIP trunks ring
+    5 s longer than this (at least 30 s; telephony.ringing_timeout_for), after which
+    livekit-sip would end the call itself."""
+
     @field_validator(
         "watch_namespaces",
         "internal_cidrs",

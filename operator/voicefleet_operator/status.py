@@ -190,7 +190,9 @@ def workers_condition(facts: WorkloadFacts) -> ConditionUpdate:
         return ConditionUpdate.true(
             CONDITION_WORKERS_AVAILABLE,
             "ScaledToZero",
-            "no workers are wanted (scaled to zero); calls need a worker to start first",
+            "asleep: no worker runs (scaled to zero); with scaling.minReplicas 0 a call wakes "
+            "the fleet (the operator holds the caller while the first worker starts, then "
+            "hands the call over); a pin of scaling.replicas 0 takes no calls",
         )
     counts = f"{facts.ready}/{facts.desired} workers ready"
     if facts.ready >= facts.desired:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -66,7 +67,19 @@ RINGING_TIMEOUT_SECONDS = 30
 room, then answers; with no agent at all (no worker registered: a fleet at zero, every worker
 restarting) it would ring for its default 3 minutes before 486. While workers run, a caller
 beyond capacity gets spec.overflow in seconds instead (runtime admission); this bounds the
-no-worker case (486 Busy Here after it), leaving room for a worker to start."""
+no-worker case (486 Busy Here after it), leaving room for a worker to start. A platform whose
+wake timeout (settings.wake_timeout_seconds: a fleet scaled to zero waking for a call) is longer
+rings longer: `ringing_timeout_for`."""
+
+WAKE_MARGIN_SECONDS = 5
+"""The trunk rings this much longer than the operator holds a waking fleet's caller, so that the
+operator's treatment (or the handover) comes first."""
+
+
+def ringing_timeout_for(wake_timeout_seconds: float) -> int:
+    """The trunks' ringing timeout: RINGING_TIMEOUT_SECONDS, or longer than the wake timeout."""
+    return max(RINGING_TIMEOUT_SECONDS, math.ceil(wake_timeout_seconds) + WAKE_MARGIN_SECONDS)
+
 
 CONDITION_TYPE = "TelephonyReady"
 REASON_PROVISIONED = "Provisioned"
@@ -142,6 +155,8 @@ class TelephonyTarget:
     numbers: tuple[str, ...]
     allowed_addresses: tuple[str, ...] = ()
     auth: SipAuth | None = None
+    ringing_timeout_seconds: int = RINGING_TIMEOUT_SECONDS
+    """The inbound trunk's ringing_timeout (ringing_timeout_for the platform's wake timeout)."""
 
     @property
     def key(self) -> str:
@@ -209,7 +224,7 @@ def render_inbound_trunk(
         metadata=_owner_metadata(target),
         numbers=serving,
         allowed_addresses=list(target.allowed_addresses),
-        ringing_timeout=Duration(seconds=RINGING_TIMEOUT_SECONDS),
+        ringing_timeout=Duration(seconds=target.ringing_timeout_seconds),
     )
     if target.auth is not None:
         trunk.auth_username = target.auth.username

@@ -61,6 +61,7 @@ from voicefleet_operator.telephony import (
     TelephonyError,
     TelephonyProvisioner,
     TelephonyTarget,
+    ringing_timeout_for,
 )
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ async def sync(
             numbers=numbers,
             allowed_addresses=tuple(inbound.allowed_addresses) if inbound else (),
             auth=auth,
+            ringing_timeout_seconds=ringing_timeout_for(ctx.settings.wake_timeout_seconds),
         )
         try:
             provisioner = await clients.provisioner()

@@ -1,0 +1,462 @@
+"""Waking a fleet scaled to zero (issue 12 item 3), with the real operator (its own process) on
+a real control plane, a real livekit-server and livekit-sip, and the real runtime.
+
+The control plane has no node, so this test plays the kubelet for the fleet's pods: when the
+ReplicaSet controller creates a worker pod, it starts `python -m voicefleet_runtime start` on
+this host with the pod's own runtime config (read from the rendered ConfigMap), gives the pod
+the address 127.0.0.1 and marks it Ready once the worker's GET /ready answers 200; when the pod
+is deleted it sends the worker SIGTERM, as the kubelet would.
+
+- A VoiceAgent with minReplicas 0 sleeps: no replicas, WorkersAvailable says it is asleep and
+  wakes on a call, the operator's standby is registered under its dispatch name.
+- A WebRTC caller (token dispatch) wakes it: the standby takes the job, the Deployment goes to
+  one replica at once, the worker starts and registers, the operator hands the call over
+  (CreateDispatch), and the caller hears the agent's greeting. Then the fleet sleeps again.
+- A phone call (sipp -> livekit-sip) to its number wakes it the same way: the caller hears
+  ringing, then the call is answered by the agent and its greeting is heard.
+- A fleet whose worker never starts: after VOICEFLEET_WAKE_TIMEOUT_SECONDS the WebRTC caller
+  gets the voicefleet.overflow=wake_timeout attribute and the phone caller 486 Busy Here.
+
+Measured (printed and attached to the report): dispatch -> agent's first audio and INVITE ->
+agent's first audio, from zero workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from kubernetes import client as k8s
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_localdev.operator_process import OperatorProcess
+from voicefleet_localdev.pytest_plugin import ClusterHandle
+from voicefleet_operator import render
+from voicefleet_operator.kube import Kube, client_configuration
+from voicefleet_testkit import sipcall
+from voicefleet_testkit.net import free_port
+from voicefleet_testkit.participant import TestParticipant, participant_token
+from voicefleet_testkit.providers import ProviderServer, openai_pipeline
+from voicefleet_testkit.waiting import wait_for, wait_until
+
+from tests.integration.test_operator import (
+    _create_namespace,
+    _create_secret,
+    cluster,  # noqa: F401  (fixture)
+    condition,
+    get_agent,
+    settings_for,
+    stop_cleanly,
+    wait_condition,
+)
+from tests.integration.test_overflow import final_response
+from tests.integration.test_runtime_worker import RuntimeWorker
+
+pytestmark = pytest.mark.integration
+
+AGENT = "sleeper"
+GREETING = "Hello, you woke me up. How can I help?"
+OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
+WAKE_TIMEOUT_SECONDS = 150.0
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def namespaces(cluster: ClusterHandle, livekit: LiveKitEndpoint) -> Iterator[tuple[str, str]]:  # noqa: F811
+    """(platform with the real LiveKit key, tenant with the provider keys)."""
+    platform = _create_namespace(cluster, "vf-wake-platform")
+    _create_secret(
+        cluster,
+        platform,
+        "voicefleet-livekit",
+        {"LIVEKIT_API_KEY": livekit.api_key, "LIVEKIT_API_SECRET": livekit.api_secret},
+    )
+    tenant = _create_namespace(cluster, "wake")
+    _create_secret(cluster, tenant, "provider-keys", {"OPENAI_API_KEY": "sk-wake"})
+    yield platform, tenant
+    core = k8s.CoreV1Api(cluster.api_client)
+    for namespace in (tenant, platform):
+        with contextlib.suppress(k8s.ApiException):
+            core.delete_namespace(namespace)
+
+
+def start_operator(
+    cluster: ClusterHandle,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    namespaces: tuple[str, str],
+    log: Path,
+    wake_timeout_seconds: float,
+) -> OperatorProcess:
+    platform, tenant = namespaces
+    settings = settings_for(
+        platform,
+        (tenant,),
+        livekit_url=livekit.url,
+        wake_timeout_seconds=wake_timeout_seconds,
+    )
+    return OperatorProcess(settings, cluster.kubeconfig, log).start()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def kube(cluster: ClusterHandle) -> AsyncIterator[Kube]:  # noqa: F811
+    client = Kube(client_configuration(str(cluster.kubeconfig)))
+    yield client
+    await client.close()
+
+
+def sleeper_spec(providers_url: str, number: str, health: int, metrics: int) -> dict[str, Any]:
+    return {
+        "agents": [{"name": "front", "instructions": "You answer calls.", "greeting": GREETING}],
+        "entry": "front",
+        "pipeline": openai_pipeline(providers_url),
+        "secretRefs": [{"name": "provider-keys"}],
+        "telephony": {"numbers": [number], "inbound": {"allowedAddresses": ["127.0.0.1"]}},
+        "worker": {
+            "jobsPerWorker": 2,
+            "idleProcesses": 1,
+            "drainTimeoutSeconds": 30,
+            "healthPort": health,
+            "metricsPort": metrics,
+        },
+        "scaling": {
+            "minReplicas": 0,
+            "maxReplicas": 1,
+            "spareJobs": 0,
+            "scaleDownDelaySeconds": 3,
+        },
+    }
+
+
+def create_sleeper(cluster: ClusterHandle, namespace: str, spec: dict[str, Any]) -> None:  # noqa: F811
+    k8s.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+        "voicefleet.dev",
+        "v1alpha1",
+        namespace,
+        "voiceagents",
+        {
+            "apiVersion": "voicefleet.dev/v1alpha1",
+            "kind": "VoiceAgent",
+            "metadata": {"name": AGENT},
+            "spec": spec,
+        },
+    )
+
+
+def fresh_number() -> str:
+    return "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+
+
+# --- the kubelet's part ---------------------------------------------------------------------
+
+
+@dataclass
+class FakeKubelet:
+    """Runs the fleet's pods as runtime processes on this host (see the module doc)."""
+
+    kube: Kube
+    livekit: LiveKitEndpoint
+    workdir: Path
+    tenant: str
+    start_workers: bool = True
+    workers: dict[str, RuntimeWorker] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    """Pods whose worker was started, in order."""
+    stopped: set[str] = field(default_factory=set)
+
+    async def workers_namespace(self) -> str:
+        return render.worker_namespace(self.tenant)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # API hiccups: the next round retries
+                await self._sync()
+            await asyncio.sleep(0.3)
+
+    async def _sync(self) -> None:
+        namespace = await self.workers_namespace()
+        selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(AGENT).items())
+        pods = await self.kube.list("Pod", namespace, selector)
+        live = set()
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            live.add(name)
+            if name not in self.workers and self.start_workers:
+                config_map = await self.kube.get(
+                    "ConfigMap", namespace, render.ChildNames.of(AGENT).config_map
+                )
+                assert config_map is not None
+                config = yaml.safe_load(config_map["data"][render.CONFIG_KEY])
+                worker = RuntimeWorker(self.livekit, config, self.workdir / name)
+                worker.start()
+                self.workers[name] = worker
+                self.started.append(name)
+                await self._set_status(namespace, name, ready=False)
+            running = self.workers.get(name)
+            if running is not None and name not in self.stopped:
+                code, _ = await asyncio.to_thread(running.readiness)
+                ready = code == 200
+                conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
+                if (conditions.get("Ready") == "True") != ready:
+                    await self._set_status(namespace, name, ready=ready)
+        for name, worker in self.workers.items():
+            if name not in live and name not in self.stopped:
+                self.stopped.add(name)
+                await worker.stop()
+
+    async def _set_status(self, namespace: str, name: str, *, ready: bool) -> None:
+        value = "True" if ready else "False"
+        await self.kube.merge_patch(
+            "Pod",
+            namespace,
+            name,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.1",
+                    "podIPs": [{"ip": "127.0.0.1"}],
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "True"},
+                        {"type": "Ready", "status": value},
+                        {"type": "ContainersReady", "status": value},
+                    ],
+                }
+            },
+            subresource="status",
+        )
+
+    async def close(self) -> None:
+        for name, worker in self.workers.items():
+            if name not in self.stopped:
+                await worker.stop()
+
+
+@contextlib.asynccontextmanager
+async def kubelet(
+    kube: Kube, livekit: LiveKitEndpoint, workdir: Path, tenant: str, *, start_workers: bool
+) -> AsyncIterator[FakeKubelet]:
+    fake = FakeKubelet(kube, livekit, workdir, tenant, start_workers=start_workers)
+    task = asyncio.create_task(fake.run())
+    try:
+        yield fake
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await fake.close()
+
+
+async def deployment_replicas(kube: Kube, kubelet: FakeKubelet) -> int | None:
+    deployment = await kube.get("Deployment", await kubelet.workers_namespace(), AGENT)
+    return None if deployment is None else int(deployment["spec"].get("replicas", 1))
+
+
+def operator_log(operator: OperatorProcess) -> str:
+    return operator.log.read_text(errors="replace") if operator.log.exists() else ""
+
+
+def wait_asleep(cluster: ClusterHandle, tenant: str, operator: OperatorProcess) -> dict[str, Any]:  # noqa: F811
+    wait_condition(cluster, tenant, AGENT, "Reconciled", "True", timeout=60)
+    agent = wait_condition(cluster, tenant, AGENT, "Ready", "True", timeout=60)
+    wait_for(
+        "the operator's standby registered under the dispatch name",
+        lambda: f"standby {tenant}.{AGENT}: registered" in operator_log(operator),
+        timeout=30,
+    )
+    workers = condition(agent, "WorkersAvailable")
+    assert workers is not None and workers["reason"] == "ScaledToZero", workers
+    assert "asleep" in workers["message"] and "wakes" in workers["message"], workers
+    return agent
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
+    cluster: ClusterHandle,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    namespaces: tuple[str, str],
+    kube: Kube,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    _, tenant = namespaces
+    number = fresh_number()
+    spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
+    # A generous bound: a worker starts in seconds on an idle machine, in a minute on this
+    # loaded 2-core one (the phone keeps ringing: the trunk rings 5 s longer than this).
+    operator = start_operator(
+        cluster, livekit, namespaces, tmp_path / "operator.log", WAKE_TIMEOUT_SECONDS
+    )
+    try:
+        create_sleeper(cluster, tenant, spec)
+        async with kubelet(kube, livekit, tmp_path, tenant, start_workers=True) as fake:
+            await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+            assert await deployment_replicas(kube, fake) == 0
+            assert not fake.started
+
+            # --- a WebRTC caller wakes it ----------------------------------------------------
+            room = f"wake-{secrets.token_hex(4)}"
+            token = participant_token(
+                livekit.api_key,
+                livekit.api_secret,
+                room,
+                "caller",
+                dispatch_agent=f"{tenant}.{AGENT}",
+            )
+            async with TestParticipant(livekit.url, token) as caller:
+                dispatched_at = time.monotonic()  # joining with the token dispatches the agent
+                agent = await caller.wait_for_participant(
+                    agent=True, timeout_s=WAKE_TIMEOUT_SECONDS
+                )
+                assert OVERFLOW_ATTRIBUTE not in agent.attributes, agent.attributes
+                heard_at = await caller.wait_for_audio(agent.identity, timeout_s=30)
+            webrtc_s = heard_at - dispatched_at
+            assert len(fake.started) == 1, fake.started
+            log = operator_log(operator)
+            assert f"room {room} handed over" in log, log[-3000:]
+
+            # --- it sleeps again -------------------------------------------------------------
+            await wait_until(
+                "the fleet back at zero, its worker stopped",
+                lambda: fake.stopped == set(fake.started),
+                120,
+            )
+            assert await deployment_replicas(kube, fake) == 0
+
+            # --- a phone call wakes it -------------------------------------------------------
+            result = await asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                number,
+                tmp_path / "sip-call",
+                talk_seconds=6,
+                answer_timeout=WAKE_TIMEOUT_SECONDS + 10,
+                timeout=WAKE_TIMEOUT_SECONDS + 60,
+            )
+            final = final_response(result)
+            assert final is not None and final.first_line.startswith("SIP/2.0 200"), (
+                result.describe()
+            )
+            assert result.capture.voiced_seconds() > 1.0, result.describe()
+            assert 180 in result.capture.responses(), result.describe()  # it rang meanwhile
+            assert len(fake.started) == 2, fake.started
+            sip_s = result.invite_to_first_audio
+            assert sip_s is not None, result.describe()
+        record_property("dispatch_to_agent_first_audio_from_zero_s", round(webrtc_s, 2))
+        record_property("invite_to_agent_first_audio_from_zero_s", round(sip_s, 2))
+        print(
+            f"wake from zero: WebRTC dispatch -> agent's first audio {webrtc_s:.2f}s; "
+            f"SIP INVITE -> agent's first audio {sip_s:.2f}s"
+        )
+    finally:
+        with contextlib.suppress(k8s.ApiException):
+            k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
+                "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
+            )
+        await asyncio.to_thread(
+            wait_for,
+            "the VoiceAgent gone",
+            lambda: not _exists(cluster, tenant),
+            60,
+        )
+        stop_cleanly(operator)
+
+
+def _exists(cluster: ClusterHandle, tenant: str) -> bool:  # noqa: F811
+    try:
+        get_agent(cluster, tenant, AGENT)
+    except k8s.ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+async def test_a_fleet_that_cannot_wake_turns_its_callers_away(
+    cluster: ClusterHandle,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    namespaces: tuple[str, str],
+    kube: Kube,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """No worker ever starts (the pod never runs): after the wake timeout the WebRTC caller gets
+    the overflow attribute, the phone caller 486 Busy Here; never endless silence or ringing."""
+    _, tenant = namespaces
+    number = fresh_number()
+    spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
+    wake_timeout = 5.0
+    operator = start_operator(cluster, livekit, namespaces, tmp_path / "operator.log", wake_timeout)
+    try:
+        create_sleeper(cluster, tenant, spec)
+        async with kubelet(kube, livekit, tmp_path, tenant, start_workers=False):
+            await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+            room = f"nowake-{secrets.token_hex(4)}"
+            token = participant_token(
+                livekit.api_key,
+                livekit.api_secret,
+                room,
+                "caller",
+                dispatch_agent=f"{tenant}.{AGENT}",
+            )
+            async with TestParticipant(livekit.url, token) as caller:
+                joined_at = time.monotonic()
+
+                def told() -> bool:
+                    attributes = caller.room.local_participant.attributes
+                    return attributes.get(OVERFLOW_ATTRIBUTE) == "wake_timeout"
+
+                await wait_until("the caller told that the fleet cannot wake", told, 60)
+                told_s = time.monotonic() - joined_at
+            # It tried: one replica wanted at once (the pod never runs here).
+            assert "0 -> 1 replicas" in operator_log(operator)
+
+            result = await asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                number,
+                tmp_path / "sip-call",
+                talk_seconds=3,
+                answer_timeout=60,
+            )
+            final = final_response(result)
+            assert final is not None and " 486 " in final.first_line, result.describe()
+            assert result.answered_at is None, result.describe()
+            assert result.invite_at is not None
+            rejected_s = final.at - result.invite_at
+            log = operator_log(operator)
+            assert "no worker registered within" in log, log[-3000:]
+        record_property("webrtc_wake_timeout_told_s", round(told_s, 2))
+        record_property("invite_to_486_wake_timeout_s", round(rejected_s, 2))
+        print(
+            f"wake timeout {wake_timeout:g}s: WebRTC caller told after {told_s:.2f}s; "
+            f"INVITE -> 486 {rejected_s:.2f}s"
+        )
+    finally:
+        with contextlib.suppress(k8s.ApiException):
+            k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
+                "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
+            )
+        await asyncio.to_thread(
+            wait_for,
+            "the VoiceAgent gone",
+            lambda: not _exists(cluster, tenant),
+            60,
+        )
+        stop_cleanly(operator)
