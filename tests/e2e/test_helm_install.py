@@ -116,18 +116,24 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     manifest_file.write_text(yaml.safe_dump(manifest))
     cluster.kubectl("-n", tenant, "apply", "-f", str(manifest_file))
 
-    # Every child, exactly once, controlled by the VoiceAgent.
+    # Every child, exactly once (the Secrets: the LiveKit key's copy and the tenant values'),
+    # in the tenant's worker namespace, labelled with the VoiceAgent's uid; none in the tenant's.
+    workers = render.worker_namespace(tenant)
+
     def children_ready() -> dict[str, Any] | None:
         agent = _json(cluster, "-n", tenant, "get", "va", AGENT)
         uid = agent["metadata"]["uid"]
         selector = f"{render.LABEL_VOICE_AGENT}={AGENT}"
         found = {}
         for kind in CHILDREN:
-            items = _json(cluster, "-n", tenant, "get", kind, "-l", selector)["items"]
-            if len(items) != 1:
+            items = _json(cluster, "-n", workers, "get", kind, "-l", selector)["items"]
+            if len(items) != (2 if kind == "secret" else 1):
                 return None
-            owners = items[0]["metadata"].get("ownerReferences") or []
-            assert [(o["uid"], o.get("controller")) for o in owners] == [(uid, True)], kind
+            for item in items:
+                labels = item["metadata"].get("labels") or {}
+                assert labels.get(render.LABEL_VOICE_AGENT_UID) == uid, kind
+                assert not item["metadata"].get("ownerReferences"), kind
+            assert not _json(cluster, "-n", tenant, "get", kind, "-l", selector)["items"], kind
             found[kind] = items[0]
         return found
 
@@ -149,7 +155,7 @@ def test_example_voiceagent_runs_under_the_installed_chart(
             interval=3,
         )
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{cluster.diagnostics(tenant)}") from None
+        raise AssertionError(f"{error}\n{cluster.diagnostics(workers)}") from None
 
     # `kubectl get va`: the printer columns show what the cluster really runs.
     agent = _json(cluster, "-n", tenant, "get", "va", AGENT)
@@ -162,7 +168,7 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     pods = [
         p
         for p in _json(
-            cluster, "-n", tenant, "get", "pods", "-l", f"{render.LABEL_VOICE_AGENT}={AGENT}"
+            cluster, "-n", workers, "get", "pods", "-l", f"{render.LABEL_VOICE_AGENT}={AGENT}"
         )["items"]
         if not p["metadata"].get("deletionTimestamp")
     ]
@@ -181,6 +187,10 @@ def test_example_voiceagent_runs_under_the_installed_chart(
     # The short name and the category both list it.
     assert AGENT in cluster.kubectl("-n", tenant, "get", "voicefleet")
     assert columns["DISPATCH"] == f"{tenant}.{AGENT}" == agent["status"]["dispatchName"]
+    assert columns["WORKERS"] == workers == agent["status"]["workerNamespace"]
+    # The workers' logs where the docs say (operator/README.md, "Tenant isolation").
+    logs = cluster.kubectl("-n", workers, "logs", f"deploy/{AGENT}", "--tail=-1")
+    assert "registered with LiveKit" in logs, logs[-2000:]
     print(wide)
 
 

@@ -31,6 +31,7 @@ from voicefleet_localdev import chart, images, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.prometheus import PrometheusClient
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
+from voicefleet_operator import render
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
 from voicefleet_testkit.waiting import wait_for
 
@@ -162,7 +163,9 @@ def _voiceagent(
 
 
 def _ready_worker(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
-    """The VoiceAgent's Ready worker pod (Ready: registered with LiveKit, so it reached it)."""
+    """The VoiceAgent's Ready worker pod (Ready: registered with LiveKit, so it reached it), in
+    the tenant's worker namespace."""
+    workers = render.worker_namespace(namespace)
 
     def ready_pod() -> dict[str, Any] | None:
         agent = _json(cluster, "-n", namespace, "get", "va", name)
@@ -170,7 +173,7 @@ def _ready_worker(cluster: ClusterHandle, namespace: str, name: str) -> dict[str
         if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
             return None
         pods = _json(
-            cluster, "-n", namespace, "get", "pods", "-l", f"app.kubernetes.io/instance={name}"
+            cluster, "-n", workers, "get", "pods", "-l", f"app.kubernetes.io/instance={name}"
         )
         running = [
             p
@@ -184,7 +187,7 @@ def _ready_worker(cluster: ClusterHandle, namespace: str, name: str) -> dict[str
         ready_pod,
         timeout=400,
         interval=3,
-        describe=lambda: cluster.diagnostics(namespace),
+        describe=lambda: cluster.diagnostics(workers),
     )
 
 
@@ -273,19 +276,20 @@ async def test_tenants_cannot_reach_each_other(
     assert _connect(cluster, monitoring, "scraper", a_ip, ports["metrics"]) == "open"
 
     # A's worker reaches its declared tool URL (A's webhook Service).
+    workers_a, workers_b = render.worker_namespace(a), render.worker_namespace(b)
     answer = cluster.kubectl(
-        "-n", a, "exec", worker_a["metadata"]["name"], "--", "python", "-c", GET, tool_url
+        "-n", workers_a, "exec", worker_a["metadata"]["name"], "--", "python", "-c", GET, tool_url
     )
     assert "hello from" in answer
 
     # B's worker reaches LiveKit, but not A's webhook Service.
     pod_b = worker_b["metadata"]["name"]
-    assert _connect(cluster, b, pod_b, livekit_host, livekit_port) == "open"
-    outcome = _connect(cluster, b, pod_b, webhook_ip, WEBHOOK_PORT)
+    assert _connect(cluster, workers_b, pod_b, livekit_host, livekit_port) == "open"
+    outcome = _connect(cluster, workers_b, pod_b, webhook_ip, WEBHOOK_PORT)
     assert outcome.startswith("closed"), f"B's worker reached A's webhook: {outcome}"
     # ... nor A's webhook pod directly.
     webhook_pod_ip = _json(cluster, "-n", a, "get", "pod", "orders-webhook")["status"]["podIP"]
-    outcome = _connect(cluster, b, pod_b, webhook_pod_ip, 8080)
+    outcome = _connect(cluster, workers_b, pod_b, webhook_pod_ip, 8080)
     assert outcome.startswith("closed"), f"B's worker reached A's webhook pod: {outcome}"
 
     # The platform's Prometheus (a host process here: node traffic) scrapes both workers.
@@ -296,7 +300,7 @@ async def test_tenants_cannot_reach_each_other(
         up = {
             t["labels"].get("pod")
             for t in prometheus.active_targets()
-            if t["labels"].get("namespace") in (a, b) and t["health"] == "up"
+            if t["labels"].get("namespace") in (workers_a, workers_b) and t["health"] == "up"
         }
         return up if workers <= up else None
 

@@ -73,11 +73,15 @@ def cluster(control_plane: ClusterHandle) -> ClusterHandle:
 
 @pytest.fixture
 def namespace(cluster: ClusterHandle) -> Iterator[str]:
+    """The tenant namespace (the VoiceAgent's); its worker namespace (the Deployment's and the
+    pods') is made with it."""
     name = f"autoscaler-{secrets.token_hex(3)}"
     core = k8s.CoreV1Api(cluster.api_client)
-    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    for namespace in (name, render.worker_namespace(name)):
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
     yield name
-    core.delete_namespace(name)
+    for namespace in (name, render.worker_namespace(name)):
+        core.delete_namespace(namespace)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -167,7 +171,7 @@ class FakeFleet:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def fleet(kube: Kube, namespace: str) -> AsyncIterator[FakeFleet]:
-    running = FakeFleet(kube, namespace)
+    running = FakeFleet(kube, render.worker_namespace(namespace))
     yield running
     await running.close()
 
@@ -199,7 +203,7 @@ async def apply_deployment_as_the_reconcile(kube: Kube, agent: dict[str, Any]) -
     """What the reconcile applies (render + replicas_for + server-side apply), kept off nodes."""
     ref = render.VoiceAgentRef.from_body(agent)
     spec = parse_spec(agent["spec"])
-    current = await kube.get("Deployment", ref.namespace, ref.name)
+    current = await kube.get("Deployment", ref.worker_namespace, ref.name)
     await kube.apply(render.render_service_account(ref))
     deployment = render.render_deployment(
         ref,
@@ -215,7 +219,7 @@ async def apply_deployment_as_the_reconcile(kube: Kube, agent: dict[str, Any]) -
 
 
 async def replicas(kube: Kube, namespace: str) -> int:
-    deployment = await kube.get("Deployment", namespace, "fleet")
+    deployment = await kube.get("Deployment", render.worker_namespace(namespace), "fleet")
     assert deployment is not None
     return int(deployment["spec"]["replicas"])
 
@@ -228,7 +232,7 @@ async def status(kube: Kube, namespace: str) -> dict[str, Any]:
 
 async def costs(kube: Kube, namespace: str) -> dict[str, str | None]:
     selector = ",".join(f"{k}={v}" for k, v in render.selector_labels("fleet").items())
-    pods = await kube.list("Pod", namespace, selector)
+    pods = await kube.list("Pod", render.worker_namespace(namespace), selector)
     return {
         p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
             DELETION_COST_ANNOTATION
@@ -317,7 +321,7 @@ async def test_autoscaler_scales_on_load_and_removes_idle_pods_first(
     fleet.jobs.update({first: 0, second: 1, third: 0, fourth: 0})
     await evaluate()
     assert await replicas(kube, namespace) == 4
-    deployment = await kube.get("Deployment", namespace, "fleet")
+    deployment = await kube.get("Deployment", render.worker_namespace(namespace), "fleet")
     assert deployment is not None
     window = deployment["metadata"]["annotations"][SCALE_DOWN_ANNOTATION]
     pending = await status(kube, namespace)
@@ -327,7 +331,7 @@ async def test_autoscaler_scales_on_load_and_removes_idle_pods_first(
     # An operator restart (a new context) keeps the window rather than starting it again.
     ctx = handlers.OperatorContext(settings=settings(), kube=kube)
     await evaluate()
-    deployment = await kube.get("Deployment", namespace, "fleet")
+    deployment = await kube.get("Deployment", render.worker_namespace(namespace), "fleet")
     assert deployment is not None
     assert deployment["metadata"]["annotations"][SCALE_DOWN_ANNOTATION] == window
 
@@ -337,7 +341,7 @@ async def test_autoscaler_scales_on_load_and_removes_idle_pods_first(
     survivors = await settle(fleet, 2)
     # The ReplicaSet removed idle pods: the one with a call is still there.
     assert second in survivors, survivors
-    deployment = await kube.get("Deployment", namespace, "fleet")
+    deployment = await kube.get("Deployment", render.worker_namespace(namespace), "fleet")
     assert deployment is not None
     assert SCALE_DOWN_ANNOTATION not in (deployment["metadata"].get("annotations") or {})
 

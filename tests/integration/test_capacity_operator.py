@@ -12,6 +12,7 @@ import pytest
 from kubernetes import client as k8s
 from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
+from voicefleet_operator import render
 from voicefleet_testkit.waiting import wait_for
 
 from tests.integration.test_operator import (  # noqa: F401  (fixtures)
@@ -44,9 +45,10 @@ def test_unschedulable_workers_show_as_capacity_limited(
     limited = next(c for c in agent["status"]["conditions"] if c["type"] == "CapacityLimited")
     assert limited["reason"] == "PodsUnschedulable", limited
     assert "cannot be scheduled" in limited["message"], limited
-    # The scheduler's own words (on a control plane without nodes: "no nodes available").
+    # The scheduler's own words (on a control plane without nodes: "no nodes available"), on
+    # the pods in the tenant's worker namespace.
     pods = k8s.CoreV1Api(cluster.api_client).list_namespaced_pod(
-        tenant, label_selector="app.kubernetes.io/instance=support"
+        render.worker_namespace(tenant), label_selector="app.kubernetes.io/instance=support"
     )
     said = {
         c.message

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.operator_process import OperatorProcess, settings_environment
 from voicefleet_localdev.pytest_plugin import ClusterHandle
-from voicefleet_operator import api, image_policy
+from voicefleet_operator import api, image_policy, render
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_testkit import observability
 from voicefleet_testkit.waiting import wait_for
@@ -247,7 +247,8 @@ def test_the_operator_refuses_an_image_admitted_without_the_policy(
         refused = wait_for("ConfigValid=False", lambda: config_valid("False"), timeout=60)
         assert refused["reason"] == "ImageNotAllowed"
         assert refused["message"].startswith(f"spec.worker.image: '{REFUSED[0]}' is not an image")
-        deployments = k8s.AppsV1Api(cluster.api_client).list_namespaced_deployment(tenant)
+        workers = render.worker_namespace(tenant)
+        deployments = k8s.AppsV1Api(cluster.api_client).list_namespaced_deployment(workers)
         assert deployments.items == []
 
         patch = {"spec": {"worker": {"image": f"{REPOSITORY}:v2"}}}
@@ -257,7 +258,7 @@ def test_the_operator_refuses_an_image_admitted_without_the_policy(
         wait_for("ConfigValid=True", lambda: config_valid("True"), timeout=60)
         deployment: Any = wait_for(
             "the workers' Deployment",
-            lambda: k8s.AppsV1Api(cluster.api_client).list_namespaced_deployment(tenant).items,
+            lambda: k8s.AppsV1Api(cluster.api_client).list_namespaced_deployment(workers).items,
             timeout=60,
         )
         assert deployment[0].spec.template.spec.containers[0].image == f"{REPOSITORY}:v2"
