@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 from voicefleet_testkit import waiting
+from voicefleet_testkit.providers import pointed_at
 
 from voicefleet_localdev import chart, leases, paths, procs
 from voicefleet_localdev import livekit as stack
@@ -262,10 +263,7 @@ def rendered_example(url: str, records_url: str) -> dict[str, Any]:
             "signingSecretRef": {"name": RECORDS_SECRET, "key": "signingKey"},
         }
     }
-    pipeline = agent["spec"]["pipeline"]
-    pipeline["stt"]["baseUrl"] = url  # Deepgram: the runtime appends /v1/listen
-    pipeline["llm"]["baseUrl"] = f"{url}/v1"
-    pipeline["tts"]["baseUrl"] = f"{url}/v1"
+    agent["spec"]["pipeline"] = pointed_at(agent["spec"]["pipeline"], url)
     inbound = (agent["spec"].get("telephony") or {}).get("inbound")
     if inbound is not None and inbound.get("allowedAddresses"):
         inbound["allowedAddresses"] = [*inbound["allowedAddresses"], "127.0.0.1/32"]
@@ -305,7 +303,8 @@ def apply_example(url: str, records_url: str) -> dict[str, Any]:
     from voicefleet_localdev import images
 
     runtime = images.PROJECT_IMAGES["runtime"]
-    stale = restart_stale_pods(TENANT, selector_for(agent["metadata"]["name"]), runtime)
+    # The workers run in the tenant's worker namespace (voicefleet_operator.render).
+    stale = restart_stale_pods(f"vf-{TENANT}", selector_for(agent["metadata"]["name"]), runtime)
     if stale:
         print(f"    the runtime image was rebuilt: replaced worker pods {', '.join(stale)}")
     print(f"    Secrets from {EXAMPLE_SECRETS.relative_to(paths.REPO_ROOT)}")
@@ -341,7 +340,7 @@ def wait_ready(name: str, clock: Clock, timeout: float) -> dict[str, Any]:
         return wait_for(f"VoiceAgent {TENANT}/{name} Ready", probe, timeout, interval=2)
     except DemoError as error:
         raise DemoError(
-            f"{error}\n{diagnostics(TENANT, log_selector=selector_for(name))}"
+            f"{error}\n{diagnostics(f'vf-{TENANT}', log_selector=selector_for(name))}"
         ) from None
 
 

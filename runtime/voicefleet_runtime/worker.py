@@ -91,6 +91,7 @@ from voicefleet_runtime.pipeline import (
     load_vad,
     plan_turn_detection,
     plugin_modules,
+    prebuild_models,
     register_turn_detector,
 )
 from voicefleet_runtime.recorder import CallRecorder
@@ -445,15 +446,21 @@ class WorkerRuntime:
 def prewarm(proc: JobProcess) -> None:
     """Runs once per job process before it takes a call: config and VAD model in memory, and
     what an overflow treatment needs (its TTS client; the HTTP stack's lazy imports), so that a
-    caller beyond capacity hears the message as early as possible."""
+    caller beyond capacity hears the message as early as possible; and the call's STT, LLM and
+    TTS (pipeline.prebuild_models), so that the greeting does not wait for their clients."""
     config = runtime_config()
     proc.userdata["vad"] = load_vad(config.pipeline.vad)
     proc.userdata["overflow_tts"] = overflow.prewarm_tts(config)
+    proc.userdata["models"] = prebuild_models(config.pipeline)
 
 
 async def entrypoint(ctx: JobContext) -> None:
     config = runtime_config()
-    overflow_reason = (ctx.token_claims().attributes or {}).get(OVERFLOW_ATTRIBUTE)
+    # A console session's mock job is never an overflow call, and has no token at all when no
+    # LiveKit credentials are set (decoding it would crash the console's only job).
+    overflow_reason = (
+        None if ctx.is_fake_job() else (ctx.token_claims().attributes or {}).get(OVERFLOW_ATTRIBUTE)
+    )
     if overflow_reason:
         if config.records_webhook is not None:
             # Overflow calls are accounted for too (endReason overflow), however the treatment ends.
@@ -511,7 +518,11 @@ async def entrypoint(ctx: JobContext) -> None:
         state = CallState.from_participant_attributes(
             dict(participant.attributes), room=ctx.room.name
         )
-        pipeline = build_pipeline(config.pipeline, vad=ctx.proc.userdata.get("vad"))
+        pipeline = build_pipeline(
+            config.pipeline,
+            vad=ctx.proc.userdata.get("vad"),
+            models=ctx.proc.userdata.pop("models", None),
+        )
         session_options: dict[str, Any] = pipeline.session_options()
         call_limits = config.call_limits or CallLimitsConfig()
         session_options["user_away_timeout"] = CallLimiter.user_away_timeout(

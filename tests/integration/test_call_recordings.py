@@ -5,7 +5,6 @@ voices (the caller on the left channel, the agent on the right)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import uuid
 from collections.abc import Callable
@@ -18,10 +17,10 @@ import numpy as np
 import pytest
 from voicefleet_localdev.livekit import LiveKitEndpoint, S3Endpoint
 from voicefleet_runtime.config import CallRecordingConfig
-from voicefleet_runtime.recording import EMPTY_SHA256, get_object, sign
+from voicefleet_runtime.recording import get_object
 from voicefleet_testkit.providers import LLMReply, ProviderServer
+from voicefleet_testkit.s3 import create_bucket
 from voicefleet_testkit.waiting import wait_until
-from yarl import URL
 
 from tests.integration.test_call_records import (
     Receiver,
@@ -37,23 +36,6 @@ from tests.integration.test_runtime_worker import GREETING, Webhooks, dispatched
 pytestmark = pytest.mark.integration
 
 QUESTION = "What are your opening hours?"
-
-
-async def create_bucket(s3: S3Endpoint, bucket: str) -> None:
-    url = f"{s3.url}/{bucket}"
-    headers = sign(
-        "PUT",
-        url,
-        {},
-        EMPTY_SHA256,
-        region=s3.region,
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
-        now=dt.datetime.now(dt.UTC),
-    )
-    async with aiohttp.ClientSession() as session:
-        async with session.put(URL(url, encoded=True), headers=headers) as response:
-            assert response.status == 200, await response.text()
 
 
 def decode(ogg: bytes) -> tuple[np.ndarray[Any, Any], int]:

@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
+from voicefleet_runtime.admission import DEFAULT_OVERFLOW_MESSAGE
 from voicefleet_runtime.callrecords import CallRecord, verify
-from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
+from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall, pointed_at
 from voicefleet_testkit.records import RecordReceiver as Receiver
 from voicefleet_testkit.waiting import wait_until
 
@@ -45,6 +47,10 @@ pytestmark = pytest.mark.integration
 
 SIGNING_KEY = "whsec-" + uuid.uuid4().hex
 QUESTION = "Where is my order A-1234?"
+ANSWER = "Your order A-1234 has shipped."
+EXAMPLE_PIPELINE = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml").read_text()
+)["spec"]["pipeline"]
 RECEIVER_DOWN_SECONDS = 60.0
 # Backoff tops out at 60 s (+20 % jitter): the first attempt after the receiver is back.
 DELIVERY_AFTER_RECOVERY_TIMEOUT_S = 100.0
@@ -123,12 +129,16 @@ async def test_one_call_leaves_one_signed_record(
 ) -> None:
     dispatch_name = f"records-{uuid.uuid4().hex[:6]}"
     config = records_config(dispatch_name, providers.base_url, webhooks.url, receiver)
+    # The example's own pipeline (Deepgram STT, OpenAI LLM, ElevenLabs TTS, Silero VAD, its
+    # turn detection) on the local protocol servers, as the demo points it.
+    config["pipeline"] = pointed_at(EXAMPLE_PIPELINE, providers.url)
     providers.script_transcripts(QUESTION)
     providers.script_llm(
         LLMReply(tool_calls=[ToolCall("lookup_order", {"order_id": "A-1234"})], match="order"),
-        LLMReply("Your order A-1234 has shipped.", after="tool"),
+        LLMReply(ANSWER, after="tool"),
     )
     worker = records_worker(livekit, config, tmp_path / "worker")
+    worker.env.update(DEEPGRAM_API_KEY="dg-test-records", ELEVEN_API_KEY="el-test-records")
     worker.start()
     try:
         await worker.wait_registered()
@@ -163,7 +173,22 @@ async def test_one_call_leaves_one_signed_record(
         said = [(turn.speaker, turn.text) for turn in record.transcript]
         assert ("agent", GREETING) in said, said
         assert ("caller", QUESTION) in said, said
-        assert ("agent", "Your order A-1234 has shipped.") in said, said
+        assert ("agent", ANSWER) in said, said
+        # The caller's words were recognised by the Deepgram server (streaming, the example's
+        # model), and the agent's words synthesised by the ElevenLabs server.
+        heard = [r for r in providers.requests("stt") if not r.get("silent")]
+        assert {(r["provider"], r["model"]) for r in heard} == {("deepgram", "nova-3")}, heard
+        assert QUESTION in [r["transcript"] for r in heard], heard
+        synthesised = [
+            (r["provider"], r["model"], r["text"])
+            for r in providers.requests("tts")
+            if r["text"] != DEFAULT_OVERFLOW_MESSAGE
+        ]
+        assert {p[:2] for p in synthesised} == {("elevenlabs", "eleven_flash_v2_5")}, synthesised
+        assert ANSWER in " ".join(p[2] for p in synthesised), synthesised
+        assert GREETING in " ".join(p[2] for p in synthesised), synthesised
+        assert {u.provider for u in record.usage.stt} == {"deepgram"}, record.usage.stt
+        assert {u.provider for u in record.usage.tts} == {"elevenlabs"}, record.usage.tts
         assert [a.name for a in record.agents] == ["receptionist"]
         [tool] = [t for t in record.tool_calls if t.name == "lookup_order"]
         assert tool.arguments == {"order_id": "A-1234"} and tool.status == "ok"

@@ -14,7 +14,7 @@ from voicefleet_testkit.providers.script import (
     ToolCall,
     Transcript,
 )
-from voicefleet_testkit.providers.server import ProviderServer, openai_pipeline
+from voicefleet_testkit.providers.server import ProviderServer, openai_pipeline, pointed_at
 
 __all__ = [
     "DEFAULT_GREETING_REPLY",
@@ -28,4 +28,5 @@ __all__ = [
     "ToolCall",
     "Transcript",
     "openai_pipeline",
+    "pointed_at",
 ]

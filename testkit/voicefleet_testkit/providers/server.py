@@ -26,6 +26,7 @@ HTTP with `ProviderControl` (control.py) or plain requests:
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
@@ -129,6 +130,23 @@ def openai_pipeline(base_url: str) -> dict[str, Any]:
         "vad": {"provider": "silero"},
         "turnDetection": {"mode": "vad"},
     }
+
+
+# The provider each part of a pipeline uses when the spec leaves it out (the runtime's defaults).
+DEFAULT_PROVIDERS = {"stt": "deepgram", "llm": "openai", "tts": "elevenlabs"}
+
+
+def pointed_at(pipeline: dict[str, Any], url: str) -> dict[str, Any]:
+    """A copy of a VoiceAgent's `spec.pipeline` (e.g. the example's) with its STT, LLM and TTS
+    endpoints pointed at a ProviderServer whose root URL is `url` (`ProviderServer.url`):
+    Deepgram takes the root (the runtime appends /v1/listen), OpenAI and ElevenLabs the /v1
+    base. Providers, models, VAD and turn detection stay as the spec has them."""
+    pointed = copy.deepcopy(pipeline)
+    for part, default in DEFAULT_PROVIDERS.items():
+        settings = pointed.setdefault(part, {})
+        provider = settings.get("provider", default)
+        settings["baseUrl"] = url if provider == "deepgram" else f"{url}/v1"
+    return pointed
 
 
 class ProviderServer:
