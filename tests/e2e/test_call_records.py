@@ -25,6 +25,7 @@ import pytest_asyncio
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import S3_PORT, LiveKitEndpoint, S3Endpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
+from voicefleet_operator import render
 from voicefleet_operator.render import dispatch_name
 from voicefleet_runtime.callrecords import verify
 from voicefleet_runtime.config import CallRecordingConfig
@@ -207,8 +208,10 @@ async def test_records_and_recordings_from_worker_pods(
         },
     )
 
+    workers = render.worker_namespace(tenant)  # where the worker pods and children live
+
     def diagnostics() -> str:
-        return cluster.diagnostics(tenant, log_selector=f"voicefleet.dev/voiceagent={AGENT}")
+        return cluster.diagnostics(workers, log_selector=f"voicefleet.dev/voiceagent={AGENT}")
 
     try:
         wait_for(
@@ -220,7 +223,7 @@ async def test_records_and_recordings_from_worker_pods(
     except AssertionError as error:
         raise AssertionError(f"{error}\n{diagnostics()}") from None
     # The ConfigMap names the key's variable; the value only reaches the pod's environment.
-    config_map = _json(cluster, "-n", tenant, "get", "configmap", f"{AGENT}-config")
+    config_map = _json(cluster, "-n", workers, "get", "configmap", f"{AGENT}-config")
     assert SIGNING_KEY not in json.dumps(config_map)
     assert s3.secret_key not in json.dumps(config_map)
 
@@ -280,7 +283,7 @@ async def test_records_and_recordings_from_worker_pods(
 
     # 2. The worker pod deleted as its call ends, the receiver refusing the first attempt.
     (pod,) = _json(
-        cluster, "-n", tenant, "get", "pods", "-l", f"voicefleet.dev/voiceagent={AGENT}"
+        cluster, "-n", workers, "get", "pods", "-l", f"voicefleet.dev/voiceagent={AGENT}"
     )["items"]
     receiver.script = [503]
     room2 = f"records-{secrets.token_hex(4)}"
@@ -290,7 +293,7 @@ async def test_records_and_recordings_from_worker_pods(
         greeting = await caller.wait_for_audio(agent.identity, timeout_s=60)
     finally:
         await caller.leave()
-    cluster.kubectl("-n", tenant, "delete", "pod", pod["metadata"]["name"], "--wait=false")
+    cluster.kubectl("-n", workers, "delete", "pod", pod["metadata"]["name"], "--wait=false")
     deleted_at = time.time()
     await wait_until(
         "the record of the pod's last call",

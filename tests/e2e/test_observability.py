@@ -164,7 +164,13 @@ def _condition(agent: dict[str, Any], kind: str) -> str | None:
 def _agent_calls_running(cluster: ClusterHandle, tenant: str, agent: str) -> int:
     """Agent calls the agent's workers report running (GET /admission on their metrics port)."""
     pods = _kubectl_json(
-        cluster, "-n", tenant, "get", "pods", "-l", f"{render.LABEL_VOICE_AGENT}={agent}"
+        cluster,
+        "-n",
+        render.worker_namespace(tenant),
+        "get",
+        "pods",
+        "-l",
+        f"{render.LABEL_VOICE_AGENT}={agent}",
     )["items"]
     running = 0
     for pod in pods:
@@ -180,7 +186,7 @@ def _worker_logs(cluster: ClusterHandle, tenant: str, agent: str) -> str:
     try:
         return cluster.kubectl(
             "-n",
-            tenant,
+            render.worker_namespace(tenant),
             "logs",
             "--tail=80",
             "--prefix",
@@ -279,9 +285,16 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         extra={"telephony": {"numbers": [number],
                              "inbound": {"authSecretRef": {"name": "missing-sip-auth"}}}},
     )  # fmt: skip
+    # (In the tenant's worker namespace, where the children go; made ahead of the operator,
+    # which adopts it by its tenant label.)
+    workers = render.worker_namespace(tenant)
+    _apply(cluster, {
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": workers, "labels": {render.LABEL_TENANT: tenant}},
+    })  # fmt: skip
     _apply(cluster, {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": ChildNames.of("broken").config_map, "namespace": tenant},
+        "metadata": {"name": ChildNames.of("broken").config_map, "namespace": workers},
         "data": {"owner": "someone else"},
     })  # fmt: skip
     for agent in (healthy, full, broken):
@@ -298,7 +311,7 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
             wait_for(f"VoiceAgent {name} to be Ready", partial(ready, name), 400, 3)
         except AssertionError as error:
             status = _kubectl_json(cluster, "-n", tenant, "get", "va", name).get("status")
-            pods = cluster.kubectl("-n", tenant, "get", "pods", "-o", "wide")
+            pods = cluster.kubectl("-n", workers, "get", "pods", "-o", "wide")
             details = f"status: {json.dumps(status, indent=1)}\n{pods}"
             raise AssertionError(
                 f"{error}\n{details}\n{_worker_logs(cluster, tenant, name)}"
@@ -312,7 +325,13 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
     worker_pods = {
         pod["metadata"]["name"]
         for pod in _kubectl_json(
-            cluster, "-n", tenant, "get", "pods", "-l", "app.kubernetes.io/component=worker"
+            cluster,
+            "-n",
+            workers,
+            "get",
+            "pods",
+            "-l",
+            f"app.kubernetes.io/component=worker,{render.LABEL_VOICE_AGENT}!=crashing",
         )["items"]
     }
 
@@ -321,7 +340,7 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         up = {
             t["labels"].get("pod")
             for t in prometheus.active_targets()
-            if t["labels"].get("namespace") == tenant and t["health"] == "up"
+            if t["labels"].get("namespace") == workers and t["health"] == "up"
         }
         return up if worker_pods <= up else None
 

@@ -186,10 +186,12 @@ async def livekit_objects(
 
 
 def assert_registered(cluster: ClusterHandle, namespace: str) -> None:
-    """A worker pod of the VoiceAgent has logged its registration with LiveKit."""
+    """A worker pod of the VoiceAgent (in the tenant's worker namespace) has logged its
+    registration with LiveKit."""
     selector = f"{render.LABEL_VOICE_AGENT}={AGENT}"
-    logs = cluster.kubectl("-n", namespace, "logs", "-l", selector, "--tail=-1")
-    assert "registered with LiveKit" in logs, f"{logs[-3000:]}\n{cluster.diagnostics(namespace)}"
+    workers = render.worker_namespace(namespace)
+    logs = cluster.kubectl("-n", workers, "logs", "-l", selector, "--tail=-1")
+    assert "registered with LiveKit" in logs, f"{logs[-3000:]}\n{cluster.diagnostics(workers)}"
 
 
 def call_seconds(cluster: ClusterHandle, namespace: str) -> float:
@@ -197,7 +199,7 @@ def call_seconds(cluster: ClusterHandle, namespace: str) -> float:
     pods = json.loads(
         cluster.kubectl(
             "-n",
-            namespace,
+            render.worker_namespace(namespace),
             "get",
             "pods",
             "-l",

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as k8s
+from kubernetes.client import rest as k8s_rest
 from voicefleet_localdev import paths
 from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
@@ -116,7 +117,24 @@ def tenant(cluster: ClusterHandle) -> Iterator[str]:
     )
     _create_secret(cluster, namespace, "acme-orders-api", {"authorization": "Bearer t0ken"})
     yield namespace
-    k8s.CoreV1Api(cluster.api_client).delete_namespace(namespace)
+    core = k8s.CoreV1Api(cluster.api_client)
+    core.delete_namespace(namespace)
+    # Its worker namespace goes with its last VoiceAgent; one a test left behind goes here.
+    try:
+        core.delete_namespace(render.worker_namespace(namespace))
+    except k8s_rest.ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def create_worker_namespace(cluster: ClusterHandle, tenant: str) -> str:
+    """The tenant's worker namespace made ahead of the operator (which adopts it: it carries
+    the tenant label), to put objects in it before the first reconcile."""
+    name = render.worker_namespace(tenant)
+    k8s.CoreV1Api(cluster.api_client).create_namespace(
+        k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels={render.LABEL_TENANT: tenant}))
+    )
+    return name
 
 
 def settings_for(platform: str, namespaces: tuple[str, ...], **overrides: Any) -> PlatformSettings:
@@ -253,33 +271,57 @@ def wait_condition(
 
 
 def list_children(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, list[Any]]:
+    """The children of VoiceAgent `namespace/name`: in its worker namespace (vf-<namespace>)."""
     selector = f"{render.LABEL_VOICE_AGENT}={name}"
     found = {}
     for kind, (function, api_class) in CHILD_KINDS.items():
         api = api_class(cluster.api_client)
-        found[kind] = getattr(api, function)(namespace, label_selector=selector).items
+        found[kind] = getattr(api, function)(
+            render.worker_namespace(namespace), label_selector=selector
+        ).items
     return found
 
 
 def assert_children_owned_once(
     cluster: ClusterHandle, namespace: str, agent: dict[str, Any]
 ) -> dict:
+    """One child of each kind (two Secrets: the LiveKit key's copy and the tenant values'),
+    labelled with the VoiceAgent's namespace, name and uid; nothing of it in the tenant
+    namespace. Returns {kind: child}, the LiveKit copy as "Secret", the other "TenantSecrets"."""
     name, uid = agent["metadata"]["name"], agent["metadata"]["uid"]
     children = list_children(cluster, namespace, name)
     for kind, items in children.items():
-        assert len(items) == 1, f"expected exactly one {kind} of {name}, found {len(items)}"
-        owners = items[0].metadata.owner_references or []
-        assert [(o.kind, o.name, o.uid, o.controller) for o in owners] == [
-            ("VoiceAgent", name, uid, True)
-        ], f"{kind} {items[0].metadata.name} is not controlled by the VoiceAgent"
-    return {kind: items[0] for kind, items in children.items()}
+        expected = 2 if kind == "Secret" else 1
+        assert len(items) == expected, f"expected {expected} {kind} of {name}, found {len(items)}"
+        for item in items:
+            labels = item.metadata.labels or {}
+            assert (
+                labels.get(render.LABEL_VOICE_AGENT_NAMESPACE),
+                labels.get(render.LABEL_VOICE_AGENT),
+                labels.get(render.LABEL_VOICE_AGENT_UID),
+            ) == (namespace, name, uid), f"{kind} {item.metadata.name} is not the VoiceAgent's"
+            assert not item.metadata.owner_references
+    in_tenant = {
+        kind: getattr(api_class(cluster.api_client), function)(
+            namespace, label_selector=f"{render.LABEL_VOICE_AGENT}={name}"
+        ).items
+        for kind, (function, api_class) in CHILD_KINDS.items()
+    }
+    assert not any(in_tenant.values()), f"children left in the tenant namespace: {in_tenant}"
+    found = {kind: items[0] for kind, items in children.items()}
+    secrets_ = {item.metadata.name: item for item in children["Secret"]}
+    names = render.ChildNames.of(name)
+    found["Secret"] = secrets_[names.livekit_secret]
+    found["TenantSecrets"] = secrets_[names.tenant_secrets]
+    return found
 
 
 def replica_sets(cluster: ClusterHandle, namespace: str, name: str) -> list[Any]:
+    """The worker ReplicaSets of VoiceAgent `namespace/name` (in its worker namespace)."""
     selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(name).items())
     return list(
         k8s.AppsV1Api(cluster.api_client)
-        .list_namespaced_replica_set(namespace, label_selector=selector)
+        .list_namespaced_replica_set(render.worker_namespace(namespace), label_selector=selector)
         .items
     )
 
@@ -324,9 +366,26 @@ def test_create_gives_owned_children_and_true_status(
     assert config.tenant == tenant and config.dispatch_name == f"{tenant}.support"
     for secret_value in ("Bearer t0ken", "sk-x", LIVEKIT_SECRET):
         assert secret_value not in text
-    # The LiveKit credentials reached the tenant namespace as an owned copy.
+    # The LiveKit credentials reached the worker namespace, never the tenant's; the tenant's
+    # values the workers use were copied there, only the referenced ones.
+    assert status["workerNamespace"] == render.worker_namespace(tenant)
     copied = children["Secret"].data
     assert base64.b64decode(copied["LIVEKIT_API_SECRET"]).decode() == LIVEKIT_SECRET
+    core = k8s.CoreV1Api(cluster.api_client)
+    for secret in core.list_namespaced_secret(tenant).items:
+        values = [base64.b64decode(v).decode() for v in (secret.data or {}).values()]
+        assert LIVEKIT_SECRET not in values, (
+            f"the key is in {tenant}: {secret.to_dict()['metadata']}"
+        )
+    tenant_values = children["TenantSecrets"].data
+    header_variable = render.header_env_var("acme-orders-api", "authorization")
+    assert base64.b64decode(tenant_values[header_variable]).decode() == "Bearer t0ken"
+    assert base64.b64decode(tenant_values["OPENAI_API_KEY"]).decode() == "sk-x"
+    namespace_labels = core.read_namespace(render.worker_namespace(tenant)).to_dict()["metadata"][
+        "labels"
+    ]
+    assert namespace_labels[render.LABEL_TENANT] == tenant
+    assert namespace_labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert children["ServiceAccount"].automount_service_account_token is False
 
     # The ReplicaSet controller created the pods under the restricted Pod Security Standard
@@ -416,20 +475,29 @@ def test_delete_garbage_collects_every_child(
         left = {k: len(v) for k, v in list_children(cluster, tenant, "support").items() if v}
         return not left and not replica_sets(cluster, tenant, "support")
 
-    wait_for("the garbage collector to remove every child", all_gone, timeout=90)
-    pods = k8s.CoreV1Api(cluster.api_client).list_namespaced_pod(
-        tenant, label_selector=f"{render.LABEL_VOICE_AGENT}=support"
-    )
+    wait_for("the finalizer to remove every child", all_gone, timeout=90)
+    workers = render.worker_namespace(tenant)
     wait_for(
         "worker pods to go",
         lambda: (
             not k8s.CoreV1Api(cluster.api_client)
-            .list_namespaced_pod(tenant, label_selector=f"{render.LABEL_VOICE_AGENT}=support")
+            .list_namespaced_pod(workers, label_selector=f"{render.LABEL_VOICE_AGENT}=support")
             .items
         ),
         timeout=90,
     )
-    assert pods is not None
+
+    # The tenant's last VoiceAgent gone: its worker namespace goes too.
+    def namespace_gone() -> bool:
+        try:
+            found = k8s.CoreV1Api(cluster.api_client).read_namespace(workers)
+        except k8s_rest.ApiException as error:
+            if error.status == 404:
+                return True
+            raise
+        return found.to_dict()["metadata"].get("deletion_timestamp") is not None
+
+    wait_for(f"namespace {workers} to be deleted", namespace_gone, timeout=90)
 
 
 def test_missing_secret_sets_config_valid_false_and_recovers(
@@ -553,7 +621,9 @@ def test_deleted_deployment_is_recreated(
     create_agent(cluster, tenant, "support", example_spec())
     agent = wait_condition(cluster, tenant, "support", "Reconciled", "True")
     old = assert_children_owned_once(cluster, tenant, agent)["Deployment"]
-    k8s.AppsV1Api(cluster.api_client).delete_namespaced_deployment("support", tenant)
+    k8s.AppsV1Api(cluster.api_client).delete_namespaced_deployment(
+        "support", render.worker_namespace(tenant)
+    )
 
     def recreated() -> bool:
         items = list_children(cluster, tenant, "support")["Deployment"]
@@ -567,8 +637,9 @@ def test_a_name_taken_by_another_object_is_never_taken_over(
     cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
     core = k8s.CoreV1Api(cluster.api_client)
+    workers = create_worker_namespace(cluster, tenant)
     core.create_namespaced_config_map(
-        tenant,
+        workers,
         k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="support-config"), data={"mine": "yes"}),
     )
     create_agent(cluster, tenant, "support", example_spec())
@@ -576,9 +647,10 @@ def test_a_name_taken_by_another_object_is_never_taken_over(
     conflict = condition(agent, "Reconciled")
     assert conflict is not None and conflict["reason"] == "NameConflict"
     assert "ConfigMap 'support-config'" in conflict["message"]
-    assert core.read_namespaced_config_map("support-config", tenant).data == {"mine": "yes"}
+    assert workers in conflict["message"]
+    assert core.read_namespaced_config_map("support-config", workers).data == {"mine": "yes"}
 
-    core.delete_namespaced_config_map("support-config", tenant)
+    core.delete_namespaced_config_map("support-config", workers)
     agent = wait_condition(cluster, tenant, "support", "Reconciled", "True", timeout=30)
     assert_children_owned_once(cluster, tenant, agent)
 
@@ -593,8 +665,9 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
     settings = settings_for(platform, (tenant,))
     # A quota that refuses Deployments stops the reconcile between the other children and the
     # Deployment: a real half-done reconcile, deterministically.
+    workers = create_worker_namespace(cluster, tenant)
     core.create_namespaced_resource_quota(
-        tenant,
+        workers,
         k8s.V1ResourceQuota(
             metadata=k8s.V1ObjectMeta(name="no-deployments"),
             spec=k8s.V1ResourceQuotaSpec(hard={"count/deployments.apps": "0"}),
@@ -616,7 +689,7 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
         first.kill()  # SIGKILL: no cleanup, no last status write
 
     # While no operator runs: the quota goes and the spec changes.
-    core.delete_namespaced_resource_quota("no-deployments", tenant)
+    core.delete_namespaced_resource_quota("no-deployments", workers)
     spec = example_spec()
     spec["agents"][0]["greeting"] = "Changed while the operator was down."
     generation = patch_spec(cluster, tenant, "support", {"agents": spec["agents"]})
