@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 ORDERS_TOKEN = "orders-token-" + uuid.uuid4().hex[:8]
 GREETING = "Hello, thanks for calling Acme. How can I help?"
 BILLING_INSTRUCTIONS = "You are the billing agent of Acme. Answer invoice questions briefly."
+# livekit-agents' warning after each failed attempt to reach livekit-server.
+CONNECT_FAILED = "failed to connect to livekit, retrying"
 # Preloading plugins in the forkserver is slow on a loaded 2-core machine.
 REGISTER_TIMEOUT_S = 180.0
 
@@ -447,12 +450,19 @@ async def test_worker_is_not_ready_until_registered_with_livekit(
             return True
 
         await wait_until("the worker's HTTP servers", serving, REGISTER_TIMEOUT_S)
-        for _ in range(5):  # over a few connection retries
+        # After each of several failed connection attempts (livekit-agents logs each one):
+        # / says OK, /ready says why the worker is not ready.
+        for attempts in (1, 2, 3):
+            await wait_until(
+                f"failed connection attempt {attempts} in the worker's log",
+                lambda: worker.log().count(CONNECT_FAILED) >= attempts,  # noqa: B023
+                60,
+                describe=worker.log_tail,
+            )
             assert http_get(f"http://127.0.0.1:{worker.health_port}/") == (200, "OK")
             code, body = worker.readiness()
             assert code == 503, body
             assert "not registered with LiveKit" in body, body
-            await asyncio.sleep(1)
     finally:
         await worker.stop()
 
@@ -711,8 +721,22 @@ async def test_two_workers_never_exceed_jobs_per_worker(
                 if everyone_answered_or_told():
                     break
                 await asyncio.sleep(0.2)
-            # Give LiveKit time to (wrongly) place the other two somewhere.
-            await asyncio.sleep(8)
+
+            # Every offer decided: each of the six dispatches was taken or told by a worker
+            # (livekit-server offers a dispatch until a worker takes it, so nothing is left to
+            # place once the workers' counts add up to six).
+            def decided() -> float:
+                return sum(
+                    v
+                    for w in workers
+                    for name in (
+                        "voicefleet_dispatch_accepted_total",
+                        "voicefleet_calls_overflowed_total",
+                    )
+                    for _, v in sample_values(w.metrics(), name)
+                )
+
+            await wait_until("six offers decided", lambda: decided() >= len(rooms), 30)
             served = [await agents_in(room) for room in rooms]
             stop_polling.set()
             await poller
@@ -779,7 +803,28 @@ async def test_offers_above_capacity_get_the_overflow_treatment(
             await wait_until(
                 "the first call running", lambda: worker.status()["active_jobs"] == 1, 30
             )
-            await asyncio.sleep(3)  # the overflowed caller is not given the agent later either
+            # The overflowed caller is not given the agent later either: the caller joins, is
+            # told (the treatment has run to its end), and still no agent came to the room.
+            found = re.search(r"\(room (\S+)\) gets the overflow treatment", worker.log())
+            assert found is not None, worker.log_tail()
+            told_room = found.group(1)
+            token = participant_token(livekit.api_key, livekit.api_secret, told_room, "caller")
+            async with TestParticipant(livekit.url, token):
+                await wait_until(
+                    "the overflowed caller told",
+                    lambda: f"told the caller in room {told_room}" in worker.log(),
+                    60,
+                    describe=worker.log_tail,
+                )
+                participants = await lkapi.room.list_participants(
+                    api.ListParticipantsRequest(room=told_room)
+                )
+            assert not [
+                p.identity
+                for p in participants.participants
+                if p.kind == api.ParticipantInfo.Kind.AGENT
+                and "voicefleet.overflow" not in p.attributes
+            ]
             assert worker.status()["active_jobs"] == 1
             assert overflowed() == 1
             accepted = sum(

@@ -39,6 +39,7 @@ from tests.integration.test_operator import (
     events_of,
     example_spec,
     get_agent,
+    operator_log,
     patch_spec,
     settings_for,
     stop_cleanly,
@@ -256,9 +257,15 @@ def test_livekit_unreachable_is_a_condition_with_retries_not_a_crash(
         assert found is not None and found["reason"] == "LiveKitError"
         assert "list SIP inbound trunks failed" in found["message"]
         assert "retrying in" in found["message"]
-        # Deleting waits for LiveKit (the finalizer stays) rather than leaking the trunk.
+        # Deleting waits for LiveKit (the finalizer stays) rather than leaking the trunk: once
+        # the operator has tried the removal and failed, the VoiceAgent is still there.
         delete_agent(cluster, tenant, "support")
-        time.sleep(2)
+        wait_for(
+            "the operator's failed telephony removal",
+            lambda: f"{tenant}/support: telephony removal failed" in operator_log(operator),
+            timeout=60,
+            describe=operator.tail,
+        )
         assert get_agent(cluster, tenant, "support")["metadata"].get("deletionTimestamp")
     finally:
         stop_cleanly(operator)
@@ -280,17 +287,24 @@ def test_operator_killed_while_provisioning_leaves_one_trunk_and_one_rule(
     tenant = tenants[0]
     settings = settings_for(platform, (tenant,))
     number = fresh_number()
-    # Kill the operator at several points of its first provisioning, each time restarting it.
-    for attempt, delay in enumerate((0.5, 1.0, 1.5, 2.5)):
+    # Kill the operator at several points of its first provisioning, each time restarting it:
+    # each kill comes a moment after the process is up (/healthz answers), and where it landed
+    # is read after it (LiveKit's objects and the condition, which no one changes meanwhile).
+    landed: list[tuple[int, int, str | None]] = []
+    for attempt, delay in enumerate((0.0, 0.3, 0.6, 1.0)):
         log = tmp_path / f"op-{attempt}.log"
-        process = OperatorProcess(settings, cluster.kubeconfig, log).launch()
+        process = OperatorProcess(settings, cluster.kubeconfig, log).start()
         try:
             if attempt == 0:
-                time.sleep(1.0)
                 create_agent(cluster, tenant, "support", phone_spec(number))
             time.sleep(delay)
         finally:
             process.kill()
+        trunks, rules = livekit_objects(livekit, tenant, "support")
+        ready = condition(get_agent(cluster, tenant, "support"), "TelephonyReady")
+        landed.append((len(trunks), len(rules), ready["status"] if ready else None))
+    # At least one kill cut the provisioning short (else the restarts had nothing to finish).
+    assert any(state != (1, 1, "True") for state in landed), landed
     operator = OperatorProcess(settings, cluster.kubeconfig).start()
     try:
         agent = wait_condition(cluster, tenant, "support", "TelephonyReady", "True", timeout=60)
