@@ -80,6 +80,11 @@ def documents(case: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(template(case)) if d]
 
 
+def by_name(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (match,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return match
+
+
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     matches = [d for d in docs if d["kind"] == kind]
     assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
@@ -175,7 +180,7 @@ def test_operator_settings_from_the_chart_are_valid() -> None:
 
 def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
     docs = documents("default")
-    role = by_kind(docs, "ClusterRole")
+    role = by_name(docs, "ClusterRole", "vf-voicefleet")
     granted = {
         (group, resource): sorted(rule["verbs"])
         for rule in role["rules"]
@@ -246,12 +251,33 @@ def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
     assert role_binding["roleRef"]["name"] == election["metadata"]["name"]
     assert role_binding["subjects"] == binding["subjects"]
     # Watching chosen namespaces makes kopf follow namespaces too.
-    namespaced_role = by_kind(documents("namespaced"), "ClusterRole")
+    namespaced_role = by_name(documents("namespaced"), "ClusterRole", "vf-voicefleet")
     assert {
         "apiGroups": [""],
         "resources": ["namespaces"],
         "verbs": ["get", "create", "patch", "delete", "list", "watch"],
     } in namespaced_role["rules"]
+
+
+def test_tenant_admins_manage_voiceagents_through_aggregated_roles() -> None:
+    """A namespace's admin/edit holders manage its VoiceAgents, view holders read them: nothing
+    else (what tenants see of their workers is the operator's observer Role in vf-<tenant>)."""
+    docs = documents("default")
+    edit = by_name(docs, "ClusterRole", "vf-voicefleet-tenant-edit")
+    view = by_name(docs, "ClusterRole", "vf-voicefleet-tenant-view")
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for role in (edit, view):
+        assert {g for rule in role["rules"] for g in rule["apiGroups"]} == {"voicefleet.dev"}
+        assert {r for rule in role["rules"] for r in rule["resources"]} <= {
+            "voiceagents",
+            "voiceagents/status",
+        }
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in view["rules"])
+    off = helm("template", "vf", str(CHART), *CASES["default"], "--set", "rbac.tenantRoles=false")
+    assert "tenant-edit" not in off.stdout
 
 
 def test_livekit_secret_is_created_only_without_an_existing_one() -> None:
