@@ -26,6 +26,8 @@ class WakeState:
     """Room -> monotonic time the standby took its caller's job."""
     registered_workers: int = 0
     """Serving worker pods registered with LiveKit, at the last autoscaler evaluation."""
+    evaluated: bool = False
+    """The autoscaler has evaluated the fleet at least once (registered_workers is known)."""
     worker_registered: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while registered_workers > 0 (the autoscaler evaluates every second while callers
     wait)."""

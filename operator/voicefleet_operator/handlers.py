@@ -581,6 +581,7 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
             return
         # The standby (wake.py) hands its held callers over once a worker has registered.
         wake.registered_workers = evaluation.registered_workers
+        wake.evaluated = True
         if evaluation.registered_workers:
             wake.worker_registered.set()
         else:

@@ -227,6 +227,10 @@ def ready_condition(conditions: Iterable[Mapping[str, Any]]) -> ConditionUpdate:
             status: ConditionStatus = "Unknown" if condition.get("status") == "Unknown" else "False"
             message = f"{gate}: {condition.get('message') or condition.get('reason')}"
             return ConditionUpdate(CONDITION_READY, status, str(condition.get("reason")), message)
+    workers = find_condition(conditions, CONDITION_WORKERS_AVAILABLE) or {}
+    if workers.get("reason") == "ScaledToZero":
+        # Not "workers take calls": none runs; the operator's standby wakes the fleet (wake.py).
+        return ConditionUpdate.true(CONDITION_READY, "Asleep", str(workers.get("message")))
     return ConditionUpdate.true(CONDITION_READY, "Ready", "the agent's workers take calls")
 
 

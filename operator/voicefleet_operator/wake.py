@@ -1,9 +1,12 @@
 """Waking a fleet scaled to zero: the operator holds the caller while the first worker starts.
 
-With `scaling.minReplicas: 0` (and no pin) an idle fleet has no worker, and livekit-server drops
-a dispatch for an agent name no worker has registered, for good (standby.py says where). So the
-operator's leader keeps a standby worker (standby.py) registered under the dispatch name of
-every such VoiceAgent, for as long as the VoiceAgent may sleep. On an offer:
+With `scaling.minReplicas: 0` an idle fleet has no worker, and livekit-server drops a dispatch
+for an agent name no worker has registered, for good (standby.py says where). The same happens
+to any fleet whose workers are all gone for a while (pods unschedulable, crash-looping or
+restarting). So the operator's leader keeps a standby worker (standby.py) registered under the
+dispatch name of every valid VoiceAgent (not one pinned to zero replicas), from the autoscaler's
+first evaluation of it on (before that the operator does not know whether workers are
+registered). On an offer:
 
 - while a worker of the fleet is registered, the standby refuses (livekit-server offers the job
   to the fleet's workers at once);
@@ -57,17 +60,17 @@ OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
 """The runtime's overflow attribute (voicefleet_runtime.admission.OVERFLOW_ATTRIBUTE)."""
 
 
-def may_sleep(body: Mapping[str, Any]) -> bool:
-    """The VoiceAgent's fleet may scale to zero: operator-mode autoscaling, minReplicas 0, no
-    pin. (An invalid spec keeps whatever runs: no standby.)"""
+def wants_standby(body: Mapping[str, Any]) -> bool:
+    """A standby for every valid VoiceAgent that is not being deleted or pinned to zero
+    replicas (an invalid spec keeps whatever runs: no standby). While the fleet's workers are
+    registered the standby refuses every offer, so it changes nothing then."""
     if (body.get("metadata") or {}).get("deletionTimestamp"):
         return False
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError:
         return False
-    scaling = spec.scaling
-    return scaling.mode == "operator" and scaling.replicas is None and scaling.min_replicas == 0
+    return spec.scaling.replicas != 0
 
 
 class FleetStandby:
@@ -219,13 +222,15 @@ async def _treat(
 
 
 async def keep_standby(ctx: OperatorContext, namespace: str, name: str, stopped: Any) -> None:
-    """The daemon's loop: a standby registered while the VoiceAgent may sleep."""
+    """The daemon's loop: a standby registered while the VoiceAgent wants one, from the
+    autoscaler's first evaluation on."""
     fleet: FleetStandby | None = None
     try:
         while not stopped:
             try:
                 body = await ctx.kube.get("VoiceAgent", namespace, name)
-                wanted = body is not None and may_sleep(body)
+                evaluated = ctx.wake(namespace, name).evaluated
+                wanted = body is not None and evaluated and wants_standby(body)
                 credentials = await ctx.livekit_credentials() if wanted else None
                 if fleet is not None and (credentials != fleet.credentials or not wanted):
                     if not fleet.holding or not wanted:

@@ -280,6 +280,16 @@ def wait_asleep(cluster: ClusterHandle, tenant: str, operator: OperatorProcess) 
     return agent
 
 
+def _asleep_now(cluster: ClusterHandle, tenant: str) -> bool:  # noqa: F811
+    """Ready says the fleet is asleep and wakes on a call (not that workers take calls)."""
+    ready = condition(get_agent(cluster, tenant, AGENT), "Ready") or {}
+    return (
+        ready.get("status") == "True"
+        and ready.get("reason") == "Asleep"
+        and "wakes" in str(ready.get("message"))
+    )
+
+
 # --- the tests ------------------------------------------------------------------------------
 
 
@@ -305,6 +315,9 @@ async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
         create_sleeper(cluster, tenant, spec)
         async with kubelet(kube, livekit, tmp_path, tenant, start_workers=True) as fake:
             await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+            await asyncio.to_thread(
+                wait_for, "Ready=True/Asleep", lambda: _asleep_now(cluster, tenant), 30
+            )
             assert await deployment_replicas(kube, fake) == 0
             assert not fake.started
 
@@ -343,7 +356,8 @@ async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
                 "call.xml",
                 number,
                 tmp_path / "sip-call",
-                talk_seconds=6,
+                # Long enough for the greeting on a loaded machine (sipp hangs up after it).
+                talk_seconds=20,
                 answer_timeout=WAKE_TIMEOUT_SECONDS + 10,
                 timeout=WAKE_TIMEOUT_SECONDS + 60,
             )

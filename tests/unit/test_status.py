@@ -399,3 +399,16 @@ def test_recheck_while_invalid_unapplied_or_behind(
     status: dict[str, Any], generation: int, recheck: bool
 ) -> None:
     assert handlers._needs_recheck(status=status, meta={"generation": generation}) is recheck
+
+
+def test_a_fleet_at_zero_is_ready_but_says_it_is_asleep() -> None:
+    """Not "the agent's workers take calls": none runs; a call wakes the fleet (wake.py)."""
+    asleep = workers_condition(
+        WorkloadFacts(exists=True, desired=0, replicas=0, ready=0, updated=0, available=0)
+    )
+    assert (asleep.status, asleep.reason) == ("True", "ScaledToZero")
+    assert "asleep" in asleep.message and "wakes" in asleep.message
+    ready = ready_condition(all_true(asleep))
+    assert (ready.status, ready.reason) == ("True", "Asleep")
+    assert ready.message == asleep.message
+    assert ready_condition(all_true()).reason == "Ready"

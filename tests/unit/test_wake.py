@@ -29,17 +29,19 @@ def body(**scaling: Any) -> dict[str, Any]:
     return {"metadata": {"name": "support", "namespace": "acme", "uid": "u"}, "spec": spec}
 
 
-def test_only_fleets_that_may_scale_to_zero_get_a_standby() -> None:
-    assert wake.may_sleep(body())
-    assert not wake.may_sleep(body(minReplicas=1))
-    assert not wake.may_sleep(body(replicas=0))  # a pin is an order, not a sleeping fleet
-    assert not wake.may_sleep(body(minReplicas=1, mode="hpa"))
+def test_every_valid_fleet_not_pinned_to_zero_gets_a_standby() -> None:
+    assert wake.wants_standby(body())
+    # A fleet that keeps workers may still lose them all (unschedulable, restarting).
+    assert wake.wants_standby(body(minReplicas=1))
+    assert wake.wants_standby(body(minReplicas=1, mode="hpa"))
+    assert wake.wants_standby(body(replicas=2))
+    assert not wake.wants_standby(body(replicas=0))  # pinned to no workers: nothing to wake
     deleting = body()
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    assert not wake.may_sleep(deleting)
+    assert not wake.wants_standby(deleting)
     invalid = body()
     invalid["spec"]["entry"] = "nobody"
-    assert not wake.may_sleep(invalid)
+    assert not wake.wants_standby(invalid)
 
 
 @pytest.mark.parametrize(
