@@ -344,6 +344,14 @@ def wait_event(cluster: ClusterHandle, namespace: str, name: str, reason: str) -
 # --- tests -----------------------------------------------------------------------------------
 
 
+# kopf's line when the reconcile handler (create, update or resume) has run to the end.
+RECONCILE_HANDLED = "Handler 'register.<locals>.reconcile_voiceagent' succeeded"
+
+
+def operator_log(operator: OperatorProcess) -> str:
+    return operator.log.read_text(errors="replace") if operator.log.exists() else ""
+
+
 def test_create_gives_owned_children_and_true_status(
     cluster: ClusterHandle, tenant: str, operator: OperatorProcess
 ) -> None:
@@ -405,18 +413,34 @@ def test_create_gives_owned_children_and_true_status(
     assert not failed
     wait_event(cluster, tenant, "support", "Created")
 
-    # Kopf's bookkeeping is under voicefleet.dev/, never kopf's default prefix nor the status.
-    annotations = agent["metadata"].get("annotations") or {}
+    # Kopf's bookkeeping is under voicefleet.dev/, never kopf's default prefix nor the status
+    # (kopf records the handled creation once every creation handler has succeeded).
+    annotations = wait_for(
+        "kopf's record of the handled creation",
+        lambda: (
+            a
+            if "voicefleet.dev/last-handled-configuration"
+            in (a := get_agent(cluster, tenant, "support")["metadata"].get("annotations") or {})
+            else None
+        ),
+        timeout=60,
+    )
     assert not [key for key in annotations if "zalando" in key or key.startswith("kopf")]
-    assert "voicefleet.dev/last-handled-configuration" in annotations
     VoiceAgentStatus.model_validate(agent["status"])  # only typed fields (extra: forbid)
 
     # Applying again changes nothing: server-side apply of the same children is a no-op.
     versions = {k: c.metadata.resource_version for k, c in children.items() if k != "Deployment"}
+    handled = operator_log(operator).count(RECONCILE_HANDLED)
     custom(cluster).patch_namespaced_custom_object(
         GROUP, VERSION, tenant, PLURAL, "support", {"metadata": {"labels": {"touch": "1"}}}
     )
-    time.sleep(3)
+    # The cause has certainly happened: the operator ran its reconcile for the touch.
+    wait_for(
+        "the operator to reconcile the touched VoiceAgent",
+        lambda: operator_log(operator).count(RECONCILE_HANDLED) > handled,
+        timeout=60,
+        describe=operator.tail,
+    )
     again = assert_children_owned_once(cluster, tenant, created)
     assert {
         k: c.metadata.resource_version for k, c in again.items() if k != "Deployment"
@@ -695,7 +719,9 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
     generation = patch_spec(cluster, tenant, "support", {"agents": spec["agents"]})
 
     # Then, several times: a fresh process catches up, a change arrives, and the process is
-    # killed a moment later, inside the reconcile of that change.
+    # killed a moment later, inside the reconcile of that change. Where each kill landed is
+    # read after it (nothing changes the status while no operator runs).
+    cut: list[tuple[int, int | None]] = []
     for attempt, delay in enumerate((0.02, 0.1, 0.3)):
         log = tmp_path / f"operator-k{attempt}.log"
         proc = OperatorProcess(settings, cluster.kubeconfig, log).launch()
@@ -711,6 +737,11 @@ def test_killed_mid_reconcile_the_restarted_operator_converges(
             time.sleep(delay)
         finally:
             proc.kill()
+        status = get_agent(cluster, tenant, "support")["status"]
+        cut.append((generation, status.get("observedGeneration")))
+    # At least one kill landed before the reconcile of its change finished (else this test
+    # would only restart an operator with nothing left to do).
+    assert any(observed != generation for generation, observed in cut), cut
 
     restarted = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator-2.log").start()
     try:
