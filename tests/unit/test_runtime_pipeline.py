@@ -171,3 +171,20 @@ def test_registering_keeps_only_the_runner_in_use(monkeypatch: pytest.MonkeyPatc
         _InferenceRunner.registered_runners.clear()
         _InferenceRunner.registered_runners.update(saved)
         os.environ.pop(pipeline.EFFECTIVE_TURN_DETECTION_ENV, None)
+
+
+def test_prebuilt_models_are_the_calls_models() -> None:
+    """prewarm builds the call's STT/LLM/TTS (their clients' SSL contexts out of the call);
+    the call uses exactly those, and builds only what was not prebuilt."""
+    config = PipelineConfig.model_validate({"turnDetection": {"mode": "vad"}})
+    models = pipeline.prebuild_models(config)
+    assert isinstance(models["stt"], deepgram.STT)
+    assert isinstance(models["llm"], openai.LLM)
+    assert isinstance(models["tts"], elevenlabs.TTS)
+    built = pipeline.build_pipeline(config, vad=object(), models=models)
+    assert (built.stt, built.llm, built.tts) == (models["stt"], models["llm"], models["tts"])
+    partly = pipeline.build_pipeline(config, vad=object(), models={"llm": models["llm"]})
+    assert partly.llm is models["llm"]
+    assert isinstance(partly.stt, deepgram.STT) and partly.stt is not models["stt"]
+    realtime = PipelineConfig.model_validate({"realtime": {"model": "gpt-realtime"}})
+    assert pipeline.prebuild_models(realtime) == {}
