@@ -133,13 +133,44 @@ forkserver, every job process's `ctx.connect()` fails ("livekit.rtc was used in 
 before fork()") and every call crashes. Each job process imports it when it builds its pipeline."""
 
 
+LAZY_SDK_MODULES = (
+    "openai.resources.chat.chat",
+    "openai.resources.chat.completions.completions",
+    "openai.resources.chat.completions.messages",
+    "openai.resources.audio.audio",
+    "openai.resources.audio.speech",
+    "openai.resources.audio.transcriptions",
+    "openai.resources.audio.translations",
+    "openai.resources.audio.voice_consents",
+    "openai.resources.audio.voices",
+    "openai.resources.models",
+    "openai.pagination",
+    "openai.lib.streaming.chat",
+    "openai.lib._chat_completion_resources",
+    "openai.lib._parsing._audio",
+    "openai.types.chat.completions",
+    "anyio._backends._asyncio",
+    "anyio.streams.memory",
+    "anyio.streams.stapled",
+    "jiter",
+)
+"""What the provider SDKs import on their first request rather than at import (the openai SDK
+loads its resources lazily: livekit-agents' own forkserver preload of `openai.resources` no
+longer reaches them). Left to the job, every call paid ~1.2 s of imports idle, 0.3-1.5 s of
+them as event-loop stalls between the join and the greeting or the first reply on a busy node,
+and ~7 MB private to its process; imported in the forkserver, once per worker and shared
+(measured in issue 17 by listing what a call imports after these preloads: nothing). Pure
+Python and jiter's extension: nothing that starts a thread or touches livekit.rtc."""
+
+
 def plugin_modules(config: PipelineConfig) -> list[str]:
     """The plugin packages this pipeline uses, for the forkserver to import once: a job process
     would otherwise spend seconds importing them at its first call (all but the noise
-    cancellation plugin, see NOISE_CANCELLATION_MODULE)."""
+    cancellation plugin, see NOISE_CANCELLATION_MODULE), then the SDK modules they import
+    lazily (LAZY_SDK_MODULES; a name the installed SDK lacks is skipped by the forkserver)."""
     modules = {f"livekit.plugins.{p}" for p in (config.stt.provider, config.tts.provider)}
     modules |= {"livekit.plugins.openai", "livekit.plugins.silero"}
-    return sorted(modules)
+    return [*sorted(modules), *LAZY_SDK_MODULES]
 
 
 # --- turn detection -------------------------------------------------------------------------

@@ -109,7 +109,17 @@ def test_plugin_modules_follow_the_providers() -> None:
         "livekit.plugins.elevenlabs",
         "livekit.plugins.openai",
         "livekit.plugins.silero",
+        *pipeline.LAZY_SDK_MODULES,
     ]
+
+
+def test_lazy_sdk_modules_exist() -> None:
+    """Every module the forkserver preloads for the SDKs is there (the forkserver skips a
+    missing one silently, and the job would import it in the call again)."""
+    import importlib.util
+
+    for name in pipeline.LAZY_SDK_MODULES:
+        assert importlib.util.find_spec(name) is not None, name
 
 
 # --- turn detection ------------------------------------------------------------------------
