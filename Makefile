@@ -126,8 +126,9 @@ demo: setup
 demo-down: setup
 	$(PYTHON) -m voicefleet_localdev.demo down $(if $(FORCE),--force)
 
-# Memory per worker and per call, dispatch-to-greeting latency and reconcile time, each as a
-# ratio against a baseline measured in the same run; JSON and a table in <state>/logs/.
+# VoiceFleet against the plain livekit-agents agent a team would write (bench/baseline_agent.py),
+# same calls in one run: latency, memory, CPU, calls per core, as p50/p95 and ratios, once per
+# provider path; then reconcile time. <state>/logs/bench.json and bench.md (README: Benchmarks).
 bench: setup
 	$(PYTHON) -m voicefleet_localdev.bench
 
