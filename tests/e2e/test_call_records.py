@@ -12,7 +12,6 @@ agent, and
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import secrets
 import time
@@ -22,25 +21,31 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yaml
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import S3_PORT, LiveKitEndpoint, S3Endpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render
 from voicefleet_operator.render import dispatch_name
+from voicefleet_runtime.admission import DEFAULT_OVERFLOW_MESSAGE
 from voicefleet_runtime.callrecords import verify
 from voicefleet_runtime.config import CallRecordingConfig
-from voicefleet_runtime.recording import EMPTY_SHA256, get_object, sign
+from voicefleet_runtime.recording import get_object
 from voicefleet_testkit.participant import TestParticipant, participant_token
-from voicefleet_testkit.providers import LLMReply, ProviderServer, openai_pipeline
+from voicefleet_testkit.providers import LLMReply, ProviderServer, pointed_at
 from voicefleet_testkit.records import RecordReceiver as Receiver
+from voicefleet_testkit.s3 import create_bucket
 from voicefleet_testkit.waiting import wait_for, wait_until
-from yarl import URL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
 AGENT = "records"
 GREETING = "Hello, this is the call records test."
 QUESTION = "Do you keep a record of this call?"
+ANSWER = "Yes, every call leaves a record."
+EXAMPLE_PIPELINE = yaml.safe_load((paths.REPO_ROOT / "examples" / "voiceagent.yaml").read_text())[
+    "spec"
+]["pipeline"]
 SIGNING_KEY = "whsec-e2e-" + secrets.token_hex(8)
 
 
@@ -97,23 +102,6 @@ async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[Provi
         yield server
 
 
-async def create_bucket(s3: S3Endpoint, bucket: str) -> None:
-    url = f"{s3.url}/{bucket}"
-    headers = sign(
-        "PUT",
-        url,
-        {},
-        EMPTY_SHA256,
-        region=s3.region,
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
-        now=dt.datetime.now(dt.UTC),
-    )
-    async with aiohttp.ClientSession() as session:
-        async with session.put(URL(url, encoded=True), headers=headers) as response:
-            assert response.status == 200, await response.text()
-
-
 def _json(cluster: ClusterHandle, *args: str) -> Any:
     return json.loads(cluster.kubectl(*args, "-o", "json"))
 
@@ -162,7 +150,11 @@ async def test_records_and_recordings_from_worker_pods(
     bucket = f"rec-{secrets.token_hex(4)}"
     await create_bucket(s3, bucket)
     secrets_data = {
-        "provider-keys": {"OPENAI_API_KEY": "sk-e2e"},
+        "provider-keys": {
+            "OPENAI_API_KEY": "sk-e2e",
+            "DEEPGRAM_API_KEY": "dg-e2e",
+            "ELEVEN_API_KEY": "el-e2e",
+        },
         "records-signing": {"key": SIGNING_KEY},
         "recordings-s3": {"accessKeyId": s3.access_key, "secretAccessKey": s3.secret_key},
     }
@@ -187,7 +179,9 @@ async def test_records_and_recordings_from_worker_pods(
                     {"name": "front", "instructions": "Answer briefly.", "greeting": GREETING}
                 ],
                 "entry": "front",
-                "pipeline": openai_pipeline(pod_providers.base_url),
+                # The example's own pipeline (Deepgram STT, OpenAI LLM, ElevenLabs TTS, Silero
+                # VAD, its turn detection) on the provider servers, as the demo points it.
+                "pipeline": pointed_at(EXAMPLE_PIPELINE, pod_providers.url),
                 "secretRefs": [{"name": "provider-keys"}],
                 "worker": {
                     "jobsPerWorker": 2,
@@ -229,7 +223,7 @@ async def test_records_and_recordings_from_worker_pods(
 
     # 1. A call: the record arrives signed, and its recording is in the bucket.
     pod_providers.script_transcripts(QUESTION)
-    pod_providers.script_llm(LLMReply("Yes, every call leaves a record.", match="record"))
+    pod_providers.script_llm(LLMReply(ANSWER, match="record"))
     room = f"records-{secrets.token_hex(4)}"
     caller = await _call(livekit, tenant, room)
     try:
@@ -262,6 +256,19 @@ async def test_records_and_recordings_from_worker_pods(
     assert record.config_hash == status["configHash"]
     said = [(t.speaker, t.text) for t in record.transcript]
     assert ("agent", GREETING) in said and ("caller", QUESTION) in said, said
+    assert ("agent", ANSWER) in said, said
+    # The caller's words came from the Deepgram server, the agent's voice from ElevenLabs.
+    heard = [r for r in pod_providers.requests("stt") if not r.get("silent")]
+    assert {(r["provider"], r["model"]) for r in heard} == {("deepgram", "nova-3")}, heard
+    assert QUESTION in [r["transcript"] for r in heard], heard
+    synthesised = [
+        r for r in pod_providers.requests("tts") if r["text"] != DEFAULT_OVERFLOW_MESSAGE
+    ]
+    assert {(r["provider"], r["model"]) for r in synthesised} == {
+        ("elevenlabs", "eleven_flash_v2_5")
+    }, synthesised
+    spoken = " ".join(r["text"] for r in synthesised)
+    assert GREETING in spoken and ANSWER in spoken, spoken
     assert record.end_reason == "caller_hung_up", record.end_detail
     assert record.recording is not None, diagnostics()
     assert record.recording.object_key == f"{tenant}/{record.record_id}.ogg"
