@@ -357,7 +357,7 @@ async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
                 number,
                 tmp_path / "sip-call",
                 # Long enough for the greeting on a loaded machine (sipp hangs up after it).
-                talk_seconds=20,
+                talk_seconds=40,
                 answer_timeout=WAKE_TIMEOUT_SECONDS + 10,
                 timeout=WAKE_TIMEOUT_SECONDS + 60,
             )
