@@ -424,7 +424,17 @@ def test_operator_restarted_during_provisioning_leaves_one_trunk_and_one_rule(
         "--timeout=180s",
         timeout=200,
     )
-    time.sleep(5)  # the new operator's resume handlers run
+    # The cause has certainly happened: the new leader ran its telephony resume handler (the
+    # new pods' logs hold only what they did since the restart).
+    wait_for(
+        "the new operator's telephony resume handler",
+        lambda: (
+            "Handler 'register.<locals>.provision_telephony' succeeded"
+            in cluster.kubectl("-n", platform, "logs", "-l", selector, "--tail=-1")
+        ),
+        timeout=120,
+        interval=2,
+    )
     trunks_after, rules_after = asyncio.run(livekit_objects(livekit, first))
     assert [t.sip_trunk_id for t in trunks_after] == [trunks[0].sip_trunk_id]
     assert [r.sip_dispatch_rule_id for r in rules_after] == [rules[0].sip_dispatch_rule_id]
