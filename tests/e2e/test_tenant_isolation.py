@@ -220,9 +220,10 @@ def collect(cluster: ClusterHandle, flags: list[str], tenant: str) -> Collected:
                              "-c", container["name"], "--tail=-1")  # fmt: skip
                 if logs is not None:
                     found.add(f"logs of {namespace}/{name}", logs)
-            # Port-forwarding and attaching are the other ways into a pod.
-            admin(f"attach to {namespace}/{name}", "-n", namespace, "attach", name,
-                  "--request-timeout=10s")  # fmt: skip
+            if namespace != tenant:
+                # Attaching is the other way into a pod (port-forward: `auth can-i` above).
+                admin(f"attach to {namespace}/{name}", "-n", namespace, "attach", name,
+                      "--request-timeout=10s")  # fmt: skip
     return found
 
 
@@ -309,7 +310,10 @@ async def _classifier_knows_the_platform_key(http_url: str, livekit: LiveKitEndp
         )
         assert status == 401 and UNKNOWN_KEY not in text, (status, text)
         status, text = await _call_api(
-            session, http_url, TWIRP_LIST_ROOMS, _token("no-such-key-" + secrets.token_hex(4), "x")
+            session,
+            http_url,
+            TWIRP_LIST_ROOMS,
+            _token("no-such-key-" + secrets.token_hex(4), "x" * 32),
         )
         assert status == 401 and UNKNOWN_KEY in text, (status, text)
 
