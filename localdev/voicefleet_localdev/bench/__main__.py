@@ -60,6 +60,11 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_partial(results: dict[str, Any]) -> None:
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps({**results, "partial": True}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m voicefleet_localdev.bench",
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                 idle_processes=args.idle_processes, provider_path=path,
                                 report=say)
                 )  # fmt: skip
+                # Kept as each path ends: a run stopped later still leaves what it measured.
+                write_partial(results)
             # The headline ratios: the example's providers when they ran, else the one path.
             first = results["compare"].get("deepgram-elevenlabs") or next(
                 iter(results["compare"].values())
