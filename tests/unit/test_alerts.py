@@ -123,7 +123,8 @@ def test_monitors_and_rules_need_the_prometheus_operator_crds() -> None:
     )  # fmt: skip
     kinds = {doc["kind"]: doc for doc in docs}
     pod_monitor = kinds["PodMonitor"]["spec"]
-    assert pod_monitor["namespaceSelector"] == {"matchNames": ["acme", "globex"]}
+    # The workers of the served namespaces run in their worker namespaces (vf-<tenant>).
+    assert pod_monitor["namespaceSelector"] == {"matchNames": ["vf-acme", "vf-globex"]}
     assert pod_monitor["selector"]["matchLabels"] == {
         "app.kubernetes.io/managed-by": "voicefleet-operator",
         "app.kubernetes.io/component": "worker",
