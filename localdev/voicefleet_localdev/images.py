@@ -362,7 +362,13 @@ def prune_superseded_builds() -> None:
     change otherwise, forever). Every stage carries SOURCE_LABEL, so other untagged images on
     the machine are left alone; the layer cache lost is rebuilt by any source change anyway
     (the build stage copies the sources and the freshly built project wheel)."""
-    run(["podman", "image", "prune", "--force", f"--filter=label={SOURCE_LABEL}"], timeout=600)
+    try:
+        run(["podman", "image", "prune", "--force", f"--filter=label={SOURCE_LABEL}"], timeout=600)
+    except procs.CommandError as exc:
+        # Another session pruned (or replaced) an image this prune had listed: it is gone
+        # either way, and this session's build is not affected.
+        if "image not known" not in str(exc):
+            raise
 
 
 def build_all(import_into_node: bool = True) -> list[ImageResult]:
