@@ -5,7 +5,8 @@ tenant namespace, whose VoiceAgents' worker pods carry the operator's scrape ann
 local Prometheus discovers both through the cluster and loads the chart's PrometheusRule groups
 (rendered with short `for:` durations). Then, in that tenant:
 
-  quality  a healthy agent taking a few calls with several turns each (turn latency, usage);
+  quality  a healthy agent taking a few calls with several turns each (turn latency, usage),
+           its LLM replies held back SLOW_REPLY_S, so its turns are slow;
   full     a deliberately broken setup: 1 job per worker, at most 1 worker, 5 spare jobs wanted,
            2 idle processes; three dispatches arrive at once (one job takes the slot and holds
            it; with two idle processes livekit-agents lets an overlapping request through to
@@ -14,9 +15,10 @@ local Prometheus discovers both through the cluster and loads the chart's Promet
            whose SIP auth Secret does not exist (telephony provisioning error).
 
 Every dashboard panel's query must then return at least one series (a real number for the
-quantiles), the capacity alert must fire for `full` and not for `quality`, and the reconcile and
-telephony alerts must fire for `broken`. The plot command draws the run to
-<state>/logs/observability-e2e.png.
+quantiles), the capacity alert must fire for `full` and not for `quality`, the reconcile and
+telephony alerts must fire for `broken`, the turn latency alert for `quality` and the dispatch
+rejections alert for `full` (a second burst beyond its overflow slots is refused). The plot
+command draws the run to <state>/logs/observability-e2e.png.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ from voicefleet_operator.render import ChildNames, dispatch_name
 from voicefleet_runtime.admission import ADMISSION_PATH, AdmissionReport
 from voicefleet_testkit import observability
 from voicefleet_testkit.participant import TestParticipant, participant_token
-from voicefleet_testkit.providers import ProviderServer, openai_pipeline
+from voicefleet_testkit.providers import (
+    DEFAULT_TRANSCRIPT,
+    LLMReply,
+    ProviderServer,
+    openai_pipeline,
+)
 from voicefleet_testkit.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -57,7 +64,12 @@ RULE_OVERRIDES = (
     "--set", "monitoring.prometheusRule.noSpareCapacity.for=15s",
     "--set", "monitoring.prometheusRule.reconcileErrors.for=15s",
     "--set", "monitoring.prometheusRule.telephonyNotReady.for=15s",
+    "--set", "monitoring.prometheusRule.dispatchRejections.for=15s",
+    "--set", "monitoring.prometheusRule.turnLatency.for=15s",
 )  # fmt: skip
+# The quality agent's replies are held back this long (time to first token): its turns are
+# slower than the chart's p95 threshold (1.5 s), so VoiceFleetTurnLatencyHigh fires for it.
+SLOW_REPLY_S = 2.0
 TURNS_PER_CALL = 3
 PLOT_FILE = paths.logs_dir() / "observability-e2e.png"
 RESULTS_FILE = paths.logs_dir() / "observability-e2e.json"
@@ -299,6 +311,11 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
     })  # fmt: skip
     for agent in (healthy, full, broken):
         _apply(cluster, agent)
+    # Every reply of the quality agent's conversations comes SLOW_REPLY_S late.
+    pod_providers.script_llm(
+        LLMReply("Yes, we are open on Sunday.", match=DEFAULT_TRANSCRIPT, delay=SLOW_REPLY_S,
+                 repeat=True)
+    )  # fmt: skip
 
     def ready(name: str) -> bool:
         return (
@@ -331,7 +348,7 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
             "get",
             "pods",
             "-l",
-            f"app.kubernetes.io/component=worker,{render.LABEL_VOICE_AGENT}!=crashing",
+            "app.kubernetes.io/component=worker",
         )["items"]
     }
 
@@ -347,6 +364,14 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
     wait_for("every worker pod scraped", all_workers_scraped, timeout=120, interval=2)
     assert all(t["health"] == "up" for t in operator_targets), operator_targets
     results["worker_pods"] = sorted(worker_pods)
+
+    def firing_for(name: str) -> list[dict[str, Any]] | None:
+        found = [
+            a for a in prometheus.alerts()
+            if a["labels"]["alertname"] == name and a["state"] == "firing"
+            and a["labels"].get("tenant") == tenant
+        ]  # fmt: skip
+        return found or None
 
     # A few calls with several turns each on the healthy agent: two at once, then one more.
     try:
@@ -405,23 +430,36 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         assert alert["annotations"]["runbook_url"].endswith("#voicefleetnosparecapacity")
         assert f"{tenant}/full" in alert["annotations"]["summary"]
         results["capacity_alert"] = alert
+
+        # Beyond its slot and its overflow slots, the full agent's worker refuses offers; the
+        # refusals alert fires for it, naming the reason.
+        refused_rooms = await _burst_until_refused(livekit, prometheus, tenant, "full")
+        rooms += refused_rooms
+        found = await asyncio.to_thread(
+            wait_for,
+            "VoiceFleetDispatchRejections to fire",
+            lambda: firing_for("VoiceFleetDispatchRejections"),
+            120,
+            2,
+        )
+        assert {(a["labels"]["agent"], a["labels"]["reason"]) for a in found} == {
+            ("full", "overflow_full")
+        }, found
+        results["VoiceFleetDispatchRejections"] = found[0]["labels"]
     finally:
         await _delete_rooms(livekit, rooms)
 
-    # The operator's reconcile and telephony errors reach their alerts too.
-    def firing_for(name: str) -> list[dict[str, Any]] | None:
-        found = [
-            a for a in prometheus.alerts()
-            if a["labels"]["alertname"] == name and a["state"] == "firing"
-            and a["labels"].get("tenant") == tenant
-        ]  # fmt: skip
-        return found or None
-
-    for name in ("VoiceFleetReconcileErrors", "VoiceFleetTelephonyNotReady"):
+    # The operator's reconcile and telephony errors reach their alerts too, and the quality
+    # agent's slow turns the turn latency alert.
+    for name, agent_name in (
+        ("VoiceFleetReconcileErrors", "broken"),
+        ("VoiceFleetTelephonyNotReady", "broken"),
+        ("VoiceFleetTurnLatencyHigh", "quality"),
+    ):
         found = await asyncio.to_thread(
             wait_for, f"{name} to fire", lambda n=name: firing_for(n), 120, 2
         )
-        assert {a["labels"]["agent"] for a in found} == {"broken"}, found
+        assert {a["labels"]["agent"] for a in found} == {agent_name}, found
         results[name] = found[0]["labels"]
 
     # The plot of this run, from the same Prometheus.
@@ -485,4 +523,42 @@ async def _burst_until_overflowed(
     raise AssertionError(
         f"{MAX_BURSTS} bursts of {BURST} simultaneous dispatches to {tenant}/{agent} (one slot) "
         "never gave a caller the overflow treatment"
+    )
+
+
+REFUSAL_BURST = 8  # beyond the one slot and the worker's 4 overflow slots
+
+
+async def _burst_until_refused(
+    livekit: LiveKitEndpoint, prometheus: PrometheusClient, tenant: str, agent: str
+) -> list[str]:
+    """Dispatch REFUSAL_BURST rooms at once to an agent whose slot is taken, until its worker
+    refused an offer (its overflow slots full: the offers that arrive before its next load
+    report are refused); returns every room dispatched."""
+    labels = f'tenant="{tenant}", agent="{agent}"'
+    refused = f"sum(voicefleet_dispatch_rejected_total{{{labels}}})"
+    name = dispatch_name(tenant, agent)
+    rooms: list[str] = []
+    for burst in range(1, MAX_BURSTS + 1):
+        batch = [f"obs-{agent}-refuse{burst}-{i}-{int(time.time())}" for i in range(REFUSAL_BURST)]
+        rooms += batch
+        async with livekit.api() as lkapi:
+            for room in batch:
+                await lkapi.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=600))
+            await asyncio.gather(
+                *(
+                    lkapi.agent_dispatch.create_dispatch(
+                        api.CreateAgentDispatchRequest(agent_name=name, room=room)
+                    )
+                    for room in batch
+                )
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _value(prometheus, refused) > 0:
+                return rooms
+            await asyncio.sleep(2)
+    raise AssertionError(
+        f"{MAX_BURSTS} bursts of {REFUSAL_BURST} simultaneous dispatches to {tenant}/{agent} "
+        "(slot taken) never got an offer refused"
     )
