@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from livekit import api, rtc
 from livekit.agents import AutoSubscribe, JobContext
 
@@ -295,14 +296,16 @@ class OverflowDesk:
             self._synthesis = asyncio.create_task(self._synthesise(), name="overflow-message")
 
     async def _synthesise(self) -> None:
-        tts = build_tts(message_tts(self.config.pipeline))
         frames: list[rtc.AudioFrame] = []
-        try:
-            async with tts.synthesize(self.config.overflow.message) as stream:
-                async for audio in stream:
-                    frames.append(audio.frame)
-        finally:
-            await tts.aclose()
+        # Outside a job livekit-agents has no HTTP session to lend the plugins that need one.
+        async with aiohttp.ClientSession() as http_session:
+            tts = build_tts(message_tts(self.config.pipeline), http_session=http_session)
+            try:
+                async with tts.synthesize(self.config.overflow.message) as stream:
+                    async for audio in stream:
+                        frames.append(audio.frame)
+            finally:
+                await tts.aclose()
         self._format = (tts.sample_rate, tts.num_channels)
         self._frames = frames
         logger.info(

@@ -89,7 +89,9 @@ def build_llm(config: LlmConfig) -> Any:
     return openai.LLM(**options)
 
 
-def build_tts(config: TtsConfig) -> Any:
+def build_tts(config: TtsConfig, *, http_session: Any | None = None) -> Any:
+    """`http_session`: for use outside a job (the overflow desk in the main process), where
+    livekit-agents has no HTTP session for the plugins that take one (ElevenLabs)."""
     options: dict[str, Any] = {}
     if config.base_url:
         options["base_url"] = config.base_url
@@ -100,7 +102,7 @@ def build_tts(config: TtsConfig) -> Any:
 
         if config.voice:
             options["voice_id"] = config.voice
-        return elevenlabs.TTS(**options)
+        return elevenlabs.TTS(**options, http_session=http_session)
     from livekit.plugins import openai
 
     if config.voice:
