@@ -240,6 +240,7 @@ def test_status_subresource_and_printer_columns(
             load=0.15,
             dispatch_name=f"{namespace}--{name}",
             numbers="+15551230001",
+            worker_namespace=f"vf-{namespace}",
         )
         patched: dict[str, Any] = objects.patch_namespaced_custom_object_status(  # type: ignore[assignment]
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status.wire()}
@@ -256,7 +257,10 @@ def test_status_subresource_and_printer_columns(
             name, "True", "2", "3", "PodsUnschedulable", "+15551230001"
         ]  # fmt: skip
         wide = installed_crd.kubectl("get", "va", "-n", namespace, name, "-o", "wide")
-        assert wide.splitlines()[0].split()[-5:] == ["PHASE", "DESIRED", "LOAD", "DISPATCH", "AGE"]
+        assert wide.splitlines()[0].split()[-6:] == [
+            "PHASE", "DESIRED", "LOAD", "DISPATCH", "WORKERS", "AGE"
+        ]  # fmt: skip
+        assert wide.splitlines()[1].split()[-2] == f"vf-{namespace}"
         # Short name and category both find it.
         assert name in installed_crd.kubectl("get", "voicefleet", "-n", namespace)
     finally:
