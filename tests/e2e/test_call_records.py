@@ -96,12 +96,6 @@ async def receiver(cluster_with_node: ClusterHandle) -> AsyncIterator[Receiver]:
     await server.down()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
-
-
 def _json(cluster: ClusterHandle, *args: str) -> Any:
     return json.loads(cluster.kubectl(*args, "-o", "json"))
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import pytest_asyncio
 from voicefleet_localdev import chart, images, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.prometheus import PrometheusClient
@@ -110,12 +109,6 @@ def release(
         skip_crds=True,
     ):
         yield namespaces["platform"]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
 
 
 def _probe_pod(namespace: str, name: str, image: str, labels: dict[str, str]) -> dict[str, Any]:

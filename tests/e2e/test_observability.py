@@ -30,12 +30,11 @@ import math
 import secrets
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from livekit import api
 from voicefleet_localdev import chart, paths, plot
 from voicefleet_localdev.livekit import LiveKitEndpoint
@@ -131,13 +130,6 @@ def alert_rules(prometheus: PrometheusClient) -> Iterator[list[str]]:
     assert not missing, f"Prometheus did not load rule groups {missing}; it has {loaded}"
     yield loaded
     prometheus.remove_rules(RULES_NAME)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    """The fake OpenAI servers, on the host address pods reach."""
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
 
 
 def voiceagent(

@@ -37,7 +37,6 @@ from tests.e2e.test_unschedulable import (
     condition,
     fresh_number,
     host_operator,
-    pod_providers,  # noqa: F401  (fixture)
     status_code,
     tenant,  # noqa: F401  (fixture)
     voiceagent,
@@ -103,7 +102,7 @@ async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
     sip: SipEndpoint,
     operator: OperatorProcess,
     tenant: str,  # noqa: F811
-    pod_providers: ProviderServer,  # noqa: F811
+    pod_providers: ProviderServer,
     tmp_path: Path,
 ) -> None:
     number = fresh_number()

@@ -116,13 +116,6 @@ async def kube(kube_config: kubernetes.client.Configuration) -> AsyncIterator[Ku
     await client.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    """The fake OpenAI servers, on the host address pods reach."""
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
-
-
 def _log_tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -27,12 +27,11 @@ import re
 import secrets
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from livekit import api
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
@@ -85,13 +84,6 @@ def release(
     values = chart.local_values(watch_namespaces=tenants, livekit=livekit, log_level="DEBUG")
     with installed_chart(cluster_with_node, RELEASE, platform, values, tenants=tenants):
         yield platform
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    """The fake OpenAI servers on the host address pods reach."""
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

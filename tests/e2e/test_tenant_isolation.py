@@ -28,13 +28,12 @@ import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from livekit import api
 from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint
@@ -94,12 +93,6 @@ def release(
         skip_crds=True,
     ):
         yield namespaces["platform"]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
 
 
 def _apply(cluster: ClusterHandle, obj: dict[str, Any], *as_user: str) -> None:

@@ -24,13 +24,12 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from voicefleet_localdev import paths
 from voicefleet_localdev.livekit import LIVEKIT_PORT, LiveKitEndpoint, SipEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
@@ -128,12 +127,6 @@ def operator(
         "operator-unschedulable-e2e",
     ) as running:
         yield running
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def pod_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
-    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -377,17 +377,23 @@ async def test_a_call_wakes_a_fleet_at_zero_and_reaches_the_agent(
             f"SIP INVITE -> agent's first audio {sip_s:.2f}s"
         )
     finally:
-        with contextlib.suppress(k8s.ApiException):
-            k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
-                "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
-            )
-        await asyncio.to_thread(
-            wait_for,
-            "the VoiceAgent gone",
-            lambda: not _exists(cluster, tenant),
-            60,
+        await _delete_agent_and_stop(cluster, tenant, operator)
+
+
+async def _delete_agent_and_stop(
+    cluster: ClusterHandle,  # noqa: F811
+    tenant: str,
+    operator: OperatorProcess,
+) -> None:
+    """Delete the test's VoiceAgent, wait until its finalizer is done, stop the operator."""
+    with contextlib.suppress(k8s.ApiException):
+        k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
+            "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
         )
-        stop_cleanly(operator)
+    await asyncio.to_thread(
+        wait_for, "the VoiceAgent gone", lambda: not _exists(cluster, tenant), 60
+    )
+    stop_cleanly(operator)
 
 
 def _exists(cluster: ClusterHandle, tenant: str) -> bool:  # noqa: F811
@@ -463,14 +469,4 @@ async def test_a_fleet_that_cannot_wake_turns_its_callers_away(
             f"INVITE -> 486 {rejected_s:.2f}s"
         )
     finally:
-        with contextlib.suppress(k8s.ApiException):
-            k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
-                "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
-            )
-        await asyncio.to_thread(
-            wait_for,
-            "the VoiceAgent gone",
-            lambda: not _exists(cluster, tenant),
-            60,
-        )
-        stop_cleanly(operator)
+        await _delete_agent_and_stop(cluster, tenant, operator)
