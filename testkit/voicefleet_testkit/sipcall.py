@@ -341,7 +341,7 @@ def place_call(
     shutil.copy(SIPP_DIR / scenario, workdir / scenario)
     caller_audio(workdir / "caller.ul", speech, lead_seconds=speech_delay)
     local_port = free_port("udp")
-    media_port = free_port("udp", even=True)
+    media_port = free_port("udp", even=True, block=4)  # RTP, RTCP, video RTP, RTCP
     messages = workdir / "messages.log"
     errors = workdir / "errors.log"
     argv = [
