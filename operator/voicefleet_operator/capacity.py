@@ -55,6 +55,21 @@ def unschedulable_pods(pods: Iterable[Mapping[str, Any]]) -> list[Unschedulable]
     return found
 
 
+def no_worker_can_start(pods: Iterable[Mapping[str, Any]]) -> str:
+    """Why none of the fleet's pods can become a worker, or "" when one may: every worker pod
+    not being deleted is one the scheduler reported it cannot place (at least one). The
+    operator's standby then turns a held caller away at once instead of after the wake
+    timeout (wake.py). A pod that is scheduled (starting, or crash-looping) may still register,
+    so it keeps the callers waiting."""
+    serving = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    stuck = unschedulable_pods(serving)
+    if not stuck or len(stuck) < len(serving):
+        return ""
+    first = stuck[0]
+    detail = f": {first.message}" if first.message else ""
+    return f"no worker pod can be scheduled ({first.pod}{detail})"
+
+
 def capacity_condition(
     spec: VoiceAgentSpec,
     *,

@@ -33,6 +33,12 @@ class WakeState:
     wait)."""
     nudge: asyncio.Event = field(default_factory=asyncio.Event)
     """Set to have the autoscaler evaluate now instead of at its next interval."""
+    no_worker_can_start: str = ""
+    """Why no worker can register soon (no worker registered and every worker pod is
+    unschedulable: capacity.no_worker_can_start), at the last autoscaler evaluation; "" when
+    a wake may happen. Held and new callers then get the treatment at once."""
+    blocked: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while no_worker_can_start is not empty."""
 
 
 @dataclass

@@ -67,7 +67,12 @@ from voicefleet_operator.api import (
     VoiceAgentSpec,
     parse_spec,
 )
-from voicefleet_operator.capacity import CONDITION_CAPACITY_LIMITED, capacity_event
+from voicefleet_operator.capacity import (
+    CONDITION_CAPACITY_LIMITED,
+    PODS_UNSCHEDULABLE,
+    capacity_event,
+    no_worker_can_start,
+)
 from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.kube import Kube, KubeError
 from voicefleet_operator.reporting import post_event, write_status
@@ -586,6 +591,11 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
             wake.worker_registered.set()
         else:
             wake.worker_registered.clear()
+        wake.no_worker_can_start = await _no_worker_can_start(ctx.kube, body, evaluation)
+        if wake.no_worker_can_start:
+            wake.blocked.set()
+        else:
+            wake.blocked.clear()
         facts = None
         if evaluation.deployment is not None:
             facts = WorkloadFacts.from_deployment(evaluation.deployment)
@@ -611,6 +621,32 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
         post_event(body, event.type, event.reason, event.message)
     if capacity_change is not None:
         post_event(body, *capacity_change)
+
+
+async def _no_worker_can_start(
+    kube: Kube, body: Mapping[str, Any], evaluation: autoscaler.Evaluation
+) -> str:
+    """Why no worker of the fleet can register soon, or "" (capacity.no_worker_can_start).
+
+    Only a fleet with no registered worker whose CapacityLimited is PodsUnschedulable (both
+    from this evaluation) has its pods read again, to tell "every pod is stuck" from "one pod
+    is stuck and another is starting"; every other fleet costs nothing more."""
+    capacity = evaluation.capacity
+    if (
+        evaluation.registered_workers
+        or capacity is None
+        or capacity.status != "True"
+        or capacity.reason != PODS_UNSCHEDULABLE
+    ):
+        return ""
+    ref = render.VoiceAgentRef.from_body(body)
+    selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(ref.name).items())
+    try:
+        pods = await kube.list("Pod", ref.worker_namespace, selector)
+    except (KubeError, aiohttp.ClientError) as error:
+        log.warning("%s/%s: reading the worker pods failed: %s", ref.namespace, ref.name, error)
+        return ""
+    return no_worker_can_start(pods)
 
 
 # --- kopf wiring ---------------------------------------------------------------------------

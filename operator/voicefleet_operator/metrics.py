@@ -79,7 +79,8 @@ WAKES = Counter(
     "voicefleet_operator_wakes_total",
     "Callers of a VoiceAgent scaled to zero that the operator's standby held while the fleet "
     "woke (wake.py), by result: handed_over (to the first worker), timed_out (the treatment "
-    "without a worker: 486 or the voicefleet.overflow attribute), caller_left.",
+    "without a worker: 486 or the voicefleet.overflow attribute), unschedulable (the same "
+    "treatment at once: every worker pod is unschedulable), caller_left.",
     (*VOICEAGENT_LABELS, "result"),
     registry=REGISTRY,
 )

@@ -22,7 +22,12 @@ registered). On an offer:
 - after `VOICEFLEET_WAKE_TIMEOUT_SECONDS` (default 25, below the SIP trunks' 30 s ringing
   timeout) without a worker, the treatment the operator can give without one: a phone call is
   ended (livekit-sip sends 486 Busy Here when its participant is removed), a WebRTC caller gets
-  the participant attribute `voicefleet.overflow=wake_timeout`; a Warning Event says so.
+  the participant attribute `voicefleet.overflow=wake_timeout`; a Warning Event says so;
+- sooner when no wake can happen: when the autoscaler sees no worker registered and every
+  worker pod unschedulable (CapacityLimited=PodsUnschedulable, each pod's PodScheduled=False/
+  Unschedulable: capacity.no_worker_can_start, from the pods the evaluation reads anyway), held
+  callers and callers arriving meanwhile get that treatment at once, with
+  `voicefleet.overflow=pods_unschedulable` and a `WakeImpossible` Warning Event.
 
 Only the leader runs kopf daemons, so one operator replica registers the standbys. A caller
 held by a leader that dies is not handed over (the new leader does not know the room); its
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 CHECK_SECONDS = 2.0
 """How often the daemon re-reads the VoiceAgent (starts or stops its standby)."""
 WAKE_TIMEOUT_REASON = "wake_timeout"
+UNSCHEDULABLE_REASON = "pods_unschedulable"
+"""No worker registered and every worker pod is unschedulable: told at once, no wake timeout."""
 OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
 """The runtime's overflow attribute (voicefleet_runtime.admission.OVERFLOW_ATTRIBUTE)."""
 
@@ -121,12 +128,21 @@ class FleetStandby:
             return Answer.TAKE  # a second dispatch of a room already held: one handover
         self.state.waiting[room] = time.monotonic()
         self.state.nudge.set()
-        log.info(
-            "%s/%s: no worker registered; holding the caller of room %s while the fleet wakes",
-            self.namespace,
-            self.name,
-            room,
-        )
+        if self.state.no_worker_can_start:
+            log.info(
+                "%s/%s: no worker registered and %s; turning the caller of room %s away",
+                self.namespace,
+                self.name,
+                self.state.no_worker_can_start,
+                room,
+            )
+        else:
+            log.info(
+                "%s/%s: no worker registered; holding the caller of room %s while the fleet wakes",
+                self.namespace,
+                self.name,
+                room,
+            )
         task = asyncio.create_task(self._hold(job), name=f"wake {self.agent_name} {room}")
         self._holds.add(task)
         task.add_done_callback(self._holds.discard)
@@ -140,15 +156,25 @@ class FleetStandby:
         deadline = taken + self.ctx.settings.wake_timeout_seconds
         labels = (self.namespace, self.name)
         try:
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.state.worker_registered.wait(), remaining)
+            await self._wait(deadline - time.monotonic())
             async with livekit_api.LiveKitAPI(*self.credentials, failover=False) as lkapi:
                 callers = await _callers(lkapi, room)
                 if not callers:
                     log.info("%s/%s: room %s: the caller left", *labels, room)
                     metrics.WAKES.labels(*labels, "caller_left").inc()
+                elif self.state.registered_workers == 0 and self.state.no_worker_can_start:
+                    # No wake can happen: the treatment now, not after the wake timeout.
+                    why = self.state.no_worker_can_start
+                    await _treat(lkapi, room, callers, UNSCHEDULABLE_REASON)
+                    metrics.WAKES.labels(*labels, "unschedulable").inc()
+                    message = (
+                        f"no worker registered and {why}: the caller of room {room} was turned "
+                        f"away at once (phone: 486 Busy Here; WebRTC: attribute "
+                        f"{OVERFLOW_ATTRIBUTE}={UNSCHEDULABLE_REASON}). See the CapacityLimited "
+                        "condition"
+                    )
+                    log.warning("%s/%s: %s", *labels, message)
+                    post_event(self.body, "Warning", "WakeImpossible", message)
                 elif self.state.registered_workers > 0:
                     await self._hand_over(lkapi, job)
                     waited = time.monotonic() - taken
@@ -162,7 +188,7 @@ class FleetStandby:
                         waited,
                     )
                 else:
-                    await _treat(lkapi, room, callers)
+                    await _treat(lkapi, room, callers, WAKE_TIMEOUT_REASON)
                     metrics.WAKES.labels(*labels, "timed_out").inc()
                     message = (
                         f"no worker registered within {self.ctx.settings.wake_timeout_seconds:g}s "
@@ -176,6 +202,22 @@ class FleetStandby:
             log.warning("%s/%s: room %s: waking failed: %s", *labels, room, error)
         finally:
             self.state.waiting.pop(room, None)
+
+    async def _wait(self, remaining: float) -> None:
+        """Until a worker registers, no worker can start (every pod unschedulable), or
+        `remaining` seconds have passed."""
+        if remaining <= 0:
+            return
+        waits = [
+            asyncio.create_task(self.state.worker_registered.wait()),
+            asyncio.create_task(self.state.blocked.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _hand_over(self, lkapi: livekit_api.LiveKitAPI, job: agent.Job) -> None:
         request = livekit_api.CreateAgentDispatchRequest(
@@ -199,10 +241,13 @@ async def _callers(lkapi: livekit_api.LiveKitAPI, room: str) -> list[models.Part
 
 
 async def _treat(
-    lkapi: livekit_api.LiveKitAPI, room: str, callers: list[models.ParticipantInfo]
+    lkapi: livekit_api.LiveKitAPI,
+    room: str,
+    callers: list[models.ParticipantInfo],
+    reason: str,
 ) -> None:
     """The treatment without a worker: end phone calls (livekit-sip: 486 before the answer),
-    tell WebRTC callers through their own attributes."""
+    tell WebRTC callers through their own attributes (`voicefleet.overflow=<reason>`)."""
     for caller in callers:
         if caller.kind == models.ParticipantInfo.Kind.SIP:
             await lkapi.room.remove_participant(
@@ -213,7 +258,7 @@ async def _treat(
                 livekit_api.UpdateParticipantRequest(
                     room=room,
                     identity=caller.identity,
-                    attributes={OVERFLOW_ATTRIBUTE: WAKE_TIMEOUT_REASON},
+                    attributes={OVERFLOW_ATTRIBUTE: reason},
                 )
             )
 

@@ -7,8 +7,8 @@ import asyncio
 from typing import Any, cast
 
 import pytest
-from livekit.protocol import agent
-from voicefleet_operator import standby, wake
+from livekit.protocol import agent, models
+from voicefleet_operator import capacity, standby, wake
 from voicefleet_operator.context import OperatorContext, WakeState
 from voicefleet_operator.standby import Answer
 
@@ -117,3 +117,79 @@ async def test_an_offer_is_taken_only_while_no_worker_is_registered(
     ctx.state.registered_workers = 1
     assert fleet.decide(job("room-3")) is Answer.REFUSE
     assert "room-3" not in ctx.state.waiting
+
+
+def pod(name: str, scheduled: str, reason: str = "", **metadata: Any) -> dict[str, Any]:
+    condition = {"type": "PodScheduled", "status": scheduled, "reason": reason}
+    if reason:
+        condition["message"] = "0/1 nodes are available: 1 Insufficient cpu."
+    return {"metadata": {"name": name, **metadata}, "status": {"conditions": [condition]}}
+
+
+def test_no_worker_can_start_only_when_every_live_pod_is_unschedulable() -> None:
+    stuck = pod("w-1", "False", "Unschedulable")
+    assert capacity.no_worker_can_start([]) == ""  # asleep: the wake creates the pod
+    assert "w-1: 0/1 nodes are available" in capacity.no_worker_can_start([stuck])
+    # Another pod is scheduled (starting): it may register, the callers keep waiting.
+    assert capacity.no_worker_can_start([stuck, pod("w-2", "True")]) == ""
+    # ... unless it is being deleted.
+    leaving = pod("w-2", "True", deletionTimestamp="2026-01-01T00:00:00Z")
+    assert capacity.no_worker_can_start([stuck, leaving])
+    # Not yet looked at by the scheduler (no condition): it may still fit.
+    assert capacity.no_worker_can_start([stuck, {"metadata": {"name": "w-3"}}]) == ""
+
+
+class FakeLiveKitAPI:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    async def __aenter__(self) -> FakeLiveKitAPI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_callers_are_turned_away_at_once_when_no_worker_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without this the standby would hold each caller for the whole wake timeout."""
+    treated: list[tuple[str, str]] = []
+    events: list[str] = []
+    caller = models.ParticipantInfo(identity="sip_caller", kind=models.ParticipantInfo.Kind.SIP)
+
+    async def callers(lkapi: Any, room: str) -> list[models.ParticipantInfo]:
+        return [caller]
+
+    async def treat(lkapi: Any, room: str, found: Any, reason: str) -> None:
+        treated.append((room, reason))
+
+    monkeypatch.setattr(wake.livekit_api, "LiveKitAPI", FakeLiveKitAPI)
+    monkeypatch.setattr(wake, "_callers", callers)
+    monkeypatch.setattr(wake, "_treat", treat)
+    monkeypatch.setattr(
+        wake, "post_event", lambda body, kind, reason, message: events.append(reason)
+    )
+    ctx = FakeContext()
+    ctx.settings.wake_timeout_seconds = 3600.0
+    fleet = wake.FleetStandby(
+        cast(OperatorContext, ctx), body(), ("http://127.0.0.1:7880", "key", "secret")
+    )
+
+    async def holds_end() -> None:
+        await asyncio.gather(*fleet._holds)
+
+    # Held while the fleet may still wake (the pod is being created or scheduled).
+    assert fleet.decide(job("room-1")) is Answer.TAKE
+    assert fleet.holding and treated == []
+    # The autoscaler learns that every worker pod is unschedulable: the held caller is told.
+    ctx.state.no_worker_can_start = "no worker pod can be scheduled (w-1)"
+    ctx.state.blocked.set()
+    await asyncio.wait_for(holds_end(), 10)
+    assert treated == [("room-1", wake.UNSCHEDULABLE_REASON)]
+    assert events == ["WakeImpossible"] and ctx.state.waiting == {}
+    # A caller arriving while that is known: told at once too.
+    assert fleet.decide(job("room-2")) is Answer.TAKE
+    await asyncio.wait_for(holds_end(), 10)
+    assert treated[-1] == ("room-2", wake.UNSCHEDULABLE_REASON)
+    await fleet.stop()
