@@ -68,11 +68,12 @@ test: check infra
 # mutation.toml, run in .mutation/ (symlinks import the packages under their own names, which
 # mutmut needs), then the score per module; survivors in .mutation/survivors.txt.
 .PHONY: mutation
+MUTATION_CHILDREN ?= 2
 mutation: unit-tools
 	rm -rf .mutation && mkdir .mutation && cp mutation.toml .mutation/pyproject.toml
-	ln -s ../operator/voicefleet_operator ../runtime/voicefleet_runtime ../tests ../examples \
+	ln -s ../operator/voicefleet_operator ../runtime/voicefleet_runtime ../tests ../examples ../operator \
 		../charts ../crds .mutation/
-	$(WITH_TOOLS) cd .mutation && ../$(PYTHON) -m mutmut run
+	$(WITH_TOOLS) cd .mutation && ../$(PYTHON) -m mutmut run --max-children $(MUTATION_CHILDREN)
 	$(PYTHON) -m voicefleet_localdev.mutation .mutation
 
 # ---------------------------------------------------------------- code generation
@@ -140,8 +141,10 @@ demo-down: setup
 # VoiceFleet against the plain livekit-agents agent a team would write (bench/baseline_agent.py),
 # same calls in one run: latency, memory, CPU, calls per core, as p50/p95 and ratios, once per
 # provider path; then reconcile time. <state>/logs/bench.json and bench.md (README: Benchmarks).
+# ONLY=compare|reconcile|scale runs one mode; scale (100/300/1000 VoiceAgents, SIZES=100,300 to
+# choose) runs only when asked.
 bench: setup
-	$(PYTHON) -m voicefleet_localdev.bench
+	$(PYTHON) -m voicefleet_localdev.bench $(if $(ONLY),--only $(ONLY)) $(if $(SIZES),--sizes $(SIZES))
 
 # Turn latency and active calls over the last MINUTES (default 30) from the local Prometheus, as
 # a PNG: <state>/logs/voicefleet-calls.png (OUTPUT=path to choose).

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from voicefleet_localdev.bench import baseline_agent, compare, stats
+from voicefleet_localdev.bench import baseline_agent, compare, scale, stats
 from voicefleet_operator.api import VoiceAgentSpec
 from voicefleet_operator.render import VoiceAgentRef, runtime_config
 
@@ -198,3 +198,78 @@ def test_voiceagent_under_test_does_what_the_baseline_does(provider_path: str) -
     assert pipeline.preemptive_generation is False  # the baseline turns it off too
     assert config.worker.idle_processes == 2
     assert config.worker.jobs_per_worker == compare.JOBS_PER_WORKER
+
+
+# --- scale mode (bench/scale.py) -----------------------------------------------------------------
+
+
+def test_scale_spreads_voiceagents_round_robin_over_namespaces() -> None:
+    placed = scale.spread(5, ["a", "b"])
+    assert placed == [("a", "va-0000"), ("b", "va-0001"), ("a", "va-0002"),
+                      ("b", "va-0003"), ("a", "va-0004")]  # fmt: skip
+    assert len({name for _, name in scale.spread(1000, ["a", "b", "c"])}) == 1000
+
+
+def test_scale_counts_api_errors_in_the_message_not_the_timestamp() -> None:
+    lines = [
+        # milliseconds 500/409 in the timestamp, no API failure in the message
+        "[2026-11-30 08:08:52,500] kopf.objects [WARNING ] Daemon 'x' is cancelled. Will escalate.",
+        "[2026-11-30 08:08:52,409] kopf.objects [INFO    ] Handler 'x' failed: 500 nothing",
+        "[2026-11-30 08:08:53,001] kopf.objects [ERROR   ] Request attempt #1 failed; will retry",
+        "[2026-11-30 08:08:53,002] voicefleet_operator. [WARNING ] ns/a: not reconciled "
+        "(ApplyFailed): applying Deployment 'a' failed: PATCH /x: 429 TooManyRequests",
+        "[2026-11-30 08:08:53,003] kopf.objects [WARNING ] Patching failed with inconsistencies",
+        "[2026-11-30 08:08:53,004] kopf.objects [ERROR   ] APIConflictError: 409 Conflict",
+    ]
+    assert scale.api_errors(lines) == lines[2:]
+
+
+def _size(**overrides: object) -> dict[str, object]:
+    figures = scale.size_figures(
+        1000, apply_s=19.44, reconciled_after_apply_s=40.0, rss_idle_mb=100.0,
+        rss_peak_mb=180.0, rss_settled_mb=150.0, settle_cpu_percent=12.34, delete_s=30.0,
+        worker_namespaces_gone_s=None, errors=[], leftovers={"voiceagents": 0, "secrets": 0},
+        floor_apply_s=3.0, floor_delete_s=1.5,
+    )  # fmt: skip
+    figures.update(overrides)
+    return figures
+
+
+def test_scale_figures_per_voiceagent_and_total() -> None:
+    figures = _size()
+    assert figures["rss_per_voiceagent_mb"] == 0.08  # (180 - 100) / 1000
+    assert figures["all_reconciled_s"] == 59.44
+    assert figures["settled_cpu_percent"] == 12.3
+    assert figures["worker_namespaces_gone_s"] is None
+    assert figures["floor"] == {"apply_s": 3.0, "delete_all_s": 1.5}
+    below_idle = scale.size_figures(
+        10, apply_s=1, reconciled_after_apply_s=1, rss_idle_mb=100, rss_peak_mb=90,
+        rss_settled_mb=90, settle_cpu_percent=0, delete_s=1, worker_namespaces_gone_s=2,
+        errors=["e"] * 7, leftovers={}, floor_apply_s=1, floor_delete_s=1,
+    )  # fmt: skip
+    assert below_idle["rss_per_voiceagent_mb"] == 0.0
+    assert below_idle["api_errors"] == 7 and len(below_idle["api_error_samples"]) == 5
+
+
+def test_scale_targets_missed_and_met() -> None:
+    assert scale.missed_targets(_size()) == []
+    missed = scale.missed_targets(
+        _size(all_reconciled_after_last_apply_s=63.5, rss_peak_mb=629.0, delete_all_s=116.0,
+              api_errors=2, leftovers={"voiceagents": 0, "secrets": 3})
+    )  # fmt: skip
+    assert missed == [
+        "all_reconciled_after_last_apply_s 63.5 > 60",
+        "rss_peak_mb 629.0 > 200",
+        "delete_all_s 116.0 > 60",
+        "api_errors 2",
+        "leftovers {'voiceagents': 0, 'secrets': 3}",
+    ]
+
+
+def test_scale_table_has_a_row_per_size_with_the_floor() -> None:
+    text = scale.table([_size(voiceagents=100, rss_peak_mb=120.0), _size()])
+    header, rule, small, large = text.splitlines()
+    assert "peak RSS MB" in header and "floor apply s" in header and set(rule) <= {"-", " "}
+    assert small.split()[0] == "100" and large.split()[0] == "1000"
+    assert large.split() == ["1000", "19.4", "40.0", "180", "0.080", "150", "12", "30.0",
+                             "3.0", "1.5", "0", "0"]  # fmt: skip

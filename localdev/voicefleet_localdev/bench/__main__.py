@@ -8,6 +8,10 @@
              Once per provider path: Deepgram + ElevenLabs, then OpenAI STT/TTS.
   reconcile  create VoiceAgent -> reconciled (children applied, status written), vs a bare
              kube-apiserver create + get of a ConfigMap
+  scale      100, 300 and 1000 VoiceAgents over 20 namespaces (--sizes, --namespaces): apply,
+             all reconciled, operator peak RSS and per VoiceAgent, delete all, API errors and
+             leftovers, against the API server's floor (as many bare ConfigMap applies)
+             (bench/scale.py). Not run by default: `--only scale` (make bench ONLY=scale).
 
 Needs: livekit-server (started here if not running, stopped again after) and a control plane
 (same). Writes <state>/logs/bench.json and prints a table. A few minutes on 2 cores.
@@ -26,7 +30,7 @@ from voicefleet_testkit.participant import ParticipantError
 
 from voicefleet_localdev import cluster, paths
 from voicefleet_localdev import livekit as stack
-from voicefleet_localdev.bench import compare, reconcile, stats, workers
+from voicefleet_localdev.bench import compare, reconcile, scale, stats, workers
 from voicefleet_localdev.procs import CommandError, ComponentError
 
 RESULTS_FILE = paths.logs_dir() / "bench.json"
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--only", choices=["compare", "reconcile"], action="append")
+    parser.add_argument("--only", choices=["compare", "reconcile", "scale"], action="append")
     parser.add_argument("--calls", type=int, default=10, help="single calls per side")
     parser.add_argument(
         "--ramp", default="1,2,4,6,8", help="concurrent calls per ramp level, comma-separated"
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--idle-processes", type=int, default=2)
     parser.add_argument("--voiceagents", type=int, default=10, help="VoiceAgents in the burst")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, scale.DEFAULT_SIZES)),
+        help="scale: VoiceAgents per size, comma-separated",
+    )  # fmt: skip
+    parser.add_argument("--namespaces", type=int, default=scale.DEFAULT_NAMESPACES)
+    parser.add_argument("--parallel", type=int, default=scale.DEFAULT_PARALLEL)
     args = parser.parse_args(argv)
     wanted = set(args.only or ["compare", "reconcile"])
     ramp = [int(level) for level in args.ramp.split(",") if level.strip()]
@@ -115,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             results["reconcile"] = reconcile.run(
                 WORKDIR, sequential=5, burst=args.voiceagents, report=say
             )
+        if "scale" in wanted:
+            if cluster.provider().running() is None:
+                cluster.up(with_node=False)
+                cluster_started = True
+            sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
+            results["scale"] = scale.run(
+                WORKDIR / "scale", sizes=sizes, namespaces=args.namespaces,
+                parallel=args.parallel, report=say,
+            )  # fmt: skip
     except (workers.BenchError, ParticipantError, ComponentError, CommandError) as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
@@ -137,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     if "reconcile" in results:
         print()
         print(table(results))
+    if "scale" in results:
+        print()
+        print(scale.table(results["scale"]["sizes"]))
+        for size in results["scale"]["sizes"]:
+            missed = scale.missed_targets(size)
+            if missed:
+                print(f"{size['voiceagents']}: misses {'; '.join(missed)}")
     print(f"\n{RESULTS_FILE} ({results['total_s']:.0f}s)")
     return 0
 
