@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from voicefleet_testkit.participant import ParticipantError
 
-from voicefleet_localdev import cluster, paths
+from voicefleet_localdev import cluster, leases, paths
 from voicefleet_localdev import livekit as stack
 from voicefleet_localdev.bench import compare, reconcile, scale, stats, workers
 from voicefleet_localdev.procs import CommandError, ComponentError
@@ -62,6 +63,19 @@ def table(results: dict[str, Any]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def hold_control_plane() -> bool:
+    """Hold the control plane as a test session does (a lease: no other session's teardown
+    stops it under the benchmark); start it when none runs. True if started here."""
+    with cluster.exclusive():
+        leases.hold(leases.TEST_SESSION)
+        running = cluster.provider().running()
+    if running is not None:
+        return False
+    cluster.up(with_node=False)
+    cluster.record_starter("startedBy", os.getpid())
+    return True
 
 
 def write_partial(results: dict[str, Any]) -> None:
@@ -119,16 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             results["ratios"] = first["ratios"]
         if "reconcile" in wanted:
             print("reconcile: operator vs kube-apiserver round trip", flush=True)
-            if cluster.provider().running() is None:
-                cluster.up(with_node=False)
-                cluster_started = True
+            cluster_started = hold_control_plane() or cluster_started
             results["reconcile"] = reconcile.run(
                 WORKDIR, sequential=5, burst=args.voiceagents, report=say
             )
         if "scale" in wanted:
-            if cluster.provider().running() is None:
-                cluster.up(with_node=False)
-                cluster_started = True
+            cluster_started = hold_control_plane() or cluster_started
             sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
             results["scale"] = scale.run(
                 WORKDIR / "scale", sizes=sizes, namespaces=args.namespaces,
@@ -138,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
     finally:
+        leases.release(leases.TEST_SESSION)
         if cluster_started:
-            cluster.down()
+            cluster.down_unless_held(excluding_pid=os.getpid())
         stack.down(tuple(stack_started.started))
     results["total_s"] = round(time.monotonic() - started, 1)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
