@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from voicefleet_operator.kube import Kube
 from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
 
+UNSCHEDULABLE_CONFIRM_SECONDS = 3.0
+"""How long every worker pod must stay unschedulable before the standby stops holding callers
+(WakeState.observe_unschedulable; the autoscaler evaluates every second while callers wait)."""
+
 
 @dataclass
 class WakeState:
@@ -39,6 +43,24 @@ class WakeState:
     a wake may happen. Held and new callers then get the treatment at once."""
     blocked: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while no_worker_can_start is not empty."""
+    unschedulable_since: float | None = None
+    """Monotonic time the autoscaler first saw every worker pod unschedulable (this spell)."""
+
+    def observe_unschedulable(self, why: str, now: float) -> None:
+        """One autoscaler evaluation's finding (capacity.no_worker_can_start; "" for none). It
+        counts once it has held for UNSCHEDULABLE_CONFIRM_SECONDS: a scheduler's verdict can be
+        short-lived (preemption under way, a pod being bound by another scheduler, resources
+        being freed by a terminating pod), and callers should not be turned away for it."""
+        if not why:
+            self.unschedulable_since = None
+            self.no_worker_can_start = ""
+            self.blocked.clear()
+            return
+        if self.unschedulable_since is None:
+            self.unschedulable_since = now
+        if now - self.unschedulable_since >= UNSCHEDULABLE_CONFIRM_SECONDS:
+            self.no_worker_can_start = why
+            self.blocked.set()
 
 
 @dataclass
@@ -49,6 +71,8 @@ class OperatorContext:
     kube: Kube
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     _wakes: dict[tuple[str, str], WakeState] = field(default_factory=dict)
+    orphan_sweep: object | None = None
+    """wake.OrphanSweep, made by the first standby that registers."""
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """The per-VoiceAgent lock: every step that reads and writes one VoiceAgent's children,

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -591,11 +592,8 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> None:
             wake.worker_registered.set()
         else:
             wake.worker_registered.clear()
-        wake.no_worker_can_start = await _no_worker_can_start(ctx.kube, body, evaluation)
-        if wake.no_worker_can_start:
-            wake.blocked.set()
-        else:
-            wake.blocked.clear()
+        why = await _no_worker_can_start(ctx.kube, body, evaluation)
+        wake.observe_unschedulable(why, time.monotonic())
         facts = None
         if evaluation.deployment is not None:
             facts = WorkloadFacts.from_deployment(evaluation.deployment)

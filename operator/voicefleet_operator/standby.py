@@ -90,12 +90,15 @@ class StandbyWorker:
         api_secret: str,
         agent_name: str,
         decide: Callable[[agent.Job], Answer],
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         self.url = agent_url(livekit_url)
         self.api_key = api_key
         self.api_secret = api_secret
         self.agent_name = agent_name
         self.decide = decide
+        self.on_registered = on_registered
+        """Called after each (re-)registration."""
         self.registered = asyncio.Event()
         self.worker_id = ""
 
@@ -139,6 +142,8 @@ class StandbyWorker:
             self.worker_id = first.register.worker_id
             self.registered.set()
             log.info("standby %s: registered (worker %s)", self.agent_name, self.worker_id)
+            if self.on_registered is not None:
+                self.on_registered()
             async for frame in ws:
                 if frame.type is not aiohttp.WSMsgType.BINARY:
                     if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR):

@@ -25,14 +25,25 @@ registered). On an offer:
   the participant attribute `voicefleet.overflow=wake_timeout`; a Warning Event says so;
 - sooner when no wake can happen: when the autoscaler sees no worker registered and every
   worker pod unschedulable (CapacityLimited=PodsUnschedulable, each pod's PodScheduled=False/
-  Unschedulable: capacity.no_worker_can_start, from the pods the evaluation reads anyway), held
-  callers and callers arriving meanwhile get that treatment at once, with
+  Unschedulable: capacity.no_worker_can_start, from the pods the evaluation reads anyway) for
+  UNSCHEDULABLE_CONFIRM_SECONDS (3 s: a scheduler's verdict can be short-lived), held callers
+  and callers arriving meanwhile get that treatment at once, with
   `voicefleet.overflow=pods_unschedulable` and a `WakeImpossible` Warning Event.
 
-Only the leader runs kopf daemons, so one operator replica registers the standbys. A caller
-held by a leader that dies is not handed over (the new leader does not know the room); its
-phone call ends at the trunk's ringing timeout. Not built: a spoken holding message (the
-operator has no TTS; a phone caller hears ringing).
+Only the leader runs kopf daemons, so one operator replica registers the standbys. A held
+caller lives in that leader's memory; livekit-server keeps nothing for it (the job ended when
+the standby took it, and a worker's disconnection touches only jobs still running,
+pkg/service/agentservice.go deregisterWorker), and a call dispatched while no standby is
+registered (between a leader's death and the next one's standbys) is dropped. So whenever a
+standby registers, its fleet is swept (OrphanSweep: one ListRooms, then ListDispatch per
+occupied room, shared by the standbys registering together): a room with a caller, no agent,
+and dispatches to the fleet that a standby took or that were dropped is held again
+(`adopt`), its wait counted from the take or the dispatch, and woken or turned away as above.
+
+Not built: a spoken holding message (the operator has no TTS; a phone caller hears ringing);
+`message`/`transfer` overflow actions without a worker (livekit-sip v1.8.0 refuses to REFER
+a call it has not answered, "can't transfer non established call", pkg/sip/inbound.go
+newReferReq, and it answers only when an agent publishes audio, which the standby cannot).
 """
 
 from __future__ import annotations
@@ -41,13 +52,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import kopf
 from livekit import api as livekit_api
-from livekit.protocol import agent, models
+from livekit.protocol import agent, agent_dispatch, models
 
 from voicefleet_operator import metrics
 from voicefleet_operator.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
@@ -101,8 +113,11 @@ class FleetStandby:
         """Dispatch IDs the standby created for handovers (it refuses their offers)."""
         self._holds: set[asyncio.Task[None]] = set()
         url, key, secret = credentials
-        self.worker = StandbyWorker(url, key, secret, self.agent_name, self.decide)
+        self.worker = StandbyWorker(
+            url, key, secret, self.agent_name, self.decide, on_registered=self._registered
+        )
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     @property
     def holding(self) -> bool:
@@ -112,6 +127,7 @@ class FleetStandby:
         self._task = asyncio.create_task(self.worker.run(), name=f"standby {self.agent_name}")
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = [t for t in (self._task, *self._holds) if t is not None]
         for task in tasks:
             task.cancel()
@@ -147,6 +163,39 @@ class FleetStandby:
         self._holds.add(task)
         task.add_done_callback(self._holds.discard)
         return Answer.TAKE
+
+    def _registered(self) -> None:
+        """Registered (again): look for callers no operator holds (OrphanSweep)."""
+        sweep = getattr(self.ctx, "orphan_sweep", None)
+        if not isinstance(sweep, OrphanSweep):
+            sweep = OrphanSweep()
+            self.ctx.orphan_sweep = sweep
+        sweep.request(self)
+
+    def adopt(self, orphan: Orphan) -> None:
+        """Hold a caller found by the sweep as if the standby had taken its job: it has waited
+        since `orphan.since`, which counts against the wake timeout."""
+        room = orphan.room
+        if self._stopped or room in self.state.waiting:
+            return
+        waited = max(0.0, time.time() - orphan.since)
+        self.state.waiting[room] = time.monotonic() - waited
+        self.state.nudge.set()
+        log.info(
+            "%s/%s: room %s: a caller no operator holds (its holder died, or it was dispatched "
+            "while no standby was registered), waiting for %.1fs; holding it while the fleet "
+            "wakes",
+            self.namespace,
+            self.name,
+            room,
+            waited,
+        )
+        job = agent.Job(agent_name=self.agent_name, metadata=orphan.metadata)
+        job.room.name = room
+        job.attributes.update(orphan.attributes)
+        task = asyncio.create_task(self._hold(job), name=f"wake {self.agent_name} {room}")
+        self._holds.add(task)
+        task.add_done_callback(self._holds.discard)
 
     # --- one held caller -------------------------------------------------------------------
 
@@ -261,6 +310,148 @@ async def _treat(
                     attributes={OVERFLOW_ATTRIBUTE: reason},
                 )
             )
+
+
+# --- callers no operator holds -------------------------------------------------------------
+
+ORPHAN_MIN_AGE_SECONDS = 12.0
+"""A dispatch with no job yet is an orphan only this long after it was created: livekit-server
+answers or abandons an offer within its AssignJobTimeout (10 s, pkg/agent/worker.go), so a
+younger one may still be on its way to a worker (adopting it could bring a second agent)."""
+SWEEP_DELAY_SECONDS = 1.0
+"""Standbys registering within this long share one sweep (after a takeover: all of them)."""
+SWEEP_INTERVAL_SECONDS = 5.0
+"""At least this long between two sweeps' starts (a takeover of many VoiceAgents, whose
+standbys register over a while, costs a sweep every few seconds, not one per standby)."""
+SWEEP_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A room whose caller waits for a fleet no worker or operator serves."""
+
+    room: str
+    agent_name: str
+    metadata: str
+    attributes: dict[str, str]
+    since: float
+    """Wall-clock time the caller has waited from (the standby's take, or the dispatch)."""
+
+
+def orphan_of(
+    room: str,
+    dispatches: Iterable[agent_dispatch.AgentDispatch],
+    participants: Iterable[models.ParticipantInfo],
+    agent_names: Collection[str],
+    now: float,
+) -> Orphan | None:
+    """The room's caller if no one serves it (pure; `now` in wall-clock seconds).
+
+    livekit-server records each dispatch's jobs as launched (pkg/rtc/room.go handleNewJobs):
+    a job a worker accepted carries the agent's participant identity; one the standby took has
+    none (it ended at once, `terminate`); a dispatch made while no worker of its name was
+    registered has no job at all (dropped, pkg/agent/client.go). Nothing retries either. So a
+    room is an orphan when it holds a caller and no agent, and its dispatches to one of
+    `agent_names` were all taken by a standby or dropped (none younger than
+    ORPHAN_MIN_AGE_SECONDS without a job: that one may still reach a worker). A caller told
+    already (the `voicefleet.overflow` attribute) is not waiting."""
+    ours = [d for d in dispatches if d.agent_name in agent_names]
+    if not ours:
+        return None
+    people = list(participants)
+    if any(p.kind == models.ParticipantInfo.Kind.AGENT for p in people):
+        return None
+    if not any(OVERFLOW_ATTRIBUTE not in p.attributes for p in people):
+        return None  # no caller, or every caller was already told (wake timeout, overflow)
+    since = now
+    for dispatch in ours:
+        jobs = list(dispatch.state.jobs)
+        if any(job.state.participant_identity for job in jobs):
+            return None  # an agent was assigned (it may have left: the call is not waiting)
+        created = dispatch.state.created_at / 1e9
+        if not jobs and now - created < ORPHAN_MIN_AGE_SECONDS:
+            return None
+        ended = [job.state.ended_at / 1e9 for job in jobs if job.state.ended_at]
+        since = min(since, min(ended) if ended else created)
+    first = ours[0]
+    return Orphan(room, first.agent_name, first.metadata, dict(first.attributes), since)
+
+
+async def find_orphans(
+    credentials: tuple[str, str, str], agent_names: Collection[str]
+) -> list[Orphan]:
+    """One pass over the LiveKit server's rooms: ListRooms, then each room with participants
+    has its dispatches listed, and its participants when a dispatch names one of
+    `agent_names` (at most SWEEP_CONCURRENCY requests at once)."""
+    limit = asyncio.Semaphore(SWEEP_CONCURRENCY)
+    async with livekit_api.LiveKitAPI(*credentials, failover=False) as lkapi:
+        rooms = await lkapi.room.list_rooms(livekit_api.ListRoomsRequest())
+
+        async def check(room: str) -> Orphan | None:
+            async with limit:
+                try:
+                    dispatches = await lkapi.agent_dispatch.list_dispatch(room)
+                    if not any(d.agent_name in agent_names for d in dispatches):
+                        return None
+                    listed = await lkapi.room.list_participants(
+                        livekit_api.ListParticipantsRequest(room=room)
+                    )
+                except livekit_api.TwirpError as error:
+                    if error.code == livekit_api.TwirpErrorCode.NOT_FOUND:
+                        return None  # the room ended meanwhile
+                    raise
+            return orphan_of(room, dispatches, listed.participants, agent_names, time.time())
+
+        found = await asyncio.gather(
+            *(check(r.name) for r in rooms.rooms if r.num_participants > 0)
+        )
+    return [orphan for orphan in found if orphan is not None]
+
+
+class OrphanSweep:
+    """Finds callers no operator holds and gives them to their fleet's standby (`adopt`).
+
+    A held caller lives in the memory of the leader that took its job; when that leader dies,
+    livekit-server does nothing more for it (the job ended when the standby took it), and a
+    call dispatched while no standby was registered (between the old leader's death and the new
+    one's registration) was dropped. So each time a standby registers, its fleet is swept for
+    such rooms; standbys registering together (the new leader's, after a takeover) share one
+    sweep, so a takeover costs one ListRooms plus a ListDispatch per occupied room."""
+
+    def __init__(self) -> None:
+        self._wanted: dict[str, FleetStandby] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._started_at = -SWEEP_INTERVAL_SECONDS
+
+    def request(self, fleet: FleetStandby) -> None:
+        self._wanted[fleet.agent_name] = fleet
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="orphan sweep")
+
+    async def _run(self) -> None:
+        while self._wanted:
+            since = time.monotonic() - self._started_at
+            await asyncio.sleep(max(SWEEP_DELAY_SECONDS, SWEEP_INTERVAL_SECONDS - since))
+            self._started_at = time.monotonic()
+            wanted, self._wanted = self._wanted, {}
+            groups: dict[tuple[str, str, str], dict[str, FleetStandby]] = {}
+            for agent_name, fleet in wanted.items():
+                groups.setdefault(fleet.credentials, {})[agent_name] = fleet
+            for credentials, fleets in groups.items():
+                try:
+                    orphans = await find_orphans(credentials, fleets.keys())
+                except (aiohttp.ClientError, livekit_api.TwirpError, TimeoutError) as error:
+                    log.warning("looking for callers no operator holds failed: %s", error)
+                    for agent_name, fleet in fleets.items():
+                        self._wanted.setdefault(agent_name, fleet)  # again, after the interval
+                    continue
+                log.info(
+                    "looked for callers no operator holds for %d fleet(s): %d found",
+                    len(fleets),
+                    len(orphans),
+                )
+                for orphan in orphans:
+                    fleets[orphan.agent_name].adopt(orphan)
 
 
 # --- kopf wiring -----------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Waking a fleet scaled to zero (issue 12 item 3), with the real operator (its own process) on
 a real control plane, a real livekit-server and livekit-sip, and the real runtime.
 
-The control plane has no node, so this test plays the kubelet for the fleet's pods: when the
-ReplicaSet controller creates a worker pod, it starts `python -m voicefleet_runtime start` on
-this host with the pod's own runtime config (read from the rendered ConfigMap), gives the pod
-the address 127.0.0.1 and marks it Ready once the worker's GET /ready answers 200; when the pod
-is deleted it sends the worker SIGTERM, as the kubelet would.
+The control plane has no node, so this test plays the kubelet for the fleet's pods: it keeps
+a Node of its own (tainted NoSchedule, so the scheduler places nothing there; its Ready
+heartbeat renewed) and binds each worker pod to it (else the scheduler would call the pod
+unschedulable, and the operator would turn its callers away at once); it starts
+`python -m voicefleet_runtime start` on this host with the pod's own runtime config (read from
+the rendered ConfigMap), gives the pod the address 127.0.0.1 and marks it Ready once the
+worker's GET /ready answers 200; when the pod is deleted it sends the worker SIGTERM and removes
+the pod, as the kubelet would.
 
 - A VoiceAgent with minReplicas 0 sleeps: no replicas, WorkersAvailable says it is asleep and
   wakes on a call, the operator's standby is registered under its dispatch name.
@@ -40,7 +43,7 @@ from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import render
-from voicefleet_operator.kube import Kube, client_configuration
+from voicefleet_operator.kube import Kube, KubeError, client_configuration
 from voicefleet_testkit import sipcall
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
@@ -59,6 +62,7 @@ from tests.integration.test_operator import (
 )
 from tests.integration.test_overflow import final_response
 from tests.integration.test_runtime_worker import RuntimeWorker
+from tests.integration.test_telephony_operator import lease_holder
 
 pytestmark = pytest.mark.integration
 
@@ -172,6 +176,8 @@ class FakeKubelet:
     started: list[str] = field(default_factory=list)
     """Pods whose worker was started, in order."""
     stopped: set[str] = field(default_factory=set)
+    node: str = field(default_factory=lambda: f"wake-fake-kubelet-{secrets.token_hex(3)}")
+    heartbeat_at: float = -1e9
 
     async def workers_namespace(self) -> str:
         return render.worker_namespace(self.tenant)
@@ -179,8 +185,41 @@ class FakeKubelet:
     async def run(self) -> None:
         while True:
             with contextlib.suppress(Exception):  # API hiccups: the next round retries
+                await self._keep_node()
                 await self._sync()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.1)
+
+    async def _keep_node(self) -> None:
+        """Register the Node (tainted: nothing else is scheduled there) and renew its Ready
+        heartbeat every 10 s (the node controller evicts from a node silent for 40 s)."""
+        if time.monotonic() - self.heartbeat_at < 10:
+            return
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node},
+            "spec": {"taints": [{"key": "voicefleet.dev/fake-kubelet", "effect": "NoSchedule"}]},
+        }
+        try:
+            await self.kube.request("POST", "/api/v1/nodes", body=node)
+        except KubeError as error:
+            if error.status != 409:
+                raise
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ready = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "the wake test's fake kubelet",
+            "lastHeartbeatTime": now,
+        }
+        await self.kube.request(
+            "PATCH",
+            f"/api/v1/nodes/{self.node}/status",
+            body={"status": {"conditions": [ready]}},
+            content_type="application/strategic-merge-patch+json",
+        )
+        self.heartbeat_at = time.monotonic()
 
     async def _sync(self) -> None:
         namespace = await self.workers_namespace()
@@ -190,8 +229,23 @@ class FakeKubelet:
         for pod in pods:
             name = pod["metadata"]["name"]
             if pod["metadata"].get("deletionTimestamp"):
+                if pod["spec"].get("nodeName") == self.node:
+                    running = self.workers.get(name)
+                    if running is not None and name not in self.stopped:
+                        self.stopped.add(name)
+                        await running.stop()
+                    await self._remove(namespace, name)
                 continue
             live.add(name)
+            if not pod["spec"].get("nodeName"):
+                binding = {
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": name},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+                }
+                path = f"/api/v1/namespaces/{namespace}/pods/{name}/binding"
+                await self.kube.request("POST", path, body=binding)
             if name not in self.workers and self.start_workers:
                 config_map = await self.kube.get(
                     "ConfigMap", namespace, render.ChildNames.of(AGENT).config_map
@@ -236,10 +290,27 @@ class FakeKubelet:
             subresource="status",
         )
 
+    async def _remove(self, namespace: str, name: str) -> None:
+        """The kubelet's part of a pod's deletion: remove it once its containers stopped."""
+        with contextlib.suppress(KubeError):
+            await self.kube.request(
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/pods/{name}",
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0},
+            )
+
     async def close(self) -> None:
         for name, worker in self.workers.items():
             if name not in self.stopped:
                 await worker.stop()
+        # Its pods go with it (a pod bound to a missing node would wait for the pod GC).
+        namespace = await self.workers_namespace()
+        with contextlib.suppress(KubeError):
+            for pod in await self.kube.list("Pod", namespace):
+                if pod["spec"].get("nodeName") == self.node:
+                    await self._remove(namespace, pod["metadata"]["name"])
+        with contextlib.suppress(KubeError):
+            await self.kube.request("DELETE", f"/api/v1/nodes/{self.node}")
 
 
 @contextlib.asynccontextmanager
@@ -470,3 +541,122 @@ async def test_a_fleet_that_cannot_wake_turns_its_callers_away(
         )
     finally:
         await _delete_agent_and_stop(cluster, tenant, operator)
+
+
+async def test_callers_held_by_a_leader_that_dies_are_woken_by_the_next_one(
+    cluster: ClusterHandle,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    sip: SipEndpoint,
+    providers: ProviderServer,
+    namespaces: tuple[str, str],
+    kube: Kube,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Two operator replicas with leader election. The leader's standby holds a WebRTC caller
+    and a phone caller of a sleeping fleet (its log says so) and is SIGKILLed; livekit-server
+    forgets both (their jobs ended when the standby took them). The next leader finds the two
+    rooms (a caller, no agent, a dispatch to the fleet that no agent took), holds them, wakes
+    the fleet and hands them over: both hear the agent."""
+    platform, tenant = namespaces
+    number = fresh_number()
+    spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
+    spec["worker"]["jobsPerWorker"] = 4  # two agent calls: floor(4 x 0.7)
+    lease = f"vf-wake-election-{secrets.token_hex(3)}"
+    settings = settings_for(
+        platform,
+        (tenant,),
+        livekit_url=livekit.url,
+        wake_timeout_seconds=WAKE_TIMEOUT_SECONDS,
+    )
+    replicas = {
+        identity: OperatorProcess(
+            settings,
+            cluster.kubeconfig,
+            tmp_path / f"{identity}.log",
+            extra_env={
+                "POD_NAME": identity,
+                "POD_NAMESPACE": platform,
+                "VOICEFLEET_LEADER_ELECTION": "true",
+                "VOICEFLEET_LEASE_NAME": lease,
+            },
+        ).launch()
+        for identity in ("replica-a", "replica-b")
+    }
+    leader = successor = ""
+    try:
+        leader = await asyncio.to_thread(
+            wait_for, "a leader", lambda: lease_holder(cluster, platform, lease), 60
+        )
+        (successor,) = set(replicas) - {leader}
+        create_sleeper(cluster, tenant, spec)
+        async with kubelet(kube, livekit, tmp_path, tenant, start_workers=False) as fake:
+            await asyncio.to_thread(wait_asleep, cluster, tenant, replicas[leader])
+            wait_condition(cluster, tenant, AGENT, "TelephonyReady", "True", timeout=60)
+            holding = "holding the caller of room"
+            room = f"orphan-{secrets.token_hex(4)}"
+            token = participant_token(
+                livekit.api_key,
+                livekit.api_secret,
+                room,
+                "caller",
+                dispatch_agent=f"{tenant}.{AGENT}",
+            )
+            async with TestParticipant(livekit.url, token) as caller:
+                await wait_until(
+                    "the leader holding the WebRTC caller",
+                    lambda: f"{holding} {room}" in operator_log(replicas[leader]),
+                    30,
+                )
+                phone = asyncio.create_task(
+                    asyncio.to_thread(
+                        sipcall.place_call,
+                        "call.xml",
+                        number,
+                        tmp_path / "sip-call",
+                        talk_seconds=40,
+                        answer_timeout=WAKE_TIMEOUT_SECONDS + 10,
+                        timeout=WAKE_TIMEOUT_SECONDS + 60,
+                    )
+                )
+                await wait_until(
+                    "the leader holding the phone caller too",
+                    lambda: operator_log(replicas[leader]).count(holding) >= 2,
+                    60,
+                )
+                # The kill point: both callers held by this leader, no worker registered.
+                assert not fake.started
+                replicas[leader].kill()
+                killed_at = time.monotonic()
+                assert await asyncio.to_thread(replicas[leader].wait, 10) == -9
+                fake.start_workers = True  # the pod may run now; only a leader can hand over
+                agent = await caller.wait_for_participant(
+                    agent=True, timeout_s=WAKE_TIMEOUT_SECONDS
+                )
+                answered_s = time.monotonic() - killed_at
+                assert OVERFLOW_ATTRIBUTE not in agent.attributes, agent.attributes
+                heard_at = await caller.wait_for_audio(agent.identity, timeout_s=30)
+                webrtc_s = heard_at - killed_at
+            result = await phone
+            final = final_response(result)
+            assert final is not None and final.first_line.startswith("SIP/2.0 200"), (
+                result.describe()
+            )
+            assert result.capture.voiced_seconds() > 1.0, result.describe()
+            assert result.answered_at is not None and result.invite_at is not None
+            log = operator_log(replicas[successor])
+            assert log.count("a caller no operator holds") == 2, log[-4000:]
+            assert f"room {room} handed over" in log, log[-4000:]
+            assert lease_holder(cluster, platform, lease) == successor
+        record_property("leader_kill_to_webrtc_agent_joined_s", round(answered_s, 2))
+        record_property("leader_kill_to_webrtc_agent_first_audio_s", round(webrtc_s, 2))
+        print(
+            f"leader SIGKILLed holding two callers: WebRTC agent joined {answered_s:.2f}s, "
+            f"first audio {webrtc_s:.2f}s after the kill; the phone call was answered "
+            f"{result.answered_at - result.invite_at:.2f}s after its INVITE"
+        )
+    finally:
+        if successor:
+            await _delete_agent_and_stop(cluster, tenant, replicas[successor])
+        for process in replicas.values():
+            process.kill()

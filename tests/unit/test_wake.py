@@ -4,13 +4,16 @@ one, the agent-protocol messages it sends, and how it answers offers."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import pytest
-from livekit.protocol import agent, models
+from livekit.protocol import agent, agent_dispatch, models
 from voicefleet_operator import capacity, standby, wake
-from voicefleet_operator.context import OperatorContext, WakeState
+from voicefleet_operator.context import UNSCHEDULABLE_CONFIRM_SECONDS, OperatorContext, WakeState
 from voicefleet_operator.standby import Answer
+
+OVERFLOW = wake.OVERFLOW_ATTRIBUTE
 
 SPEC: dict[str, Any] = {
     "agents": [{"name": "front", "instructions": "Help."}],
@@ -183,8 +186,8 @@ async def test_callers_are_turned_away_at_once_when_no_worker_can_start(
     assert fleet.decide(job("room-1")) is Answer.TAKE
     assert fleet.holding and treated == []
     # The autoscaler learns that every worker pod is unschedulable: the held caller is told.
-    ctx.state.no_worker_can_start = "no worker pod can be scheduled (w-1)"
-    ctx.state.blocked.set()
+    ctx.state.observe_unschedulable("no worker pod can be scheduled (w-1)", 100.0)
+    ctx.state.observe_unschedulable("no worker pod can be scheduled (w-1)", 103.0)
     await asyncio.wait_for(holds_end(), 10)
     assert treated == [("room-1", wake.UNSCHEDULABLE_REASON)]
     assert events == ["WakeImpossible"] and ctx.state.waiting == {}
@@ -193,3 +196,89 @@ async def test_callers_are_turned_away_at_once_when_no_worker_can_start(
     await asyncio.wait_for(holds_end(), 10)
     assert treated[-1] == ("room-2", wake.UNSCHEDULABLE_REASON)
     await fleet.stop()
+
+
+def dispatch(agent_name: str, created: float, *jobs: tuple[str, float]) -> Any:
+    """An AgentDispatch as ListDispatch returns it; jobs: (participant identity, ended at)."""
+    made = agent_dispatch.AgentDispatch(id="AD_x", agent_name=agent_name, metadata="m")
+    made.attributes["k"] = "v"
+    made.state.created_at = int(created * 1e9)
+    for identity, ended in jobs:
+        job = made.state.jobs.add()
+        job.state.participant_identity = identity
+        job.state.ended_at = int(ended * 1e9)
+    return made
+
+
+def participant(identity: str, kind: Any, **attributes: str) -> models.ParticipantInfo:
+    found = models.ParticipantInfo(identity=identity, kind=kind)
+    found.attributes.update(attributes)
+    return found
+
+
+def test_a_room_is_an_orphan_when_its_caller_waits_for_a_fleet_no_one_serves() -> None:
+    now = 1_000.0
+    names = {"acme.support"}
+    sip = participant("sip_caller", models.ParticipantInfo.Kind.SIP)
+    agent_in_room = participant("agent-1", models.ParticipantInfo.Kind.AGENT)
+    taken = dispatch("acme.support", now - 20, ("", now - 19))  # the standby took it
+
+    # Taken by a standby whose leader died: waiting since the take.
+    found = wake.orphan_of("r", [taken], [sip], names, now)
+    assert found == wake.Orphan("r", "acme.support", "m", {"k": "v"}, now - 19)
+    # Dropped (no worker or standby registered when it came): waiting since the dispatch.
+    dropped = dispatch("acme.support", now - 30)
+    assert wake.orphan_of("r", [dropped], [sip], names, now).since == now - 30  # type: ignore[union-attr]
+    # Not an orphan: another fleet's dispatch, an agent in the room, an agent assigned (the call
+    # was answered and the agent left), no caller, a caller told already, a dispatch so young it
+    # may still be on its way to a worker.
+    assert wake.orphan_of("r", [dispatch("other.fleet", now - 30)], [sip], names, now) is None
+    assert wake.orphan_of("r", [taken], [sip, agent_in_room], names, now) is None
+    answered = dispatch("acme.support", now - 30, ("agent-1", 0.0))
+    assert wake.orphan_of("r", [taken, answered], [sip], names, now) is None
+    assert wake.orphan_of("r", [taken], [], names, now) is None
+    told = participant("web", models.ParticipantInfo.Kind.STANDARD, **{OVERFLOW: "wake_timeout"})
+    assert wake.orphan_of("r", [taken], [told], names, now) is None
+    young = dispatch("acme.support", now - 2)
+    assert wake.orphan_of("r", [young], [sip], names, now) is None
+    assert wake.orphan_of("r", [taken, young], [sip], names, now) is None
+
+
+async def test_an_adopted_caller_is_held_and_counts_its_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held: list[agent.Job] = []
+
+    async def hold(self: wake.FleetStandby, offered: agent.Job) -> None:
+        held.append(offered)
+
+    monkeypatch.setattr(wake.FleetStandby, "_hold", hold)
+    ctx = FakeContext()
+    fleet = wake.FleetStandby(
+        cast(OperatorContext, ctx), body(), ("http://127.0.0.1:7880", "key", "secret")
+    )
+    orphan = wake.Orphan("room-9", "acme.support", "meta", {"k": "v"}, time.time() - 10)
+    fleet.adopt(orphan)
+    fleet.adopt(orphan)  # found twice: held once
+    await asyncio.sleep(0)
+    assert [(j.room.name, j.metadata, dict(j.attributes)) for j in held] == [
+        ("room-9", "meta", {"k": "v"})
+    ]
+    assert ctx.state.nudge.is_set()
+    assert time.monotonic() - ctx.state.waiting["room-9"] >= 10
+
+
+def test_every_pod_unschedulable_counts_once_it_has_held_a_while() -> None:
+    state = WakeState()
+    why = "no worker pod can be scheduled (w-1)"
+    state.observe_unschedulable(why, 100.0)
+    assert not state.blocked.is_set() and state.no_worker_can_start == ""  # maybe short-lived
+    state.observe_unschedulable(why, 101.0)
+    assert not state.blocked.is_set()
+    state.observe_unschedulable("", 102.0)  # bound after all: the spell is over
+    state.observe_unschedulable(why, 103.0)
+    assert not state.blocked.is_set()
+    state.observe_unschedulable(why, 103.0 + UNSCHEDULABLE_CONFIRM_SECONDS)
+    assert state.blocked.is_set() and state.no_worker_can_start == why
+    state.observe_unschedulable("", 200.0)
+    assert not state.blocked.is_set() and state.no_worker_can_start == ""
