@@ -377,15 +377,32 @@ def orphan_of(
     return Orphan(room, first.agent_name, first.metadata, dict(first.attributes), since)
 
 
+def too_young(
+    dispatches: Iterable[agent_dispatch.AgentDispatch], agent_names: Collection[str], now: float
+) -> set[str]:
+    """The fleets of `agent_names` with a dispatch here that has no job yet and is younger than
+    ORPHAN_MIN_AGE_SECONDS: not an orphan yet, maybe one later (look again then)."""
+    return {
+        d.agent_name
+        for d in dispatches
+        if d.agent_name in agent_names
+        and not d.state.jobs
+        and now - d.state.created_at / 1e9 < ORPHAN_MIN_AGE_SECONDS
+    }
+
+
 async def find_orphans(
     credentials: tuple[str, str, str], agent_names: Collection[str]
-) -> list[Orphan]:
+) -> tuple[list[Orphan], set[str]]:
     """One pass over the LiveKit server's rooms: ListRooms, then each room with participants
     has its dispatches listed, and its participants when a dispatch names one of
-    `agent_names` (at most SWEEP_CONCURRENCY requests at once)."""
+    `agent_names` (at most SWEEP_CONCURRENCY requests at once). Also the fleets to look at
+    again (`too_young`)."""
     limit = asyncio.Semaphore(SWEEP_CONCURRENCY)
     async with livekit_api.LiveKitAPI(*credentials, failover=False) as lkapi:
         rooms = await lkapi.room.list_rooms(livekit_api.ListRoomsRequest())
+
+        again: set[str] = set()
 
         async def check(room: str) -> Orphan | None:
             async with limit:
@@ -400,12 +417,16 @@ async def find_orphans(
                     if error.code == livekit_api.TwirpErrorCode.NOT_FOUND:
                         return None  # the room ended meanwhile
                     raise
-            return orphan_of(room, dispatches, listed.participants, agent_names, time.time())
+            now = time.time()
+            found = orphan_of(room, dispatches, listed.participants, agent_names, now)
+            if found is None:
+                again.update(too_young(dispatches, agent_names, now))
+            return found
 
         found = await asyncio.gather(
             *(check(r.name) for r in rooms.rooms if r.num_participants > 0)
         )
-    return [orphan for orphan in found if orphan is not None]
+    return [orphan for orphan in found if orphan is not None], again
 
 
 class OrphanSweep:
@@ -439,7 +460,7 @@ class OrphanSweep:
                 groups.setdefault(fleet.credentials, {})[agent_name] = fleet
             for credentials, fleets in groups.items():
                 try:
-                    orphans = await find_orphans(credentials, fleets.keys())
+                    orphans, again = await find_orphans(credentials, fleets.keys())
                 except (aiohttp.ClientError, livekit_api.TwirpError, TimeoutError) as error:
                     log.warning("looking for callers no operator holds failed: %s", error)
                     for agent_name, fleet in fleets.items():
@@ -452,6 +473,8 @@ class OrphanSweep:
                 )
                 for orphan in orphans:
                     fleets[orphan.agent_name].adopt(orphan)
+                for agent_name in again:  # a dispatch too young to judge: after the interval
+                    self._wanted.setdefault(agent_name, fleets[agent_name])
 
 
 # --- kopf wiring -----------------------------------------------------------------------------

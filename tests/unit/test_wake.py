@@ -242,6 +242,9 @@ def test_a_room_is_an_orphan_when_its_caller_waits_for_a_fleet_no_one_serves() -
     young = dispatch("acme.support", now - 2)
     assert wake.orphan_of("r", [young], [sip], names, now) is None
     assert wake.orphan_of("r", [taken, young], [sip], names, now) is None
+    # ... which is looked at again later.
+    assert wake.too_young([young, taken], names, now) == {"acme.support"}
+    assert wake.too_young([dropped, taken, dispatch("other.fleet", now - 2)], names, now) == set()
 
 
 async def test_an_adopted_caller_is_held_and_counts_its_wait(
