@@ -229,7 +229,8 @@ def _size(**overrides: object) -> dict[str, object]:
         1000, apply_s=19.44, reconciled_after_apply_s=40.0, rss_idle_mb=100.0,
         rss_peak_mb=180.0, rss_settled_mb=150.0, settle_cpu_percent=12.34, delete_s=30.0,
         worker_namespaces_gone_s=None, errors=[], leftovers={"voiceagents": 0, "secrets": 0},
-        floor_apply_s=3.0, floor_delete_s=1.5,
+        floor_apply_s=3.0, floor_delete_s=1.5, create_cpu_s=49.96, delete_cpu_s=20.0,
+        load_average=3.21,
     )  # fmt: skip
     figures.update(overrides)
     return figures
@@ -242,6 +243,8 @@ def test_scale_figures_per_voiceagent_and_total() -> None:
     assert figures["settled_cpu_percent"] == 12.3
     assert figures["worker_namespaces_gone_s"] is None
     assert figures["floor"] == {"apply_s": 3.0, "delete_all_s": 1.5}
+    assert figures["operator_cpu_s"] == {"create": 50.0, "delete": 20.0}
+    assert figures["load_average_1m"] == 3.2
     below_idle = scale.size_figures(
         10, apply_s=1, reconciled_after_apply_s=1, rss_idle_mb=100, rss_peak_mb=90,
         rss_settled_mb=90, settle_cpu_percent=0, delete_s=1, worker_namespaces_gone_s=2,
@@ -272,4 +275,4 @@ def test_scale_table_has_a_row_per_size_with_the_floor() -> None:
     assert "peak RSS MB" in header and "floor apply s" in header and set(rule) <= {"-", " "}
     assert small.split()[0] == "100" and large.split()[0] == "1000"
     assert large.split() == ["1000", "19.4", "40.0", "180", "0.080", "150", "12", "30.0",
-                             "3.0", "1.5", "0", "0"]  # fmt: skip
+                             "3.0", "1.5", "0", "0", "50", "20", "3.2"]  # fmt: skip

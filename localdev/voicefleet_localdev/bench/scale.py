@@ -135,8 +135,13 @@ def size_figures(
     leftovers: dict[str, int],
     floor_apply_s: float,
     floor_delete_s: float,
+    create_cpu_s: float = 0.0,
+    delete_cpu_s: float = 0.0,
+    load_average: float = 0.0,
 ) -> dict[str, Any]:
-    """The figures of one size, as bench.json records them."""
+    """The figures of one size, as bench.json records them. `create_cpu_s`/`delete_cpu_s`:
+    the operator's CPU seconds from the first apply to all reconciled, and over the deletion
+    (less sensitive than the times to what else runs on the machine, `load_average`)."""
     return {
         "voiceagents": count,
         "apply_s": round(apply_s, 2),
@@ -155,6 +160,8 @@ def size_figures(
         "api_error_samples": errors[:5],
         "leftovers": leftovers,
         "floor": {"apply_s": round(floor_apply_s, 2), "delete_all_s": round(floor_delete_s, 2)},
+        "operator_cpu_s": {"create": round(create_cpu_s, 1), "delete": round(delete_cpu_s, 1)},
+        "load_average_1m": round(load_average, 1),
     }
 
 
@@ -171,7 +178,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
     header = (
         "VoiceAgents", "apply s", "reconciled s after last apply", "peak RSS MB",
         "MB/VoiceAgent", "settled RSS MB", "settled CPU %", "delete all s",
-        "floor apply s", "floor delete s", "API errors", "leftovers",
+        "floor apply s", "floor delete s", "API errors", "leftovers", "CPU s create",
+        "CPU s delete", "load",
     )  # fmt: skip
     rows = [header]
     for s in sizes:
@@ -183,6 +191,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
                 f"{s['settled_cpu_percent']:.0f}", f"{s['delete_all_s']:.1f}",
                 f"{s['floor']['apply_s']:.1f}", f"{s['floor']['delete_all_s']:.1f}",
                 str(s["api_errors"]), str(sum(s["leftovers"].values())),
+                f"{s['operator_cpu_s']['create']:.0f}", f"{s['operator_cpu_s']['delete']:.0f}",
+                f"{s['load_average_1m']:.1f}",
             )
         )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -392,6 +402,7 @@ def run_size(
     core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
     run = secrets.token_hex(3)
     placement = spread(count, namespaces)
+    load_average = psutil.getloadavg()[0]
     floor_apply_s, floor_delete_s = api_floor(core, placement, parallel, run)
     report(f"{count}: API floor: {count} ConfigMap applies {floor_apply_s:.1f}s, "
            f"deleted {floor_delete_s:.1f}s")  # fmt: skip
@@ -420,6 +431,10 @@ def run_size(
                 field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
             )  # fmt: skip
 
+        def cpu_s() -> float:
+            return float(sum(process.cpu_times()[:2]))
+
+        cpu_started = cpu_s()
         started = time.monotonic()
         applied = parallel_calls([apply(ns, name) for ns, name in placement], parallel)
         report(f"{count}: applied in {applied - started:.1f}s")
@@ -428,12 +443,14 @@ def run_size(
             lambda: keys <= tracker.reconciled_at.keys(), timeout_s, f"{count} reconciled"
         )
         report(f"{count}: all reconciled {done - applied:.1f}s after the last apply")
-        cpu_before = sum(process.cpu_times()[:2])
+        cpu_before = cpu_s()
+        create_cpu = cpu_before - cpu_started
         time.sleep(settle_s)
-        settle_cpu = (sum(process.cpu_times()[:2]) - cpu_before) / settle_s * 100
+        settle_cpu = (cpu_s() - cpu_before) / settle_s * 100
         rss_settled = sampler.last()
 
         delete_started = time.monotonic()
+        cpu_delete_started = cpu_s()
         for namespace in namespaces:
             custom.delete_collection_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, label_selector=f"{BENCH_LABEL}={run}"
@@ -444,6 +461,7 @@ def run_size(
             f"{count} deleted",
         )
         report(f"{count}: all deleted in {deleted - delete_started:.1f}s")
+        delete_cpu = cpu_s() - cpu_delete_started
         workers = {worker_namespace(ns) for ns in namespaces}
         try:
             gone_at: float | None = wait_gone(
@@ -483,6 +501,9 @@ def run_size(
         leftovers=left,
         floor_apply_s=floor_apply_s,
         floor_delete_s=floor_delete_s,
+        create_cpu_s=create_cpu,
+        delete_cpu_s=delete_cpu,
+        load_average=load_average,
     )
     report(
         f"{count}: peak RSS {rss_peak:.0f} MB (idle {rss_idle:.0f}, settled {rss_settled:.0f}), "
