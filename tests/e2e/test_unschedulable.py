@@ -3,10 +3,11 @@ and its callers are told, through the whole phone path (sipp -> livekit-sip -> l
 -> the worker pod or the operator's standby).
 
   - a fleet none of whose pods fits the node (it requests more CPU than the node has):
-    CapacityLimited=True/PodsUnschedulable within 30 s; no worker ever registers, so the
-    operator's standby holds each caller for VOICEFLEET_WAKE_TIMEOUT_SECONDS and turns it away:
-    a WebRTC caller gets the voicefleet.overflow=wake_timeout attribute, a phone caller
-    486 Busy Here (instead of ringing for the trunk's timeout, or silence for ever);
+    CapacityLimited=True/PodsUnschedulable within 30 s; no worker ever registers and none can
+    start, so the operator's standby turns each caller away at once (not after
+    VOICEFLEET_WAKE_TIMEOUT_SECONDS): a WebRTC caller gets the
+    voicefleet.overflow=pods_unschedulable attribute, a phone caller 486 Busy Here (instead of
+    ringing for the trunk's timeout, or silence for ever);
   - a fleet with one running worker whose second pod (a rollout's new one) cannot be scheduled:
     PodsUnschedulable; the running worker answers up to its budget (floor(jobsPerWorker x
     loadThreshold) = 1) and gives the next phone caller spec.overflow (486 with
@@ -270,7 +271,8 @@ async def test_a_fleet_whose_pods_cannot_be_scheduled_turns_its_callers_away(
         60,
     )
 
-    # A WebRTC caller: told through its own attribute after the wake timeout.
+    # A WebRTC caller: told through its own attribute at once, with the reason (after the
+    # wake timeout it would be wake_timeout: no wake can happen here).
     room = f"stuck-{secrets.token_hex(4)}"
     token = participant_token(
         livekit.api_key, livekit.api_secret, room, "caller", dispatch_agent=f"{tenant}.{name}"
@@ -280,13 +282,14 @@ async def test_a_fleet_whose_pods_cannot_be_scheduled_turns_its_callers_away(
         await wait_until(
             "the WebRTC caller told",
             lambda: (
-                caller.room.local_participant.attributes.get(OVERFLOW_ATTRIBUTE) == "wake_timeout"
+                caller.room.local_participant.attributes.get(OVERFLOW_ATTRIBUTE)
+                == "pods_unschedulable"
             ),
             WAKE_TIMEOUT_SECONDS + 30,
         )
         told_s = time.monotonic() - joined_at
 
-    # A phone caller: 486 after the wake timeout, never answered.
+    # A phone caller: 486 at once, never answered.
     result = await asyncio.to_thread(
         sipcall.place_call,
         "call.xml",
@@ -300,6 +303,9 @@ async def test_a_fleet_whose_pods_cannot_be_scheduled_turns_its_callers_away(
     assert result.answered_at is None and not result.capture.pcmu_frames(), result.describe()
     assert final is not None and result.invite_at is not None
     rejected_s = final.at - result.invite_at
+    turned_away = "was turned away at once"
+    log_text = operator.log.read_text(errors="replace")
+    assert log_text.count(turned_away) >= 2, "the standby did not say why it turned them away"
     results["no_worker"] = {
         "applied_to_pods_unschedulable_s": round(shown_s, 2),
         "wake_timeout_s": WAKE_TIMEOUT_SECONDS,
