@@ -1,8 +1,9 @@
 """Fleet-wide caps: each worker's share of the VoiceAgent's and the namespace's call caps.
 
 A worker enforces its own agent-call budget exactly (voicefleet_runtime.admission); the caps are
-fleet-wide, so every autoscaler evaluation (5 s) reads each worker's admission report (GET
-/admission on worker.metricsPort) and pushes budgets (PUT /admission) whose sum is the cap:
+fleet-wide, so every autoscaler evaluation (5 s) takes each worker's report (GET /report on
+worker.metricsPort, read once per evaluation by scaling.read_fleet) and pushes budgets (PUT
+/admission) whose sum is the cap:
 
 - the VoiceAgent's cap: spec.limits.maxConcurrentCalls;
 - its share of the namespace's cap (platform settings): the calls it runs plus its part of what
@@ -20,7 +21,6 @@ worker that never got a push runs on its rendered budget (min(capacity, cap)).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import aiohttp
 from voicefleet_runtime.admission import (
     ADMISSION_PATH,
-    AdmissionReport,
     AdmissionUpdate,
     OverflowReason,
+    WorkerReport,
 )
 
 from voicefleet_operator.scaling import WorkerPod
@@ -69,7 +69,7 @@ def fleet_cap(agent_cap: int | None, namespace_share_calls: int | None) -> Fleet
     return FleetCap(namespace_share_calls, OverflowReason.NAMESPACE_LIMIT)
 
 
-def pod_budgets(cap: int | None, reports: Mapping[str, AdmissionReport]) -> dict[str, int]:
+def pod_budgets(cap: int | None, reports: Mapping[str, WorkerReport]) -> dict[str, int]:
     """Each reporting worker's budget: the calls it runs, plus the cap's remaining calls handed
     out one at a time to the worker with the most free capacity (ties by name). Without a cap,
     every worker's capacity."""
@@ -88,7 +88,7 @@ def pod_budgets(cap: int | None, reports: Mapping[str, AdmissionReport]) -> dict
 
 
 def push_order(
-    budgets: Mapping[str, int], reports: Mapping[str, AdmissionReport], reason: OverflowReason
+    budgets: Mapping[str, int], reports: Mapping[str, WorkerReport], reason: OverflowReason
 ) -> list[tuple[str, AdmissionUpdate]]:
     """The updates that change something, lowered budgets first."""
     changes = []
@@ -107,28 +107,6 @@ def push_order(
 def admission_url(ip: str, port: int) -> str:
     host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{port}{ADMISSION_PATH}"
-
-
-async def read_reports(
-    session: aiohttp.ClientSession, pods: Iterable[WorkerPod], port: int, request_seconds: float
-) -> dict[str, AdmissionReport]:
-    """The admission reports of the serving pods that answer (others are left out)."""
-
-    async def read(pod: WorkerPod) -> tuple[str, AdmissionReport | None]:
-        if not pod.ip or pod.terminating:
-            return pod.name, None
-        try:
-            timeout = aiohttp.ClientTimeout(total=request_seconds)
-            async with session.get(admission_url(pod.ip, port), timeout=timeout) as response:
-                if response.status != 200:
-                    return pod.name, None
-                body = await response.json(content_type=None)
-            return pod.name, AdmissionReport.model_validate(body)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return pod.name, None
-
-    results = await asyncio.gather(*(read(pod) for pod in pods))
-    return {name: report for name, report in results if report is not None}
 
 
 async def push(

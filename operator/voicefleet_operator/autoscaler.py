@@ -2,7 +2,8 @@
 VoiceAgent (handlers.py); the maths is in scaling.py.
 
 One evaluation:
-1. read every serving worker pod's /worker (unreachable = full);
+1. read every serving worker pod's report (GET /report on worker.metricsPort, typed in the
+   runtime's contract; unreachable = full); each pod is judged by the capacity it reports;
 2. bring each pod's pod-deletion-cost in step with its jobs, *before* any scale-down, so the
    ReplicaSet removes idle pods first;
 3. decide the replicas and set them, with the scale-down window, by server-side apply under a
@@ -16,7 +17,6 @@ In HPA mode the HorizontalPodAutoscaler owns the replicas: only steps 1, 2 and 4
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -144,10 +144,8 @@ async def evaluate(
     started = time.monotonic()
     raw_pods = await kube.list("Pod", ref.worker_namespace, _selector(ref.name))
     pods = [WorkerPod.from_pod(p) for p in raw_pods]
-    fleet = await read_fleet(pods, spec.worker.health_port, request_seconds=request_seconds)
-    registered = await registered_workers(
-        pods, spec.worker.metrics_port, probe=waiting_calls > 0, request_seconds=request_seconds
-    )
+    fleet = await read_fleet(pods, spec.worker.metrics_port, request_seconds=request_seconds)
+    registered = registered_workers(pods, fleet)
     metrics.WORKER_READ_SECONDS.labels(*labels).observe(time.monotonic() - started)
 
     await _update_deletion_costs(kube, ref.worker_namespace, pods, fleet, policy.jobs_per_worker)
@@ -160,13 +158,12 @@ async def evaluate(
     metrics.OBSERVED_LOAD.labels(*labels).set(load)
     metrics.UNREACHABLE_WORKERS.labels(*labels).set(unreachable)
     metrics.UNSCHEDULABLE_WORKERS.labels(*labels).set(len(unschedulable_pods(raw_pods)))
-    agent_calls, cap = await _share_the_caps(ref, spec, pods, namespace_cap, request_seconds)
-    capacity = capacity_condition(
-        spec,
-        pods=raw_pods,
-        active_jobs=active_jobs if agent_calls is None else agent_calls,
-        cap=cap,
-    )
+    cap = await _share_the_caps(ref, spec, pods, fleet, namespace_cap, request_seconds)
+    # The calls the workers report running (an unreachable worker is full for sizing, but
+    # it holds no call anyone saw): CapacityLimited says what callers meet.
+    reports = fleet.reports()
+    reported_calls = sum(r.agent_jobs for r in reports.values()) if reports else active_jobs
+    capacity = capacity_condition(spec, pods=raw_pods, active_jobs=reported_calls, cap=cap)
     readings = _readings_note(fleet)
 
     current = int((deployment.get("spec") or {}).get("replicas", 1))
@@ -254,36 +251,21 @@ async def evaluate(
     )
 
 
-READY_PATH = "/ready"
-"""On worker.metricsPort: 200 only while the worker is registered with LiveKit, not draining."""
-
-
-async def registered_workers(
-    pods: list[WorkerPod], metrics_port: int, *, probe: bool, request_seconds: float
-) -> int:
-    """Serving pods registered with LiveKit: Ready ones (the readiness probe is GET /ready),
-    and, with `probe`, the others that answer GET /ready with 200 now (a pod turns Ready only
-    at its next probe, up to periodSeconds later: too late for a caller waiting on a wake)."""
-    serving = [pod for pod in pods if not pod.terminating]
-    ready = sum(1 for pod in serving if pod.ready)
-    unready = [pod for pod in serving if not pod.ready and pod.ip]
-    if not probe or not unready:
-        return ready
-    timeout = aiohttp.ClientTimeout(total=request_seconds)
-
-    async def answers(session: aiohttp.ClientSession, pod: WorkerPod) -> bool:
-        ip = pod.ip or ""
-        try:
-            host = f"[{ip}]" if ":" in ip else ip
-            url = f"http://{host}:{metrics_port}{READY_PATH}"
-            async with session.get(url, timeout=timeout) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async with aiohttp.ClientSession() as session:
-        found = await asyncio.gather(*(answers(session, pod) for pod in unready))
-    return ready + sum(found)
+def registered_workers(pods: list[WorkerPod], fleet: FleetLoad) -> int:
+    """Serving pods registered with LiveKit: Ready ones (the readiness probe is GET /ready), and
+    the others whose report says registered now (a pod turns Ready only at its next probe, up to
+    periodSeconds later: too late for a caller waiting on a wake)."""
+    reports = fleet.reports()
+    return sum(
+        1
+        for pod in pods
+        if not pod.terminating
+        and (
+            pod.ready
+            or (pod.name in reports and reports[pod.name].registered
+                and not reports[pod.name].draining)
+        )
+    )  # fmt: skip
 
 
 NAMESPACE_LEDGER_TTL_SECONDS = 30.0
@@ -298,34 +280,36 @@ async def _share_the_caps(
     ref: VoiceAgentRef,
     spec: VoiceAgentSpec,
     pods: list[WorkerPod],
+    fleet: FleetLoad,
     namespace_cap: int | None,
     request_seconds: float,
-) -> tuple[int | None, admission.FleetCap]:
-    """Read the workers' admission reports and push each its share of the caps (admission.py).
-    Returns the agent calls counted (None if no worker reported) and the cap that applies."""
-    port = spec.worker.metrics_port
-    async with aiohttp.ClientSession() as session:
-        reports = await admission.read_reports(session, pods, port, request_seconds)
-        calls = sum(report.agent_jobs for report in reports.values())
-        now = time.monotonic()
-        ledger = _namespace_calls.setdefault(ref.namespace, {})
-        if reports or ref.name not in ledger:
-            ledger[ref.name] = (calls, now)
-        for name, (_, at) in list(ledger.items()):
-            if now - at > NAMESPACE_LEDGER_TTL_SECONDS:
-                del ledger[name]
-        share = None
-        if namespace_cap is not None:
-            active = {name: counted for name, (counted, _) in ledger.items()}
-            share = admission.namespace_share(namespace_cap, ref.name, active, active)
-        cap = admission.fleet_cap(spec.limits.max_concurrent_calls, share)
-        if reports:
-            budgets = admission.pod_budgets(cap.calls, reports)
-            updates = admission.push_order(budgets, reports, cap.reason)
-            if updates:
-                by_name = {pod.name: pod for pod in pods}
-                await admission.push(session, by_name, port, updates, request_seconds)
-    return (calls if reports else None), cap
+) -> admission.FleetCap:
+    """Push each reporting worker its share of the caps (admission.py); returns the cap that
+    applies."""
+    reports = fleet.reports()
+    calls = sum(report.agent_jobs for report in reports.values())
+    now = time.monotonic()
+    ledger = _namespace_calls.setdefault(ref.namespace, {})
+    if reports or ref.name not in ledger:
+        ledger[ref.name] = (calls, now)
+    for name, (_, at) in list(ledger.items()):
+        if now - at > NAMESPACE_LEDGER_TTL_SECONDS:
+            del ledger[name]
+    share = None
+    if namespace_cap is not None:
+        active = {name: counted for name, (counted, _) in ledger.items()}
+        share = admission.namespace_share(namespace_cap, ref.name, active, active)
+    cap = admission.fleet_cap(spec.limits.max_concurrent_calls, share)
+    if reports:
+        budgets = admission.pod_budgets(cap.calls, reports)
+        updates = admission.push_order(budgets, reports, cap.reason)
+        if updates:
+            by_name = {pod.name: pod for pod in pods}
+            async with aiohttp.ClientSession() as session:
+                await admission.push(
+                    session, by_name, spec.worker.metrics_port, updates, request_seconds
+                )
+    return cap
 
 
 def _readings_note(fleet: FleetLoad) -> str:

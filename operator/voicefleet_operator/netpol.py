@@ -2,8 +2,8 @@
 
 Ingress (nothing else; the pod's own node is always allowed by NetworkPolicy implementations,
 which is how kubelet probes and a Prometheus on the host get through):
-  - pods of the platform namespace -> health and metrics ports (the operator reads /worker on
-    the health port and pushes /admission on the metrics port);
+  - pods of the platform namespace -> the metrics port (the operator reads /report and pushes
+    /admission there; the health port is livekit-agents' own, for kubelet's probes only);
   - the platform's monitoring pods (namespace and pod selectors from the chart) -> metrics port.
 
 Egress:
@@ -126,12 +126,11 @@ def network_policy_spec(
 ) -> dict[str, Any]:
     """The NetworkPolicy's spec for tenant `namespace`'s workers selected by `pod_selector` (in
     the tenant's worker namespace, where the policy lives)."""
-    health = {"protocol": "TCP", "port": spec.worker.health_port}
     metrics = {"protocol": "TCP", "port": spec.worker.metrics_port}
     ingress: list[dict[str, Any]] = []
     if settings.platform_namespace:
         ingress.append(
-            {"from": [_namespace_peer(settings.platform_namespace)], "ports": [health, metrics]}
+            {"from": [_namespace_peer(settings.platform_namespace)], "ports": [metrics]}
         )
     if settings.monitoring_namespace_selector is not None:
         peer: dict[str, Any] = {

@@ -27,7 +27,7 @@ from fractions import Fraction
 from typing import Any
 
 import aiohttp
-from voicefleet_runtime.admission import worker_capacity
+from voicefleet_runtime.admission import REPORT_PATH, WorkerReport, worker_capacity, worker_load
 
 from voicefleet_operator.api import VoiceAgentSpec
 
@@ -46,9 +46,6 @@ LOAD_METRIC = "voicefleet_worker_load"
 """The runtime's per-worker gauge (active jobs / jobsPerWorker); the HPA scales on it. Spelled
 out rather than imported: voicefleet_runtime.metrics pulls in prometheus multiprocess set-up the
 operator has no use for (a unit test keeps the two in step)."""
-
-WORKER_PATH = "/worker"
-"""The runtime's worker status endpoint on `worker.healthPort` (livekit-agents' AgentServer)."""
 
 DEFAULT_READ_TIMEOUT_SECONDS = 1.0
 
@@ -136,7 +133,7 @@ def _exact(value: float) -> Fraction:
 
 class WorkerState(StrEnum):
     REPORTING = "Reporting"
-    """Answered /worker: its active jobs are known."""
+    """Answered GET /report: its jobs and capacity are known."""
     UNREACHABLE = "Unreachable"
     """Ready (or reported before) but did not answer: counted as full, never as idle."""
     STARTING = "Starting"
@@ -147,14 +144,25 @@ class WorkerState(StrEnum):
 class WorkerReading:
     pod: str
     state: WorkerState
-    active_jobs: int = 0
+    report: WorkerReport | None = None
+    """What the pod reported (REPORTING only)."""
     error: str = ""
 
+    @property
+    def active_jobs(self) -> int:
+        return self.report.agent_jobs if self.report is not None else 0
+
     def counted_jobs(self, jobs_per_worker: int) -> int:
-        """Jobs this worker counts for: an unreachable worker counts as full."""
+        """Agent calls this worker counts for: an unreachable worker counts as full of the
+        spec's `jobs_per_worker` (it reported nothing to judge it by)."""
         if self.state is WorkerState.UNREACHABLE:
             return jobs_per_worker
         return self.active_jobs
+
+    def slots(self, jobs_per_worker: int) -> int:
+        """Jobs this worker carries at full load: its own report's jobsPerWorker (a pod of an
+        older config keeps its own), the spec's when it reported nothing."""
+        return self.report.jobs_per_worker if self.report is not None else jobs_per_worker
 
 
 @dataclass(frozen=True)
@@ -167,14 +175,29 @@ class FleetLoad:
         return sum(w.counted_jobs(jobs_per_worker) for w in self.workers)
 
     def load(self, jobs_per_worker: int) -> float:
-        """Active jobs over the capacity of the workers that carry load (0 when there are none)."""
+        """The fleet's load as the workers define it (admission.worker_load): calls over the
+        slots of the workers that carry load, each judged by its own report (0 when none do)."""
         counted = [w for w in self.workers if w.state is not WorkerState.STARTING]
         if not counted:
             return 0.0
-        return self.active_jobs(jobs_per_worker) / (len(counted) * jobs_per_worker)
+        return worker_load(
+            sum(w.counted_jobs(jobs_per_worker) for w in counted),
+            sum(w.slots(jobs_per_worker) for w in counted),
+        )
 
     def count(self, state: WorkerState) -> int:
         return sum(1 for w in self.workers if w.state is state)
+
+    def reports(self) -> dict[str, WorkerReport]:
+        """The reports of the pods that answered, by pod name."""
+        return {w.pod: w.report for w in self.workers if w.report is not None}
+
+    def registered(self) -> int:
+        """Pods that report themselves registered with LiveKit and not draining."""
+        return sum(
+            1 for w in self.workers if w.report is not None and w.report.registered
+            and not w.report.draining
+        )  # fmt: skip
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -425,38 +448,26 @@ class WorkerPod:
         )
 
 
-def parse_worker_status(body: Any) -> int:
-    """Active jobs from the AgentServer's /worker JSON (a WorkerInfo message).
-
-    proto3 JSON leaves out zero values, so an idle worker answers without `active_jobs`; the
-    other fields tell a worker's answer from anything else on the port.
-    """
-    if not isinstance(body, dict) or not ({"agent_name", "protocol_version"} & body.keys()):
-        raise ValueError("not a worker status (no agent_name or protocol_version)")
-    jobs = body.get("active_jobs", 0)
-    if isinstance(jobs, bool) or not isinstance(jobs, int | float) or jobs < 0:
-        raise ValueError(f"active_jobs is {jobs!r}, not a job count")
-    return round(jobs)
-
-
-def worker_url(ip: str, port: int) -> str:
+def report_url(ip: str, port: int) -> str:
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}{WORKER_PATH}"
+    return f"http://{host}:{port}{REPORT_PATH}"
 
 
 async def read_worker(
     session: aiohttp.ClientSession, pod: WorkerPod, port: int, request_seconds: float
 ) -> WorkerReading:
+    """GET the pod's report on `port` (worker.metricsPort)."""
     try:
         if not pod.ip:
             raise ValueError("pod has no IP yet")
         request_timeout = aiohttp.ClientTimeout(total=request_seconds)
-        async with session.get(worker_url(pod.ip, port), timeout=request_timeout) as response:
+        async with session.get(report_url(pod.ip, port), timeout=request_timeout) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
-            jobs = parse_worker_status(await response.json(content_type=None))
-        return WorkerReading(pod.name, WorkerState.REPORTING, jobs)
+            report = WorkerReport.model_validate_json(await response.read())
+        return WorkerReading(pod.name, WorkerState.REPORTING, report)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        # pydantic's ValidationError is a ValueError: an answer that is not a report
         detail = f"{type(error).__name__}: {error}".rstrip(": ")
         if pod.ready or pod.reported_before:
             return WorkerReading(pod.name, WorkerState.UNREACHABLE, error=detail)
@@ -470,7 +481,7 @@ async def read_fleet(
     request_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS,
     session: aiohttp.ClientSession | None = None,
 ) -> FleetLoad:
-    """Read every serving pod's /worker at once, each with a short timeout.
+    """Read every serving pod's report at once, each with a short timeout.
 
     Terminating pods are left out: they drain their calls and take no new ones, so their jobs
     ask for no capacity.

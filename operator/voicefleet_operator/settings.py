@@ -88,8 +88,8 @@ class PlatformSettings(BaseModel):
 
     platform_namespace: str | None = None
     """VOICEFLEET_PLATFORM_NAMESPACE: the platform's own namespace (defaults to POD_NAMESPACE);
-    its pods may reach the workers' health and metrics ports (the operator reads /worker and
-    pushes /admission). Unset (an operator running outside the cluster): no such rule."""
+    its pods may reach the workers' metrics port (the operator reads /report and pushes
+    /admission). Unset (an operator running outside the cluster): no such rule."""
 
     monitoring_namespace_selector: dict[str, str] | None = None
     """VOICEFLEET_MONITORING_NAMESPACE_SELECTOR: labels (key=value,key=value) of the namespaces

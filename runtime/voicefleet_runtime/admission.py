@@ -38,9 +38,13 @@ OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
 """Participant attribute of the agent that gives the overflow treatment; the value is the reason
 (a client shows it). Set in the agent's token, so it is there the moment the agent joins."""
 
+REPORT_PATH = "/report"
+"""On worker.metricsPort: GET -> WorkerReport, what the operator's autoscaler and cap sharing read
+(instead of livekit-agents' own /worker JSON, whose shape is the SDK's to change)."""
+
 ADMISSION_PATH = "/admission"
-"""On worker.metricsPort: GET -> AdmissionReport, PUT AdmissionUpdate (the operator's share of
-the caps for this worker)."""
+"""On worker.metricsPort: PUT AdmissionUpdate (the operator's share of the caps for this worker);
+answers the WorkerReport after it."""
 
 OVERFLOW_HEADER = "X-VoiceFleet-Overflow"
 """SIP header on the final response of a rejected call; the value is the reason."""
@@ -149,20 +153,37 @@ class AdmissionUpdate(_Model):
     """Which cap the share comes from."""
 
 
-class AdmissionReport(_Model):
-    """What a worker tells about its admission (GET /admission on worker.metricsPort)."""
+class WorkerReport(_Model):
+    """What a worker tells the operator (GET /report on worker.metricsPort). The operator judges
+    each pod by what it reports here, not by the spec: during a rollout that changes
+    jobsPerWorker, old and new pods carry different capacities."""
 
     agent_jobs: int
-    """Agent calls running (accepted offers not yet started included)."""
+    """Agent calls running, pending ones included."""
+    pending_agent_jobs: int
+    """Of `agent_jobs`, offers accepted whose job has not started yet."""
     overflow_jobs: int
     """Overflow treatments running (or about to)."""
     budget: int
-    """Agent calls it admits now."""
+    """Agent calls it admits now (its share of the caps)."""
     capacity: int
-    """floor(jobsPerWorker x loadThreshold)."""
+    """floor(jobsPerWorker x loadThreshold): agent calls it takes at most."""
+    jobs_per_worker: int
+    """worker.jobsPerWorker of the config this worker runs."""
+    load_threshold: float
+    """worker.loadThreshold of the config this worker runs."""
     limit_reason: OverflowReason
     overflow_slots: int
     draining: bool
+    """Finishing its calls, taking no new ones."""
+    registered: bool
+    """Registered with LiveKit and connected: offers can reach it."""
+    config_hash: str
+    """Hash of the config file it runs (the operator's status.configHash for that config)."""
+
+    @property
+    def load(self) -> float:
+        return worker_load(self.agent_jobs, self.jobs_per_worker)
 
 
 class AdmissionSettings(_Model):
@@ -177,6 +198,14 @@ class AdmissionSettings(_Model):
     overflow_slots: Annotated[int | None, Field(ge=0, le=100)] = None
     """Overflow treatments this worker gives at once (each is a short job process: a few
     seconds of TTS, no STT/LLM/VAD); omitted = max(DEFAULT_OVERFLOW_SLOTS, jobsPerWorker)."""
+
+
+def worker_load(agent_jobs: int, jobs_per_worker: int) -> float:
+    """A worker's load, the one definition: agent calls / jobsPerWorker, at most 1. The
+    voicefleet_worker_load gauge (the HPA's metric and the dashboards'), the report the operator's
+    autoscaler reads, and the autoscaler's fleet load all use it. (What a worker tells LiveKit is
+    the steering load below, a different thing: it decides which worker gets the next offer.)"""
+    return min(1.0, agent_jobs / jobs_per_worker)
 
 
 def worker_capacity(jobs_per_worker: int, load_threshold: float) -> int:
@@ -253,15 +282,29 @@ class AdmissionGate:
         elif decision is Admit.OVERFLOW:
             self.pending_overflow = max(0, self.pending_overflow - 1)
 
-    def report(self, agent_jobs: int, overflow_jobs: int) -> AdmissionReport:
-        return AdmissionReport(
+    def report(
+        self,
+        agent_jobs: int,
+        overflow_jobs: int,
+        *,
+        jobs_per_worker: int,
+        load_threshold: float,
+        registered: bool,
+        config_hash: str,
+    ) -> WorkerReport:
+        return WorkerReport(
             agent_jobs=agent_jobs + self.pending_agent,
+            pending_agent_jobs=self.pending_agent,
             overflow_jobs=overflow_jobs + self.pending_overflow,
             budget=self.budget,
             capacity=self.capacity,
+            jobs_per_worker=jobs_per_worker,
+            load_threshold=load_threshold,
             limit_reason=self.reason,
             overflow_slots=self.overflow_slots,
             draining=self.draining,
+            registered=registered,
+            config_hash=config_hash,
         )
 
     def steering_load(self, agent_jobs: int, overflow_jobs: int) -> float:

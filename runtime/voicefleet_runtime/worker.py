@@ -61,10 +61,12 @@ from voicefleet_runtime.admission import (
     ADMISSION_PATH,
     LIVEKIT_LOAD_THRESHOLD,
     OVERFLOW_ATTRIBUTE,
+    REPORT_PATH,
     AdmissionGate,
-    AdmissionReport,
     AdmissionUpdate,
     Admit,
+    WorkerReport,
+    worker_load,
 )
 from voicefleet_runtime.agents import AgentFactory, CallState
 from voicefleet_runtime.callrecords import Recording, utc
@@ -267,7 +269,7 @@ class WorkerRuntime:
         What LiveKit sees is the admission's steering load (admission.py); the metric is the
         real load, agent calls / jobsPerWorker, which the HPA and the dashboards use."""
         agent_jobs, overflow_jobs = self.running_jobs(server)
-        real = min(1.0, agent_jobs / self.config.worker.jobs_per_worker)
+        real = worker_load(agent_jobs, self.config.worker.jobs_per_worker)
         metrics.WORKER_LOAD.labels(**self.labels).set(real)
         return self.admission.steering_load(agent_jobs, overflow_jobs)
 
@@ -373,13 +375,24 @@ class WorkerRuntime:
         ready, why = self.readiness()
         return web.Response(status=200 if ready else 503, text=why + "\n")
 
-    def admission_report(self) -> AdmissionReport:
+    def report(self) -> WorkerReport:
         gate = self.admission
         gate.draining = self.server is not None and self.server.draining
-        return gate.report(*self.running_jobs())
+        server = self.server
+        return gate.report(
+            *self.running_jobs(),
+            jobs_per_worker=self.config.worker.jobs_per_worker,
+            load_threshold=self.config.worker.load_threshold,
+            registered=(
+                server is not None
+                and self.worker_id is not None
+                and not agents_internals.is_reconnecting(server)
+            ),
+            config_hash=runtime_config_hash(),
+        )
 
-    async def _get_admission(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.admission_report().model_dump(mode="json", by_alias=True))
+    async def _get_report(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.report().model_dump(mode="json", by_alias=True))
 
     async def _put_admission(self, request: web.Request) -> web.Response:
         """The operator's share of the caps for this worker (admission.AdmissionUpdate)."""
@@ -397,7 +410,7 @@ class WorkerRuntime:
                 self.admission.reason.value,
                 *before,
             )
-        return await self._get_admission(request)
+        return await self._get_report(request)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = await asyncio.to_thread(metrics.exposition)
@@ -410,7 +423,7 @@ class WorkerRuntime:
             [
                 web.get("/metrics", self._metrics),
                 web.get("/ready", self._ready),
-                web.get(ADMISSION_PATH, self._get_admission),
+                web.get(REPORT_PATH, self._get_report),
                 web.put(ADMISSION_PATH, self._put_admission),
             ]
         )

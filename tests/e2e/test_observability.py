@@ -42,7 +42,7 @@ from voicefleet_localdev.prometheus import PrometheusClient
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render
 from voicefleet_operator.render import ChildNames, dispatch_name
-from voicefleet_runtime.admission import ADMISSION_PATH, AdmissionReport
+from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
 from voicefleet_testkit import observability
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import (
@@ -166,7 +166,7 @@ def _condition(agent: dict[str, Any], kind: str) -> str | None:
 
 
 def _agent_calls_running(cluster: ClusterHandle, tenant: str, agent: str) -> int:
-    """Agent calls the agent's workers report running (GET /admission on their metrics port)."""
+    """Agent calls the agent's workers report running (GET /report on their metrics port)."""
     pods = _kubectl_json(
         cluster,
         "-n",
@@ -180,9 +180,9 @@ def _agent_calls_running(cluster: ClusterHandle, tenant: str, agent: str) -> int
     for pod in pods:
         (container,) = (c for c in pod["spec"]["containers"] if c["name"] == "worker")
         port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
-        url = f"http://{pod['status']['podIP']}:{port}{ADMISSION_PATH}"
+        url = f"http://{pod['status']['podIP']}:{port}{REPORT_PATH}"
         with urllib.request.urlopen(url, timeout=5) as response:
-            running += AdmissionReport.model_validate_json(response.read()).agent_jobs
+            running += WorkerReport.model_validate_json(response.read()).agent_jobs
     return running
 
 

@@ -74,7 +74,7 @@ SPARE_JOBS = 1
 MAX_REPLICAS = 4
 SCALE_DOWN_DELAY_SECONDS = 10
 DRAIN_TIMEOUT_SECONDS = 300
-HEALTH_PORT = 8081
+METRICS_PORT = 9100
 
 RAMP_CALLS = 5  # more than one worker takes: each admits worker_capacity(2, 0.7) = 1 agent call
 AGENT_CALLS_PER_WORKER = worker_capacity(JOBS_PER_WORKER, TARGET_LOAD)
@@ -215,7 +215,7 @@ def voiceagent(providers: ProviderServer, instructions: str) -> dict[str, Any]:
                 "loadThreshold": TARGET_LOAD,
                 "idleProcesses": 1,
                 "drainTimeoutSeconds": DRAIN_TIMEOUT_SECONDS,
-                "healthPort": HEALTH_PORT,
+                "metricsPort": METRICS_PORT,
                 # Small requests: up to 4 workers must fit on a 2-core node shared with
                 # other tests (a call here is silence, VAD and the fake providers).
                 "resources": {
@@ -256,7 +256,7 @@ class PodTrack:
 
 @dataclass
 class FleetWatch:
-    """Polls the worker pods, their /worker and the Deployment every half second."""
+    """Polls the worker pods, their reports and the Deployment every half second."""
 
     kube: Kube
     core: kubernetes.client.CoreV1Api
@@ -310,7 +310,7 @@ class FleetWatch:
                 track.cost_when_terminated = view.annotations.get(DELETION_COST_ANNOTATION)
             if view.ip:
                 serving_view = WorkerPod(view.name, view.ip, True, False, view.annotations)
-                readings.append(read_worker(session, serving_view, HEALTH_PORT, 0.4))
+                readings.append(read_worker(session, serving_view, METRICS_PORT, 0.4))
         for reading in await asyncio.gather(*readings):
             track = self.pods[reading.pod]
             if reading.state is WorkerState.REPORTING:

@@ -37,6 +37,7 @@ from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator.render import selector_labels, worker_namespace
 from voicefleet_operator.settings import PlatformSettings
+from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
 from voicefleet_testkit import sipcall
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
@@ -214,7 +215,7 @@ def status_code(packet: sipcall.SipPacket | None) -> int | None:
 
 
 async def agent_calls(cluster: ClusterHandle, tenant: str, name: str, port: int) -> int:
-    """Agent calls of the VoiceAgent's running workers, from their GET /admission."""
+    """Agent calls of the VoiceAgent's running workers, from their reports (GET /report)."""
     selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
     pods = json.loads(
         cluster.kubectl("-n", worker_namespace(tenant), "get", "pods", "-l", selector, "-o", "json")
@@ -226,9 +227,10 @@ async def agent_calls(cluster: ClusterHandle, tenant: str, name: str, port: int)
             if not ip:
                 continue
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                url = f"http://{ip}:{port}/admission"
+                url = f"http://{ip}:{port}{REPORT_PATH}"
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
-                    total += int((await response.json()).get("agentJobs", 0))
+                    report = WorkerReport.model_validate_json(await response.read())
+                    total += report.agent_jobs
     return total
 
 

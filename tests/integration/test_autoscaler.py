@@ -2,8 +2,8 @@
 
 The worker Deployment's pods are real API objects, created and deleted by the real ReplicaSet
 controller; this test plays the kubelet's part only (it gives each pod an address and marks it
-Ready, keeping the pods off any node) and serves each pod's /worker over real HTTP, in the exact
-JSON livekit-agents' AgentServer sends. So what is checked is the operator's side end to end:
+Ready, keeping the pods off any node) and serves each pod's report (GET /report) over real
+HTTP, the runtime's own WorkerReport. So what is checked is the operator's side end to end:
 reading the load, the replicas it sets (server-side apply next to the reconcile's), the scale-
 down window kept on the Deployment across an operator restart, the pod-deletion-cost it keeps,
 and that the ReplicaSet controller then removes the idle pods, not the busy ones.
@@ -24,19 +24,18 @@ import kubernetes.config
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from google.protobuf.json_format import MessageToJson
 from kubernetes import client as k8s
-from livekit.protocol import agent_worker
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import handlers, render
 from voicefleet_operator.api import parse_spec
 from voicefleet_operator.kube import Kube
 from voicefleet_operator.scaling import DELETION_COST_ANNOTATION, SCALE_DOWN_ANNOTATION
 from voicefleet_operator.settings import PlatformSettings
+from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
 
 pytestmark = pytest.mark.integration
 
-HEALTH_PORT = 18081
+METRICS_PORT = 19181
 DELAY_SECONDS = 3
 CRD = str(Path(__file__).resolve().parents[2] / "crds" / "voiceagents.voicefleet.dev.yaml")
 # Addresses the fake kubelet hands out; the workers' HTTP servers listen on them.
@@ -51,7 +50,7 @@ SPEC: dict[str, Any] = {
         "tts": {"provider": "openai"},
     },
     "secretRefs": [{"name": "provider-keys"}],
-    "worker": {"jobsPerWorker": 2, "loadThreshold": 0.7, "healthPort": HEALTH_PORT},
+    "worker": {"jobsPerWorker": 2, "loadThreshold": 0.7, "metricsPort": METRICS_PORT},
     "scaling": {
         "minReplicas": 1,
         "maxReplicas": 4,
@@ -100,7 +99,7 @@ async def kube(cluster: ClusterHandle) -> AsyncIterator[Kube]:
 
 @dataclass
 class FakeFleet:
-    """Plays the kubelet (address + Ready) and each worker's /worker endpoint."""
+    """Plays the kubelet (address + Ready) and each worker's report (GET /report)."""
 
     kube: Kube
     namespace: str
@@ -108,6 +107,8 @@ class FakeFleet:
     """Active jobs per pod name; a pod missing here reports 0."""
     silent: set[str] = field(default_factory=set)
     """Pods whose worker does not answer (hung or crashed)."""
+    jobs_per_worker: dict[str, int] = field(default_factory=dict)
+    """jobsPerWorker a pod reports (a pod of an older config); missing: the spec's 2."""
     addresses: dict[str, str] = field(default_factory=dict)
     runners: dict[str, web.AppRunner] = field(default_factory=dict)
 
@@ -144,24 +145,32 @@ class FakeFleet:
         return sorted(live)
 
     async def _serve(self, pod: str, address: str) -> None:
-        async def worker(_: web.Request) -> web.Response:
+        async def report(_: web.Request) -> web.Response:
             if pod in self.silent:
                 await asyncio.sleep(30)
-            info = agent_worker.WorkerInfo(
-                worker_type="JT_ROOM",
-                agent_name="autoscaler.fleet",
-                active_jobs=self.jobs.get(pod, 0),
-                worker_load=self.jobs.get(pod, 0) / 2,
-                protocol_version=1,
+            slots = self.jobs_per_worker.get(pod, 2)
+            capacity = int(slots * 0.7)
+            body = WorkerReport(
+                agent_jobs=self.jobs.get(pod, 0),
+                pending_agent_jobs=0,
+                overflow_jobs=0,
+                budget=capacity,
+                capacity=capacity,
+                jobs_per_worker=slots,
+                load_threshold=0.7,
+                limit_reason="capacity",
+                overflow_slots=4,
+                draining=False,
+                registered=True,
+                config_hash="c0ffee",
             )
-            body = MessageToJson(info, preserving_proto_field_name=True)
-            return web.Response(body=body, content_type="application/json")
+            return web.json_response(body.model_dump(mode="json", by_alias=True))
 
         app = web.Application()
-        app.router.add_get("/worker", worker)
+        app.router.add_get(REPORT_PATH, report)
         runner = web.AppRunner(app, shutdown_timeout=0.1)
         await runner.setup()
-        await web.TCPSite(runner, address, HEALTH_PORT).start()
+        await web.TCPSite(runner, address, METRICS_PORT).start()
         self.runners[pod] = runner
 
     async def close(self) -> None:
@@ -302,6 +311,13 @@ async def test_autoscaler_scales_on_load_and_removes_idle_pods_first(
     fleet.jobs.update({first: 2, second: 1, third: 0})
     await evaluate()
     assert await costs(kube, namespace) == {first: "200", second: "100", third: "0"}
+    assert (await status(kube, namespace))["load"] == 0.5  # 3 calls / (3 pods x 2)
+
+    # Each pod is judged by its own report: one still runs a config of 4 jobs per worker.
+    fleet.jobs_per_worker[first] = 4
+    await evaluate()
+    assert (await status(kube, namespace))["load"] == 0.375  # 3 / (4 + 2 + 2), not 3 / 6
+    del fleet.jobs_per_worker[first]
 
     # An unreachable worker counts as full: 2 + 1 + 2 (third silent) + 1 spare -> 5 -> max 4.
     fleet.silent.add(third)

@@ -2,7 +2,8 @@
 
 A real worker process (`python -m voicefleet_runtime start`) on a real livekit-server, a test
 caller holding a call, the local provider servers: after SIGTERM the worker takes no new call,
-the held one goes on (the agent still answers), /worker still reports it, /ready turns 503 at
+the held one goes on (the agent still answers), its report still counts it and says draining,
+/ready turns 503 at
 once (the pod leaves Ready), and the worker exits
 by itself only once the caller hangs up, well inside the drain timeout.
 """
@@ -63,6 +64,8 @@ async def test_sigterm_drains_the_held_call_and_takes_no_new_one(
             caller.room.on("participant_disconnected", on_left)
             await caller.wait_for_audio(agent.identity, timeout_s=30)  # the greeting
             assert worker.status()["active_jobs"] == 1
+            before = worker.report()
+            assert (before.agent_jobs, before.registered, before.draining) == (1, True, False)
             assert worker.readiness()[0] == 200
 
             assert worker.process is not None
@@ -85,6 +88,8 @@ async def test_sigterm_drains_the_held_call_and_takes_no_new_one(
             # The held call goes on: the worker is alive, reports the job, the agent answers.
             assert worker.process.poll() is None, worker.log_tail()
             assert worker.status()["active_jobs"] == 1
+            during = worker.report()
+            assert (during.agent_jobs, during.draining) == (1, True)
             phrase = await caller.say("Are you still there?")
             reply_at = await caller.wait_for_audio(
                 agent.identity, after=phrase.ended_at, timeout_s=30

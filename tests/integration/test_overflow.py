@@ -25,13 +25,13 @@ from voicefleet_operator import admission as fleet_admission
 from voicefleet_operator import autoscaler
 from voicefleet_operator.api import parse_spec
 from voicefleet_operator.render import VoiceAgentRef
-from voicefleet_operator.scaling import WorkerPod
+from voicefleet_operator.scaling import WorkerPod, read_fleet
 from voicefleet_operator.telephony import RINGING_TIMEOUT_SECONDS, TelephonyProvisioner
 from voicefleet_runtime.admission import (
     OVER_BUDGET_LOAD,
     OVERFLOW_ATTRIBUTE,
-    AdmissionReport,
     OverflowReason,
+    WorkerReport,
 )
 from voicefleet_testkit import sipcall
 from voicefleet_testkit.participant import TestParticipant, participant_token
@@ -67,22 +67,22 @@ def overflow_config(dispatch_name: str, provider_url: str) -> dict[str, object]:
     return config
 
 
-async def push_cap(worker: RuntimeWorker, cap: int | None) -> AdmissionReport:
+async def push_cap(worker: RuntimeWorker, cap: int | None) -> WorkerReport:
     """What an autoscaler evaluation does for a fleet of this one worker and a VoiceAgent cap
-    of `cap`: read its admission report, compute the budgets, push the changes; returns the
-    worker's report afterwards."""
+    of `cap`: read its report, compute the budgets, push the changes; returns the worker's
+    report afterwards."""
     pod = WorkerPod(name="worker-0", ip="127.0.0.1", ready=True, terminating=False)
     port = worker.metrics_port
     async with aiohttp.ClientSession() as session:
-        reports = await fleet_admission.read_reports(session, [pod], port, 5.0)
-        assert set(reports) == {"worker-0"}, "the worker did not report its admission"
+        reports = (await read_fleet([pod], port, request_seconds=5.0, session=session)).reports()
+        assert set(reports) == {"worker-0"}, "the worker did not report"
         limit = fleet_admission.fleet_cap(cap, None)
         budgets = fleet_admission.pod_budgets(limit.calls, reports)
         updates = fleet_admission.push_order(budgets, reports, limit.reason)
         assert updates, "nothing to push"
         failed = await fleet_admission.push(session, {pod.name: pod}, port, updates, 5.0)
         assert failed == []
-        after = await fleet_admission.read_reports(session, [pod], port, 5.0)
+        after = (await read_fleet([pod], port, request_seconds=5.0, session=session)).reports()
     return after["worker-0"]
 
 
@@ -416,8 +416,9 @@ async def test_a_tenant_at_its_namespace_cap_does_not_take_another_tenants_calls
             )  # fmt: skip
             pod = WorkerPod(name=f"{tenant}-0", ip="127.0.0.1", ready=True, terminating=False)
             ref = VoiceAgentRef(name="support", namespace=tenant, uid="uid")
-            calls, limit = await autoscaler._share_the_caps(ref, spec, [pod], cap, 5.0)
-            assert calls == 0
+            fleet = await read_fleet([pod], worker.metrics_port, request_seconds=5.0)
+            assert [report.agent_jobs for report in fleet.reports().values()] == [0]
+            limit = await autoscaler._share_the_caps(ref, spec, [pod], fleet, cap, 5.0)
             expected = (
                 (1, OverflowReason.NAMESPACE_LIMIT) if cap else (None, OverflowReason.CAPACITY)
             )

@@ -34,7 +34,7 @@ from aiohttp import web
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
 from voicefleet_localdev.livekit import LiveKitEndpoint
-from voicefleet_runtime.admission import DEFAULT_OVERFLOW_MESSAGE
+from voicefleet_runtime.admission import DEFAULT_OVERFLOW_MESSAGE, REPORT_PATH, WorkerReport
 from voicefleet_testkit.net import free_port
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall
@@ -124,6 +124,12 @@ class RuntimeWorker:
         code, body = http_get(f"http://127.0.0.1:{self.health_port}/worker")
         assert code == 200, body
         return {"active_jobs": 0, "worker_load": 0.0, **json.loads(body)}
+
+    def report(self) -> WorkerReport:
+        """The worker's own report (GET /report), what the operator reads."""
+        code, body = http_get(f"http://127.0.0.1:{self.metrics_port}{REPORT_PATH}")
+        assert code == 200, body
+        return WorkerReport.model_validate_json(body)
 
     def readiness(self) -> tuple[int, str]:
         """The readiness probe's answer: (HTTP status, reason)."""

@@ -6,12 +6,26 @@ import pytest
 from pydantic import ValidationError
 from voicefleet_runtime.admission import (
     AdmissionGate,
-    AdmissionReport,
     AdmissionSettings,
     AdmissionUpdate,
     Admit,
     OverflowReason,
+    WorkerReport,
+    worker_load,
 )
+
+
+def report_of(
+    gate: AdmissionGate, agent_jobs: int, overflow_jobs: int, slots: int = 4
+) -> WorkerReport:
+    return gate.report(
+        agent_jobs,
+        overflow_jobs,
+        jobs_per_worker=slots,
+        load_threshold=1.0,
+        registered=True,
+        config_hash="ab12",
+    )
 
 
 def test_a_pushed_budget_never_exceeds_the_capacity_and_says_its_reason() -> None:
@@ -29,29 +43,41 @@ def test_a_lowered_budget_keeps_running_calls_and_overflows_new_ones() -> None:
     assert [gate.admit(0, 0)[0] for _ in range(3)] == [Admit.AGENT] * 3
     gate.set_budget(1, OverflowReason.AGENT_LIMIT)  # 3 pending calls go on
     assert gate.admit(0, 0) == (Admit.OVERFLOW, "agent_limit")
-    assert gate.report(0, 0).agent_jobs == 3
+    assert report_of(gate, 0, 0).agent_jobs == 3
 
 
 def test_report_and_update_wire_format() -> None:
     gate = AdmissionGate.for_worker(2, 1.0, AdmissionSettings())
     gate.admit(1, 0)
-    report = gate.report(1, 2)
+    report = report_of(gate, 1, 2, slots=2)
     assert report.model_dump(mode="json", by_alias=True) == {
         "agentJobs": 2,
+        "pendingAgentJobs": 1,
         "overflowJobs": 2,
         "budget": 2,
         "capacity": 2,
+        "jobsPerWorker": 2,
+        "loadThreshold": 1.0,
         "limitReason": "capacity",
         "overflowSlots": 4,
         "draining": False,
+        "registered": True,
+        "configHash": "ab12",
     }
-    assert AdmissionReport.model_validate(report.model_dump(by_alias=True)) == report
+    assert report.load == 1.0
+    assert WorkerReport.model_validate_json(report.model_dump_json(by_alias=True)) == report
     update = AdmissionUpdate.model_validate({"maxAgentJobs": 1, "limitReason": "agent_limit"})
     assert update.max_agent_jobs == 1
     with pytest.raises(ValidationError):
         AdmissionUpdate.model_validate({"maxAgentJobs": -1, "limitReason": "agent_limit"})
     with pytest.raises(ValidationError):
         AdmissionUpdate.model_validate({"maxAgentJobs": 1, "limitReason": "whatever"})
+
+
+def test_load_is_agent_calls_over_jobs_per_worker_at_most_one() -> None:
+    assert worker_load(0, 4) == 0.0
+    assert worker_load(3, 4) == 0.75
+    assert worker_load(5, 4) == 1.0  # pending calls beyond the slots do not push it past full
 
 
 async def test_the_desk_treats_overflow_in_the_main_process(

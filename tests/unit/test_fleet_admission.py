@@ -12,17 +12,20 @@ from voicefleet_operator.admission import (
     pod_budgets,
     push_order,
 )
-from voicefleet_runtime.admission import AdmissionReport, OverflowReason
+from voicefleet_runtime.admission import OverflowReason, WorkerReport
 
 
-def report(
-    agent_jobs: int, budget: int = 7, capacity: int = 7, **kwargs: object
-) -> AdmissionReport:
-    return AdmissionReport(
+def report(agent_jobs: int, budget: int = 7, capacity: int = 7, **kwargs: object) -> WorkerReport:
+    return WorkerReport(
         agent_jobs=agent_jobs,
+        pending_agent_jobs=0,
         overflow_jobs=0,
         budget=budget,
         capacity=capacity,
+        jobs_per_worker=capacity,
+        load_threshold=1.0,
+        registered=True,
+        config_hash="",
         limit_reason=OverflowReason(str(kwargs.get("reason", OverflowReason.CAPACITY))),
         overflow_slots=4,
         draining=False,

@@ -60,7 +60,8 @@ def test_ingress_from_platform_namespace_and_selected_monitoring_pods_only() -> 
     assert platform["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "voicefleet-system"}}}
     ]
-    assert [p["port"] for p in platform["ports"]] == [8081, 9100]
+    # the metrics port only: the report and the budget push (the health port is for kubelet)
+    assert [p["port"] for p in platform["ports"]] == [9100]
     assert monitoring == {
         "from": [
             {

@@ -332,7 +332,7 @@ def test_probes_and_prometheus_annotations_use_the_configured_ports() -> None:
     assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert result.child("Service")["spec"]["ports"][0]["port"] == 9191
     from_platform, from_monitoring = result.child("NetworkPolicy")["spec"]["ingress"]
-    assert {p["port"] for p in from_platform["ports"]} == {8181, 9191}
+    assert [p["port"] for p in from_platform["ports"]] == [9191]  # the report and the push
     assert [p["port"] for p in from_monitoring["ports"]] == [9191]
 
 

@@ -10,8 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
-from google.protobuf.json_format import MessageToJson
-from livekit.protocol import agent_worker
 from voicefleet_operator.scaling import (
     DELETION_COST_ANNOTATION,
     LOAD_METRIC,
@@ -27,10 +25,10 @@ from voicefleet_operator.scaling import (
     deletion_cost,
     deletion_cost_updates,
     demand_replicas,
-    parse_worker_status,
     read_fleet,
     render_hpa,
 )
+from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -271,8 +269,29 @@ def test_messages_explain_the_numbers() -> None:
 # --- unreachable and starting workers -------------------------------------------------------
 
 
+def report(agent_jobs: int = 0, jobs_per_worker: int = 2, **fields: object) -> WorkerReport:
+    values: dict[str, object] = {
+        "agent_jobs": agent_jobs,
+        "pending_agent_jobs": 0,
+        "overflow_jobs": 0,
+        "budget": jobs_per_worker,
+        "capacity": jobs_per_worker,
+        "jobs_per_worker": jobs_per_worker,
+        "load_threshold": 1.0,
+        "limit_reason": "capacity",
+        "overflow_slots": 4,
+        "draining": False,
+        "registered": True,
+        "config_hash": "c0ffee",
+        **fields,
+    }
+    return WorkerReport.model_validate(values)
+
+
 def reading(state: WorkerState, jobs: int = 0, pod: str = "p") -> WorkerReading:
-    return WorkerReading(pod, state, jobs)
+    if state is WorkerState.REPORTING:
+        return WorkerReading(pod, state, report(jobs))
+    return WorkerReading(pod, state)
 
 
 @pytest.mark.parametrize(
@@ -303,6 +322,31 @@ def test_fleet_load(
     )
     assert decision.replicas == replicas_from_two
     assert decision.reason is not Reason.SCALE_DOWN
+
+
+def test_each_pod_is_judged_by_the_jobs_per_worker_it_reports() -> None:
+    # mid-rollout from jobsPerWorker 4 to 2: the old pod's 3 calls fill 3 of its own 4 slots
+    old = WorkerReading("old", WorkerState.REPORTING, report(3, jobs_per_worker=4))
+    new = WorkerReading("new", WorkerState.REPORTING, report(1, jobs_per_worker=2))
+    fleet = FleetLoad((old, new))
+    assert fleet.active_jobs(2) == 4
+    assert fleet.load(2) == 4 / 6  # not 4 / (2 pods x the spec's 2) = 1.0
+    # a pod that reported nothing is judged by the spec, and as full
+    silent = WorkerReading("silent", WorkerState.UNREACHABLE)
+    assert FleetLoad((old, silent)).load(2) == (3 + 2) / (4 + 2)
+
+
+def test_registered_pods_come_from_their_reports() -> None:
+    fleet = FleetLoad(
+        (
+            WorkerReading("a", WorkerState.REPORTING, report(0)),
+            WorkerReading("b", WorkerState.REPORTING, report(0, registered=False)),
+            WorkerReading("c", WorkerState.REPORTING, report(0, draining=True)),
+            WorkerReading("d", WorkerState.STARTING),
+        )
+    )
+    assert fleet.registered() == 1
+    assert set(fleet.reports()) == {"a", "b", "c"}
 
 
 # --- deletion cost --------------------------------------------------------------------------
@@ -479,39 +523,6 @@ def test_policy_names_the_bad_field(changes: dict[str, object], field: str) -> N
         policy(**changes)
 
 
-# --- the worker's /worker answer ------------------------------------------------------------
-
-
-def worker_info_json(active_jobs: int) -> str:
-    """Exactly what livekit-agents' AgentServer serves on /worker."""
-    info = agent_worker.WorkerInfo(
-        worker_type="JT_ROOM",
-        agent_name="acme-support",
-        active_jobs=active_jobs,
-        sdk_version="1.8.9",
-        worker_load=active_jobs / 2,
-        protocol_version=1,
-    )
-    return MessageToJson(info, preserving_proto_field_name=True)
-
-
-def test_parse_worker_status_of_the_real_message() -> None:
-    import json
-
-    # proto3 JSON omits zero: an idle worker sends no active_jobs at all
-    assert "active_jobs" not in worker_info_json(0)
-    assert parse_worker_status(json.loads(worker_info_json(0))) == 0
-    assert parse_worker_status(json.loads(worker_info_json(3))) == 3
-
-
-@pytest.mark.parametrize(
-    "body", [{}, [], "OK", {"active_jobs": 2}, {"agent_name": "a", "active_jobs": -1}]
-)
-def test_parse_worker_status_rejects_other_answers(body: object) -> None:
-    with pytest.raises(ValueError):
-        parse_worker_status(body)
-
-
 # --- reading real HTTP endpoints ------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -526,7 +537,7 @@ class WorkerServers:
 
     async def start(self, address: str, handler: Handler) -> None:
         app = web.Application()
-        app.router.add_get("/worker", handler)
+        app.router.add_get(REPORT_PATH, handler)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, address, self.port)
@@ -547,24 +558,32 @@ async def worker_servers() -> AsyncIterator[WorkerServers]:
 async def test_read_fleet_over_http(worker_servers: WorkerServers) -> None:
     release = asyncio.Event()
 
+    def answer(body: WorkerReport) -> web.Response:
+        return web.json_response(body.model_dump(mode="json", by_alias=True))
+
     async def idle(_: web.Request) -> web.Response:
-        return web.Response(text=worker_info_json(0), content_type="application/json")
+        return answer(report(0))
 
     async def busy(_: web.Request) -> web.Response:
-        return web.Response(text=worker_info_json(2), content_type="application/json")
+        return answer(report(2))
 
     async def broken(_: web.Request) -> web.Response:
         return web.Response(status=503, text="failed to connect to livekit")
 
     async def hung(_: web.Request) -> web.Response:
         await release.wait()
-        return web.Response(text=worker_info_json(0))
+        return answer(report(0))
+
+    async def not_a_report(_: web.Request) -> web.Response:
+        # e.g. an older runtime's livekit-agents JSON: never taken for an idle worker
+        return web.json_response({"agent_name": "acme-support", "active_jobs": 1})
 
     for address, handler in [
         ("127.0.0.11", idle),
         ("127.0.0.12", busy),
         ("127.0.0.13", broken),
         ("127.0.0.14", hung),
+        ("127.0.0.18", not_a_report),
     ]:
         await worker_servers.start(address, handler)
 
@@ -576,6 +595,7 @@ async def test_read_fleet_over_http(worker_servers: WorkerServers) -> None:
         pod("busy", "127.0.0.12"),
         pod("broken", "127.0.0.13"),
         pod("hung", "127.0.0.14"),
+        pod("not-a-report", "127.0.0.18"),
         pod("closed-port", "127.0.0.15"),
         pod("starting", "127.0.0.16", ready=False),
         pod("no-ip-yet", None, ready=False),
@@ -598,13 +618,15 @@ async def test_read_fleet_over_http(worker_servers: WorkerServers) -> None:
         "starting": (WorkerState.STARTING, 0),
         "no-ip-yet": (WorkerState.STARTING, 0),
         "was-serving": (WorkerState.UNREACHABLE, 0),
+        "not-a-report": (WorkerState.UNREACHABLE, 0),
     }
     assert "HTTP 503" in next(w.error for w in fleet.workers if w.pod == "broken")
     # in parallel, each bounded by the timeout
     assert elapsed < 2.0
-    # 2 busy + 4 unreachable counted as full (2 each)
-    assert fleet.active_jobs(2) == 10
-    assert fleet.count(WorkerState.UNREACHABLE) == 4
+    assert "ValidationError" in next(w.error for w in fleet.workers if w.pod == "not-a-report")
+    # 2 busy + 5 unreachable counted as full (2 each)
+    assert fleet.active_jobs(2) == 12
+    assert fleet.count(WorkerState.UNREACHABLE) == 5
 
 
 def test_worker_pod_from_a_pod_object() -> None:
