@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from voicefleet_operator.admission import FleetCap
 from voicefleet_operator.api import parse_spec
 from voicefleet_operator.capacity import (
     MAX_REPLICAS_REACHED,
@@ -19,6 +20,7 @@ from voicefleet_operator.capacity import (
     unschedulable_pods,
 )
 from voicefleet_operator.status import ConditionUpdate
+from voicefleet_runtime.admission import OverflowReason
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
 INSUFFICIENT_CPU = "0/1 nodes are available: 1 Insufficient cpu."
@@ -113,3 +115,70 @@ def test_events_on_changes_only() -> None:
         "ok",
     )
     assert capacity_event(None, fine) is None
+
+
+# What `kubectl describe` shows: each reason's message names the cause, the figures and the spec
+# field that sets them, and says what callers get.
+def test_messages_name_the_cause_and_the_field() -> None:
+    stuck = pod("support-7", "False", "Unschedulable")
+    update = capacity_condition(spec(**SMALL), pods=[stuck], active_jobs=0)
+    assert update.message == (
+        f"1 worker pod(s) cannot be scheduled (support-7: {INSUFFICIENT_CPU}); callers beyond "
+        "the running workers get spec.overflow"
+    )
+    # No scheduler message, no name: still one clear sentence.
+    bare: dict[str, Any] = {
+        "metadata": {},
+        "status": {
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]
+        },
+    }
+    assert [(p.pod, p.message) for p in unschedulable_pods([bare])] == [("?", "")]
+    assert capacity_condition(spec(**SMALL), pods=[bare], active_jobs=0).message == (
+        "1 worker pod(s) cannot be scheduled (?); callers beyond the running workers get "
+        "spec.overflow"
+    )
+
+    full = capacity_condition(spec(**SMALL), pods=[pod("a")], active_jobs=2)
+    assert full.message == (
+        "2 calls fill the 1 worker pod(s) allowed (spec.scaling.maxReplicas; 2 calls each, "
+        "floor(jobsPerWorker x loadThreshold)); further callers get spec.overflow"
+    )
+    capped = {"limits": {"maxConcurrentCalls": 3}, "scaling": {"minReplicas": 0}}
+    limited = capacity_condition(spec(**capped), pods=[pod("a")], active_jobs=3)
+    assert limited.message == (
+        "3 calls in progress reached spec.limits.maxConcurrentCalls (3); further callers get "
+        "spec.overflow"
+    )
+    assert capacity_condition(spec(**capped), pods=[pod("a")], active_jobs=2).message == (
+        "below the cap of 3"
+    )
+    assert capacity_condition(spec(), pods=[pod("a")], active_jobs=1).message == (
+        "the fleet can grow to take more calls"
+    )
+
+
+def test_the_namespace_share_is_named_as_such() -> None:
+    update = capacity_condition(
+        spec(),
+        pods=[pod("a")],
+        active_jobs=4,
+        cap=FleetCap(4, OverflowReason.NAMESPACE_LIMIT),
+    )
+    assert (update.status, update.reason) == ("True", TENANT_LIMIT_REACHED)
+    assert update.message == (
+        "4 calls in progress reached the platform's cap for the namespace (this VoiceAgent's "
+        "share) (4); further callers get spec.overflow"
+    )
+    agent = capacity_condition(
+        spec(), pods=[pod("a")], active_jobs=4, cap=FleetCap(4, OverflowReason.AGENT_LIMIT)
+    )
+    assert "reached spec.limits.maxConcurrentCalls (4)" in agent.message
+
+
+def test_a_pod_being_deleted_does_not_hide_the_ones_after_it() -> None:
+    pods = [
+        pod("old", "False", "Unschedulable", deletionTimestamp="2026-01-01T00:00:00Z"),
+        pod("new", "False", "Unschedulable"),
+    ]
+    assert [p.pod for p in unschedulable_pods(pods)] == ["new"]

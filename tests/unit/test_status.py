@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from voicefleet_operator.status import (
     WorkloadFacts,
     find_condition,
     next_status,
+    now_rfc3339,
     phase_for,
     ready_condition,
     set_condition,
@@ -412,3 +414,195 @@ def test_a_fleet_at_zero_is_ready_but_says_it_is_asleep() -> None:
     assert (ready.status, ready.reason) == ("True", "Asleep")
     assert ready.message == asleep.message
     assert ready_condition(all_true()).reason == "Ready"
+
+
+# --- what each field of a Deployment means (issue 18: behaviour the mutation run found unguarded)
+
+
+def test_workload_facts_read_every_count_and_the_documented_defaults() -> None:
+    facts = WorkloadFacts.from_deployment(deployment(desired=3, replicas=4, ready=2, updated=3))
+    assert (facts.desired, facts.replicas, facts.ready, facts.updated, facts.available) == (
+        3,
+        4,
+        2,
+        3,
+        2,
+    )
+    # A Deployment straight from the API server before its controller wrote any status: the
+    # defaults are Kubernetes' own (spec.replicas 1; every count 0; generation 0).
+    bare = WorkloadFacts.from_deployment({"metadata": {}, "spec": {}})
+    assert (bare.desired, bare.replicas, bare.ready, bare.updated, bare.available) == (
+        1,
+        0,
+        0,
+        0,
+        0,
+    )
+    assert bare.rolling_out  # one replica wanted, none updated
+    # No metadata at all still reads (and is not "being deleted").
+    assert WorkloadFacts.from_deployment({"spec": {"replicas": 0}}).exists
+    assert WorkloadFacts.absent() == WorkloadFacts(exists=False)
+
+
+def test_a_spec_the_controller_has_not_seen_is_a_rollout() -> None:
+    # Counts all fine, but observedGeneration lags metadata.generation: the new template has not
+    # been acted on yet.
+    behind = deployment(generation=3, observed=2)
+    assert WorkloadFacts.from_deployment(behind).rolling_out
+    # Only the generation lags (the counts are those of the old ReplicaSet, all updated).
+    only_generation = deployment(generation=1, observed=0)
+    assert WorkloadFacts.from_deployment(only_generation).rolling_out
+    done = deployment(generation=3, observed=3)
+    assert not WorkloadFacts.from_deployment(done).rolling_out
+
+
+def test_available_below_updated_is_a_rollout_until_the_controller_says_it_is_done() -> None:
+    # Two updated pods, one available, the controller still progressing: rolling out.
+    progressing = deployment(ready=1, available=1, progressing=("True", "ReplicaSetUpdated"))
+    assert WorkloadFacts.from_deployment(progressing).rolling_out
+    # No Progressing condition at all (e.g. progressDeadlineSeconds unset): rolling out too.
+    unknown = deployment(ready=1, available=1, progressing=None)
+    assert WorkloadFacts.from_deployment(unknown).rolling_out
+    # All updated pods available: not a rollout whatever the condition's reason.
+    steady = deployment(progressing=("True", "ReplicaSetUpdated"))
+    assert not WorkloadFacts.from_deployment(steady).rolling_out
+    # A Progressing condition without a reason is not the "done" reason.
+    no_reason = deployment(ready=1, available=1)
+    no_reason["status"]["conditions"] = [{"type": "Progressing", "status": "True"}]
+    assert WorkloadFacts.from_deployment(no_reason).rolling_out
+
+
+def test_workers_available_messages() -> None:
+    def message(body: dict[str, Any] | None) -> tuple[str, str, str, str]:
+        update = workers_condition(WorkloadFacts.from_deployment(body))
+        return update.type, update.status, update.reason, update.message
+
+    assert message(None) == (
+        "WorkersAvailable",
+        "False",
+        "NoDeployment",
+        "the worker Deployment does not exist yet",
+    )
+    assert message(deployment(desired=0, replicas=0, ready=0, updated=0)) == (
+        "WorkersAvailable",
+        "True",
+        "ScaledToZero",
+        "asleep: no worker runs (scaled to zero); with scaling.minReplicas 0 a call wakes the "
+        "fleet (the operator holds the caller while the first worker starts, then hands the "
+        "call over); a pin of scaling.replicas 0 takes no calls",
+    )
+    assert message(deployment(desired=3, ready=3)) == (
+        "WorkersAvailable",
+        "True",
+        "WorkersReady",
+        "3/3 workers ready",
+    )
+    assert message(deployment(ready=0, progressing=("False", "ProgressDeadlineExceeded"))) == (
+        "WorkersAvailable",
+        "False",
+        "RolloutStalled",
+        "0/2 workers ready; the rollout exceeded its progress deadline (check the pods' events: "
+        "image pull, scheduling, crash loop)",
+    )
+    assert message(deployment(ready=1, available=1))[2:] == (
+        "WorkersUnavailable",
+        "1/2 workers ready",
+    )
+
+
+def test_ready_says_which_gate_holds_it_and_how() -> None:
+    pending = ready_condition([])
+    assert (pending.type, pending.status, pending.reason, pending.message) == (
+        "Ready",
+        "Unknown",
+        "Pending",
+        "ConfigValid is not known yet",
+    )
+    # A gate whose status is Unknown makes Ready Unknown (not False), with the gate's reason;
+    # without a message the reason is repeated.
+    unknown = ready_condition(
+        all_true(ConditionUpdate("WorkersAvailable", "Unknown", "Probing", ""))
+    )
+    assert (unknown.status, unknown.reason, unknown.message) == (
+        "Unknown",
+        "Probing",
+        "WorkersAvailable: Probing",
+    )
+    # An optional gate that is absent is skipped; the required ones after it are still checked.
+    held = ready_condition(all_true(ConditionUpdate.false("WorkersAvailable", "Down", "0/1")))
+    assert (held.status, held.reason, held.message) == ("False", "Down", "WorkersAvailable: 0/1")
+    asleep = ready_condition(
+        all_true(ConditionUpdate.true("WorkersAvailable", "ScaledToZero", "asleep"))
+    )
+    assert (asleep.type, asleep.status, asleep.reason, asleep.message) == (
+        "Ready",
+        "True",
+        "Asleep",
+        "asleep",
+    )
+
+
+def test_phase_without_workload_facts_rests_on_the_conditions() -> None:
+    reconciled = conditions_with(
+        ConditionUpdate.true("ConfigValid", "Valid"),
+        ConditionUpdate.true("Reconciled", "Applied"),
+        ConditionUpdate.false("WorkersAvailable", "WorkersStarting"),
+    )
+    assert phase_for(reconciled, None) == "Progressing"
+    not_yet = conditions_with(ConditionUpdate.true("ConfigValid", "Valid"))
+    assert phase_for(not_yet, None) == "Pending"
+    assert phase_for(not_yet, WorkloadFacts.absent()) == "Pending"
+    # Workers all ready, nothing else false: Ready is only waiting (e.g. TelephonyReady
+    # Unknown), so Progressing.
+    waiting = conditions_with(
+        ConditionUpdate.true("ConfigValid", "Valid"),
+        ConditionUpdate.true("Reconciled", "Applied"),
+        ConditionUpdate("TelephonyReady", "Unknown", "Provisioning"),
+    )
+    facts = WorkloadFacts.from_deployment(deployment())
+    assert phase_for(waiting, facts) == "Progressing"
+
+
+def test_next_status_keeps_the_generation_counts_and_phase() -> None:
+    first = next_status(
+        None,
+        generation=4,
+        updates=[ConditionUpdate.true("ConfigValid", "Valid")],
+        facts=WorkloadFacts.from_deployment(deployment(replicas=3, ready=1, desired=2)),
+        observed_generation=4,
+        now=T0,
+    )
+    assert (first["replicas"], first["readyReplicas"], first["observedGeneration"]) == (3, 1, 4)
+    assert {c["type"]: c["observedGeneration"] for c in first["conditions"]} == {
+        "Ready": 4,
+        "ConfigValid": 4,
+        "WorkersAvailable": 4,
+    }
+    # The Deployment watcher does not read the spec (generation None): it speaks for the
+    # generation last reconciled, and leaves observedGeneration alone.
+    gone = next_status(first, generation=None, facts=WorkloadFacts.absent(), now=T1)
+    assert (gone["replicas"], gone["readyReplicas"], gone["observedGeneration"]) == (0, 0, 4)
+    workers = find_condition(gone["conditions"], "WorkersAvailable")
+    assert workers is not None and workers["observedGeneration"] == 4
+    assert gone["phase"] == "Pending"
+    # A condition set before any generation was known keeps none, and a later update without a
+    # generation keeps the one it had.
+    merged = set_condition(
+        [{"type": "Reconciled", "status": "True", "reason": "Applied", "observedGeneration": 2}],
+        ConditionUpdate.true("Reconciled", "Applied", "again"),
+        generation=None,
+        now=T1,
+    )
+    assert merged[0]["observedGeneration"] == 2
+    # A condition without a recorded transition time gets `now` when it is next merged.
+    untimed = set_condition(
+        [{"type": "Reconciled", "status": "True", "reason": "Applied"}],
+        ConditionUpdate.true("Reconciled", "Applied"),
+        generation=1,
+        now=T2,
+    )
+    assert untimed[0]["lastTransitionTime"] == T2
+
+
+def test_now_is_rfc3339_to_the_second() -> None:
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", now_rfc3339())
