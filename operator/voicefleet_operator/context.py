@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from voicefleet_operator.kube import Kube
 from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS, PlatformSettings
@@ -63,6 +65,17 @@ class WakeState:
             self.blocked.set()
 
 
+PLATFORM_SECRET_SECONDS = 2.0
+"""How long one read of the platform's LiveKit Secret serves every handler: every standby check
+(each VoiceAgent, every 2 s) and every reconcile read it, which at 1000 VoiceAgents was ~500
+GETs a second of the same object. A rotated key is seen at most this much later."""
+
+WORKER_NAMESPACE_SECONDS = 10.0
+"""How long a tenant's worker namespace, once prepared (worker_namespace.ensure: four API
+calls after the RoleBindings' list), counts as ready for the tenant's other reconciles while
+the mirrored subjects stay the same; a failed reconcile forgets it at once."""
+
+
 @dataclass
 class OperatorContext:
     """State shared by all handlers of one operator run."""
@@ -71,6 +84,10 @@ class OperatorContext:
     kube: Kube
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     _wakes: dict[tuple[str, str], WakeState] = field(default_factory=dict)
+    _platform_secret: tuple[float, dict[str, Any] | None] | None = None
+    _platform_secret_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _worker_namespaces: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    _worker_namespace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     orphan_sweep: object | None = None
     """wake.OrphanSweep, made by the first standby that registers."""
 
@@ -86,13 +103,57 @@ class OperatorContext:
     def forget_wake(self, namespace: str, name: str) -> None:
         self._wakes.pop((namespace, name), None)
 
+    def worker_namespace_lock(self, tenant: str) -> asyncio.Lock:
+        """Held while the tenant's worker namespace is prepared (one at a time per tenant)."""
+        return self._worker_namespace_locks.setdefault(tenant, asyncio.Lock())
+
+    def worker_namespace_ready(self, tenant: str, prepared_with: Any) -> bool:
+        """Prepared with `prepared_with` less than WORKER_NAMESPACE_SECONDS ago."""
+        at, used = self._worker_namespaces.get(tenant, (None, None))
+        return (
+            at is not None
+            and time.monotonic() - at < WORKER_NAMESPACE_SECONDS
+            and used == prepared_with
+        )
+
+    def mark_worker_namespace(self, tenant: str, prepared_with: Any = None) -> None:
+        """Prepared now with `prepared_with`; None: forget it (prepare again next time)."""
+        if prepared_with is not None:
+            self._worker_namespaces[tenant] = (time.monotonic(), prepared_with)
+        else:
+            self._worker_namespaces.pop(tenant, None)
+
+    def nudge_autoscaler(self, namespace: str, name: str) -> None:
+        """Have the VoiceAgent's autoscaler evaluate now (nothing if it has no wake state:
+        its daemon has not started yet, and starts with an evaluation, or it has ended)."""
+        state = self._wakes.get((namespace, name))
+        if state is not None:
+            state.nudge.set()
+
+    def forget_platform_secret(self) -> None:
+        """The platform's LiveKit Secret changed (secret_watch.py): the next read is fresh."""
+        self._platform_secret = None
+
+    async def platform_livekit_secret(self) -> dict[str, Any] | None:
+        """The platform's LiveKit Secret (None when missing), read at most once per
+        PLATFORM_SECRET_SECONDS for all handlers together; concurrent callers share one read.
+        A failed read raises and is not remembered."""
+        async with self._platform_secret_lock:
+            cached = self._platform_secret
+            if cached is not None and time.monotonic() - cached[0] < PLATFORM_SECRET_SECONDS:
+                return cached[1]
+            settings = self.settings
+            secret = await self.kube.get(
+                "Secret", settings.livekit_secret_namespace, settings.livekit_secret_name
+            )
+            self._platform_secret = (time.monotonic(), secret)
+            return secret
+
     async def livekit_credentials(self) -> tuple[str, str, str] | None:
         """(API URL, key, secret) from the platform Secret; None when it is missing or
         incomplete (the reconcile says so in the status)."""
         settings = self.settings
-        secret = await self.kube.get(
-            "Secret", settings.livekit_secret_namespace, settings.livekit_secret_name
-        )
+        secret = await self.platform_livekit_secret()
         data = (secret or {}).get("data") or {}
         try:
             key, value = (base64.b64decode(data.get(k) or "").decode() for k in LIVEKIT_SECRET_KEYS)

@@ -64,6 +64,7 @@ async def write_status(
     fields: Mapping[str, Any] | None = None,
     observed_generation: int | None = None,
     uid: str | None = None,
+    body: Mapping[str, Any] | None = None,
 ) -> StatusWrite | None:
     """Merge observations into the VoiceAgent's status (retried on write conflicts).
 
@@ -71,10 +72,15 @@ async def write_status(
     observedGeneration); None means "the one last reconciled". Returns (body, old, new) status,
     or None when the VoiceAgent is gone (or is another object with the same name than `uid`).
     Events for condition transitions are posted here, so every writer gets them.
+
+    `body`: the VoiceAgent as the caller just read it under the same lock; the first attempt
+    starts from it instead of reading it again (the write is conditional on its
+    resourceVersion, so a stale one costs a conflict and a fresh read, never a lost update).
     """
+    given = [dict(body)] if body is not None else []
 
     async def attempt() -> StatusWrite | None:
-        body = await ctx.kube.get("VoiceAgent", namespace, name)
+        body = given.pop() if given else await ctx.kube.get("VoiceAgent", namespace, name)
         if body is None or (uid is not None and body["metadata"].get("uid") != uid):
             return None
         old = dict(body.get("status") or {})

@@ -142,9 +142,10 @@ class NamespaceTaken(Exception):
     """The worker namespace exists and is not this platform's (no tenant label for it)."""
 
 
-async def ensure(kube: Kube, tenant: str) -> None:
+async def ensure(kube: Kube, tenant: str, *, subjects: list[dict[str, Any]] | None = None) -> None:
     """The worker namespace exists, labelled, with the observer Role bound to the tenant's
-    admins, editors and viewers as they are now. Raises NamespaceTaken, KubeError."""
+    admins, editors and viewers as they are now (`subjects`: observer_subjects of the tenant's
+    RoleBindings, when the caller has just read them). Raises NamespaceTaken, KubeError."""
     name = render.worker_namespace(tenant)
     existing = await kube.get("Namespace", None, name)
     if existing is not None:
@@ -157,8 +158,9 @@ async def ensure(kube: Kube, tenant: str) -> None:
             )
     await kube.apply(render_namespace(tenant))
     await kube.apply(render_observer_role(tenant))
-    bindings = await kube.list("RoleBinding", tenant)
-    await kube.apply(render_observer_binding(tenant, observer_subjects(bindings)))
+    if subjects is None:
+        subjects = observer_subjects(await kube.list("RoleBinding", tenant))
+    await kube.apply(render_observer_binding(tenant, subjects))
 
 
 def child_names(ref: render.VoiceAgentRef) -> list[tuple[str, str]]:
@@ -199,7 +201,7 @@ async def delete_if_unused(kube: Kube, tenant: str, leaving: str) -> bool:
     it. True if the namespace was deleted."""
     staying = [
         item
-        for item in await kube.list("VoiceAgent", tenant)
+        for item in await kube.list("VoiceAgent", tenant, metadata_only=True)
         if item["metadata"]["name"] != leaving and not item["metadata"].get("deletionTimestamp")
     ]
     if staying:

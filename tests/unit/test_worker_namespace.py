@@ -63,10 +63,16 @@ class FakeKube:
         return copy.deepcopy(found) if found is not None else None
 
     async def list(
-        self, kind: str, namespace: str | None = None, label_selector: str | None = None
+        self,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        *,
+        metadata_only: bool = False,
     ) -> list[dict[str, Any]]:
+        # metadata_only: as the API server's PartialObjectMetadataList, the metadata alone.
         return [
-            copy.deepcopy(o)
+            {"metadata": copy.deepcopy(o["metadata"])} if metadata_only else copy.deepcopy(o)
             for (k, ns, _), o in self.objects.items()
             if k == kind and (namespace is None or ns == namespace) and _matches(o, label_selector)
         ]
