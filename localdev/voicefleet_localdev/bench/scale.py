@@ -293,7 +293,12 @@ class Tracker:
                 if done():
                     return time.monotonic()
             if time.monotonic() > deadline:
-                raise BenchError(f"{what}: not within {timeout_s:.0f}s")
+                with self.lock:
+                    seen = (
+                        f"{len(self.reconciled_at)} seen reconciled, {len(self.present)} "
+                        f"present, {len(self.deleted_at)} deleted"
+                    )
+                raise BenchError(f"{what}: not within {timeout_s:.0f}s ({seen})")
             time.sleep(0.1)
 
 
@@ -341,6 +346,23 @@ def api_floor(
         "bare ConfigMaps",
     )
     return applied - started, gone - applied
+
+
+def strip_finalizers(custom: k8s.CustomObjectsApi, namespaces: list[str]) -> int:
+    """After a failed run, with the operator stopped: remove the finalizers of the benchmark's
+    VoiceAgents still there, so their namespaces can go (never leave the shared cluster with
+    namespaces stuck Terminating). How many there were."""
+    stuck = 0
+    for namespace in namespaces:
+        listed: Any = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        for item in listed["items"]:
+            stuck += 1
+            with contextlib.suppress(ApiException):
+                custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )  # fmt: skip
+    return stuck
 
 
 def _names(items: Any) -> set[str]:
@@ -575,6 +597,10 @@ def run(
                 )
             )  # fmt: skip
     finally:
+        with contextlib.suppress(ApiException, OSError, urllib3.exceptions.HTTPError):
+            stuck = strip_finalizers(k8s.CustomObjectsApi(api), tenants)
+            if stuck:
+                report(f"{stuck} VoiceAgents were left with the operator's finalizer: removed")
         for namespace in [*tenants, *(worker_namespace(t) for t in tenants), platform]:
             with contextlib.suppress(ApiException):
                 core.delete_namespace(namespace)
