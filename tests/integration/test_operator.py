@@ -868,3 +868,54 @@ def test_operator_runs_with_exactly_the_charts_rbac(
         if "forbidden" in r.getMessage().lower() or " 403" in r.getMessage()
     ]
     assert not refused, "the chart's ClusterRole refused the operator:\n" + "\n".join(refused)
+
+
+def test_rotated_secrets_roll_the_workers_within_seconds(
+    cluster: ClusterHandle, platform: str, tenant: str, tmp_path: Path
+) -> None:
+    """Secrets are watched, not polled (the resync is an hour here): rotating a tenant Secret
+    the spec names, or the platform's LiveKit key, changes the workers' pod template at once, so
+    the Deployment rolls them. The operator watches the platform namespace too, as a cluster-wide
+    operator does."""
+    running = OperatorProcess(
+        settings_for(platform, (tenant, platform)), cluster.kubeconfig, tmp_path / "operator.log"
+    ).start()
+    core = k8s.CoreV1Api(cluster.api_client)
+    apps = k8s.AppsV1Api(cluster.api_client)
+    try:
+        create_agent(cluster, tenant, "support", example_spec())
+        wait_condition(cluster, tenant, "support", "Reconciled", "True", generation=1)
+
+        def secrets_hash() -> str:
+            deployment = apps.read_namespaced_deployment("support", render.worker_namespace(tenant))
+            return str(
+                deployment.spec.template.metadata.annotations[render.ANNOTATION_SECRETS_HASH]
+            )
+
+        first = secrets_hash()
+        rotated_at = time.monotonic()
+        core.patch_namespaced_secret(
+            "provider-keys", tenant, {"stringData": {"OPENAI_API_KEY": "sk-rotated"}}
+        )
+        wait_for(
+            "the workers' secrets hash to follow the rotated tenant Secret",
+            lambda: secrets_hash() != first,
+            timeout=30,
+        )
+        tenant_rotation_s = time.monotonic() - rotated_at
+        second = secrets_hash()
+        core.patch_namespaced_secret(
+            "voicefleet-livekit", platform, {"stringData": {"LIVEKIT_API_SECRET": "rotated-too"}}
+        )
+        wait_for(
+            "the workers' secrets hash to follow the rotated LiveKit key",
+            lambda: secrets_hash() not in (first, second),
+            timeout=30,
+        )
+        log = running.log.read_text()
+        for secret in (f"{tenant}/provider-keys", f"{platform}/voicefleet-livekit"):
+            assert f"Secret {secret} modified: reconciling 1 VoiceAgent(s)" in log, running.tail()
+        print(f"tenant Secret rotated -> pod template changed: {tenant_rotation_s:.2f}s")
+        delete_agents(cluster, tenant)
+    finally:
+        stop_cleanly(running)
