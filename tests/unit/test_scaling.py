@@ -434,8 +434,31 @@ def test_hpa_scales_on_the_load_metric() -> None:
             },
         }
     ]
-    assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
-    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    # Calls arrive faster than pods start: grow at once (double, or four pods, per 15 s,
+    # whichever is more); shrink one pod per 15 s, only after scaleDownDelaySeconds.
+    assert spec["behavior"] == {
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 15},
+                {"type": "Pods", "value": 4, "periodSeconds": 15},
+            ],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": 300,
+            "selectPolicy": "Max",
+            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 15}],
+        },
+    }
+    assert hpa["kind"] == "HorizontalPodAutoscaler"
+    assert set(hpa) == {"apiVersion", "kind", "metadata", "spec"}
+    # Without labels or owners the metadata names the object only.
+    bare = render_hpa(
+        name="b", namespace="t", deployment_name="b", policy=policy(min_replicas=0, max_replicas=1)
+    )
+    assert bare["metadata"] == {"name": "b", "namespace": "t"}
+    assert (bare["spec"]["minReplicas"], bare["spec"]["maxReplicas"]) == (1, 1)
 
 
 @pytest.mark.parametrize(
