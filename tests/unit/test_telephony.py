@@ -354,3 +354,76 @@ def test_finalizer_needed_while_numbers_are_asked_for_or_still_provisioned() -> 
     assert telephony_handlers.has_telephony(leftover)
     assert not telephony_handlers.has_telephony(body({}))
     assert not telephony_handlers.has_telephony(body({}, {"telephony": None}))
+
+
+# --- what the mutation run found unguarded (issue 18) ---------------------------------------
+
+
+def test_condition_messages_in_full() -> None:
+    provisioned = telephony.ready_condition(
+        ProvisionResult("ST_1", "SDR_1", (NUMBER_A, NUMBER_B)), "tenant-a--support"
+    )
+    assert provisioned.message == (
+        f"{NUMBER_A}, {NUMBER_B} dispatched to agent 'tenant-a--support' "
+        "(SIP trunk ST_1, dispatch rule SDR_1)"
+    )
+    assert telephony.ready_condition(ProvisionResult(None, None, ()), "d").message == (
+        "spec.telephony.numbers is empty: no SIP trunk is needed"
+    )
+    first = NumberConflict(NUMBER_A, "VoiceAgent tenant-b/sales (SIP trunk ST_b)")
+    second = NumberConflict(NUMBER_B, "VoiceAgent tenant-c/desk (SIP trunk ST_c)")
+    partial = telephony.ready_condition(
+        ProvisionResult("ST_1", "SDR_1", ("+15551230003", "+15551230004"), (first, second)), "d"
+    )
+    assert partial.message == (
+        f"{first.describe()}; {second.describe()} (the first claimant keeps a number); "
+        "serving +15551230003, +15551230004"
+    )
+    none_left = telephony.ready_condition(ProvisionResult(None, None, (), (first,)), "d")
+    assert none_left.message == (
+        f"{first.describe()} (the first claimant keeps a number); no number in service"
+    )
+
+
+def test_trunk_and_rule_differ_on_each_field_alone() -> None:
+    desired = telephony.render_inbound_trunk(target(auth=SipAuth("u", "p")))
+    for field, value in (("name", "other"), ("metadata", "{}"), ("auth_username", "x")):
+        existing = SIPInboundTrunkInfo()
+        existing.CopyFrom(desired)
+        setattr(existing, field, value)
+        assert telephony.trunk_differs(existing, desired), field
+
+    rule = telephony.render_dispatch_rule(target(), "ST_1")
+    for change in ("name", "metadata", "attributes", "room_config", "rule", "inbound_numbers"):
+        existing_rule = telephony.render_dispatch_rule(target(), "ST_1")
+        if change in ("name", "metadata"):
+            setattr(existing_rule, change, "other")
+        elif change == "attributes":
+            existing_rule.attributes["extra"] = "1"
+        elif change == "room_config":
+            existing_rule.room_config.agents.add(agent_name="someone-else")
+        elif change == "rule":
+            existing_rule.rule.dispatch_rule_individual.room_prefix = "elsewhere-"
+        else:
+            existing_rule.inbound_numbers.append(NUMBER_B)
+        assert telephony.rule_differs(existing_rule, rule), change
+
+
+def test_claim_precedence_reads_utc_timestamps() -> None:
+    early = target(created="2025-01-02T03:04:05Z").claim
+    late = target(namespace="tenant-b", created="2025-01-02T03:04:06+00:00").claim
+    assert early.precedence < late.precedence
+    assert early.precedence[0].utcoffset() is not None
+
+
+def test_a_number_without_digits_is_left_as_written() -> None:
+    assert telephony.normalize_number("ext") == "ext"
+
+
+def test_the_error_names_every_missing_key() -> None:
+    with pytest.raises(ValueError, match=r"no non-empty key 'username', 'password'; add it"):
+        telephony.read_auth_secret({}, "sip-auth")
+
+
+def test_retry_delay_stays_capped_for_huge_retry_counts() -> None:
+    assert telephony.retry_delay(17) == telephony.retry_delay(16) == 300.0
