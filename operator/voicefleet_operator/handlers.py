@@ -729,13 +729,20 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         # was not acted on).
         await reconcile(ctx, str(namespace), name)
 
+    # Not at once: a new VoiceAgent (no observedGeneration yet) is being reconciled by the
+    # create handler, and a recheck then did all the work twice (1000 VoiceAgents: 2000
+    # reconciles). Nor while another step holds the VoiceAgent's lock: a reconcile under way
+    # reads the VoiceAgent fresh; the next tick looks again.
     @kopf.timer(
         *resource,
         interval=settings.recheck_invalid_seconds,
+        initial_delay=settings.recheck_invalid_seconds,
         when=_needs_recheck,
         registry=registry,
     )
     async def recheck_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        if ctx.lock(str(namespace), name).locked():
+            return
         await reconcile(ctx, str(namespace), name)
 
     @kopf.timer(

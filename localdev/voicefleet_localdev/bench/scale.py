@@ -551,7 +551,12 @@ def run(
     api = k8s.ApiClient(configuration)
     core = k8s.CoreV1Api(api)
     prefix = f"vfs-{secrets.token_hex(2)}"
-    tenants = [f"{prefix}-t{i:02d}" for i in range(namespaces)]
+    # Fresh tenant namespaces per size: the worker namespaces of the previous size may still
+    # be terminating (their children then cannot be created: 403), which is not what is measured.
+    per_size = [
+        [f"{prefix}-s{index}-t{i:02d}" for i in range(namespaces)] for index in range(len(sizes))
+    ]
+    tenants = [namespace for group in per_size for namespace in group]
     platform = f"{prefix}-platform"
     livekit = LiveKitEndpoint()
     subprocess.run(
@@ -588,11 +593,11 @@ def run(
             }.items():  # fmt: skip
                 secret = k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data=data)
                 core.create_namespaced_secret(namespace, secret)
-        for count in sizes:
+        for index, count in enumerate(sizes):
             print(f"scale: {count} VoiceAgents over {namespaces} namespaces", flush=True)
             results["sizes"].append(
                 run_size(
-                    api, tenants, platform, count, parallel=parallel, settle_s=settle_s,
+                    api, per_size[index], platform, count, parallel=parallel, settle_s=settle_s,
                     timeout_s=timeout_s, workdir=workdir, report=report,
                 )
             )  # fmt: skip
