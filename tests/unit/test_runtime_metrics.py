@@ -9,6 +9,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
 from livekit.agents import AgentSession, CloseEvent, ConversationItemAddedEvent
 from livekit.agents.llm import ChatMessage
 from livekit.agents.metrics import AgentSessionUsage, LLMModelUsage, STTModelUsage, TTSModelUsage
@@ -212,3 +213,17 @@ def test_reaping_removes_only_the_files_of_dead_processes(tmp_path: Path) -> Non
     assert all(path.exists() for path in files[alive])
     assert not any(path.exists() for path in files[dead])
     assert counter.exists()
+
+
+def test_reaping_reads_the_multiprocess_directory_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    gauge = tmp_path / f"gauge_livesum_{child.pid}.db"
+    gauge.write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert metrics.reap_dead_processes() == [child.pid]
+    assert not gauge.exists()
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert metrics.reap_dead_processes() == []
