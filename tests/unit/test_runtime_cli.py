@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from voicefleet_operator import render
+from voicefleet_operator.api import parse_spec
+from voicefleet_runtime.config import (
+    ConfigError,
+    load_from_environment,
+    missing_environment,
+    parse_config,
+)
 
 VALID: dict[str, Any] = {
     "tenant": "acme",
@@ -107,3 +116,66 @@ def test_missing_config_file_says_how_to_fix_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "VOICEFLEET_CONFIG is not set" in result.stderr
+
+
+# --- the same start-up check in-process (issue 18: mutmut sees only in-process calls) ---------
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
+
+
+def example_config_file(tmp_path: Path) -> Path:
+    """The example VoiceAgent's config as the operator renders it (Deepgram, OpenAI,
+    ElevenLabs; a tool header from a Secret key)."""
+    spec = parse_spec(yaml.safe_load(EXAMPLE.read_text())["spec"])
+    config = render.runtime_config(render.VoiceAgentRef("support", "acme", "uid-1"), spec)
+    path = tmp_path / "config.yaml"
+    path.write_text(render.config_yaml(config))
+    return path
+
+
+def test_start_up_names_every_missing_variable_and_where_it_comes_from(tmp_path: Path) -> None:
+    path = example_config_file(tmp_path)
+    header = "VOICEFLEET_SECRET_ACME_ORDERS_API_AUTHORIZATION_60E965"
+    environ = {"VOICEFLEET_CONFIG": str(path), "OPENAI_API_KEY": "sk-test", header: ""}
+    with pytest.raises(ConfigError) as error:
+        load_from_environment(environ)
+    assert str(error.value) == (
+        "environment variables required by the config are not set: "
+        f"{header}, DEEPGRAM_API_KEY, ELEVEN_API_KEY "
+        "(provide them from a Secret: spec.secretRefs or the header's secretKeyRef)"
+    )
+    environ |= {header: "Bearer t", "DEEPGRAM_API_KEY": "dg", "ELEVEN_API_KEY": "el"}
+    config = load_from_environment(environ)
+    assert missing_environment(config, environ) == []
+    assert config.provider_key_env_vars() == [
+        "DEEPGRAM_API_KEY",
+        "ELEVEN_API_KEY",
+        "OPENAI_API_KEY",
+    ]
+
+
+def test_start_up_without_a_config_path_says_what_to_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_from_environment({})
+    assert str(error.value) == (
+        "VOICEFLEET_CONFIG is not set; set it to the path of the config file"
+    )
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as error:
+        load_from_environment({"VOICEFLEET_CONFIG": str(missing)})
+    assert str(error.value) == (
+        f"cannot read config file {missing} (No such file or directory); set VOICEFLEET_CONFIG "
+        "to the path of the rendered config"
+    )
+    assert error.value.__cause__ is None  # no traceback chain into the log
+
+
+def test_a_realtime_pipeline_needs_only_its_own_key() -> None:
+    config = parse_config(
+        {
+            **VALID,
+            "pipeline": {"realtime": {"provider": "openai", "model": "gpt-realtime"}},
+        }
+    )
+    assert config.provider_key_env_vars() == ["OPENAI_API_KEY"]
+    assert missing_environment(config, {}) == ["OPENAI_API_KEY"]
