@@ -475,7 +475,7 @@ def test_available_below_updated_is_a_rollout_until_the_controller_says_it_is_do
 def test_workers_available_messages() -> None:
     def message(body: dict[str, Any] | None) -> tuple[str, str, str, str]:
         update = workers_condition(WorkloadFacts.from_deployment(body))
-        return update.type, update.status, update.reason, update.message
+        return update.type, str(update.status), update.reason, update.message
 
     assert message(None) == (
         "WorkersAvailable",
@@ -606,3 +606,17 @@ def test_next_status_keeps_the_generation_counts_and_phase() -> None:
 
 def test_now_is_rfc3339_to_the_second() -> None:
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", now_rfc3339())
+
+
+def test_the_status_written_is_the_apis_typed_status() -> None:
+    """next_status returns VoiceAgentStatus' wire form: a field of the wrong name or type fails
+    in the operator, never as a status the API server prunes or refuses."""
+    from pydantic import ValidationError
+
+    new = next_status(None, generation=1, fields={"activeJobs": 2, "load": 0.5})
+    assert VoiceAgentStatus.model_validate(new).active_jobs == 2
+    assert new["conditions"][0]["type"] == "Ready"
+    with pytest.raises(ValidationError, match="activeJobs"):
+        next_status(None, generation=1, fields={"activeJobs": -1})
+    with pytest.raises(ValidationError, match="activeJob"):
+        next_status(None, generation=1, fields={"activeJob": 2})  # a misspelt field
