@@ -603,6 +603,7 @@ AGENT_LIST_SETS: Final = ("tools", "handoffs")
 # --- status -----------------------------------------------------------------------------------
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
 
 CONDITION_READY: Final = "Ready"
 CONDITION_CONFIG_VALID: Final = "ConfigValid"
@@ -628,7 +629,7 @@ class Condition(Model):
     type: Annotated[str, Field(min_length=1, max_length=316, pattern=CONDITION_TYPE)]
     """Condition type: Ready, ConfigValid, Reconciled, WorkersAvailable, TelephonyReady,
     ScalingActive or CapacityLimited."""
-    status: Literal["True", "False", "Unknown"]
+    status: ConditionStatus
     """Whether the condition holds: True, False or Unknown."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON)]
     """Machine-readable CamelCase reason for the last transition."""

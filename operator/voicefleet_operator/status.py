@@ -9,7 +9,10 @@ telephony and scaling) describes what it observed as `ConditionUpdate`s and fiel
 - `Ready` is derived, never set directly: True when every gate is True. ConfigValid, Reconciled
   and WorkersAvailable are required gates; TelephonyReady gates Ready only while it is present
   (it exists only for VoiceAgents with numbers); ScalingActive is informational;
-- the phase summarises conditions and the Deployment's rollout state.
+- the phase summarises conditions and the Deployment's rollout state;
+- the result is the API's `VoiceAgentStatus` (api.py, the one definition of the status' shape,
+  condition types and phases): a field of the wrong name or type fails here, in the operator's
+  own tests, never as a status the API server prunes or refuses.
 """
 
 from __future__ import annotations
@@ -17,30 +20,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
     CONDITION_READY,
     CONDITION_RECONCILED,
-    CONDITION_SCALING_ACTIVE,
     CONDITION_TELEPHONY_READY,
+    CONDITION_TYPES,
     CONDITION_WORKERS_AVAILABLE,
+    ConditionStatus,
     Phase,
+    VoiceAgentStatus,
 )
 
 REQUIRED_GATES = (CONDITION_CONFIG_VALID, CONDITION_RECONCILED, CONDITION_WORKERS_AVAILABLE)
 OPTIONAL_GATES = (CONDITION_TELEPHONY_READY,)
-CONDITION_ORDER = (
-    CONDITION_READY,
-    CONDITION_CONFIG_VALID,
-    CONDITION_RECONCILED,
-    CONDITION_WORKERS_AVAILABLE,
-    CONDITION_TELEPHONY_READY,
-    CONDITION_SCALING_ACTIVE,
-)
-
-ConditionStatus = Literal["True", "False", "Unknown"]
+CONDITION_ORDER = CONDITION_TYPES
 
 
 def now_rfc3339() -> str:
@@ -302,7 +298,14 @@ def next_status(
             status.pop(key, None)
         else:
             status[key] = value
-    return status
+    return typed(status)
+
+
+def typed(status: Mapping[str, Any]) -> dict[str, Any]:
+    """`status` as the API's VoiceAgentStatus admits it, in its wire form (raises
+    pydantic.ValidationError naming the field that does not fit)."""
+    model = VoiceAgentStatus.model_validate(dict(status))
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
