@@ -129,9 +129,7 @@ def network_policy_spec(
     metrics = {"protocol": "TCP", "port": spec.worker.metrics_port}
     ingress: list[dict[str, Any]] = []
     if settings.platform_namespace:
-        ingress.append(
-            {"from": [_namespace_peer(settings.platform_namespace)], "ports": [metrics]}
-        )
+        ingress.append({"from": [_namespace_peer(settings.platform_namespace)], "ports": [metrics]})
     if settings.monitoring_namespace_selector is not None:
         peer: dict[str, Any] = {
             "namespaceSelector": {"matchLabels": dict(settings.monitoring_namespace_selector)}
