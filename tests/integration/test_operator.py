@@ -888,9 +888,9 @@ def test_rotated_secrets_roll_the_workers_within_seconds(
 
         def secrets_hash() -> str:
             deployment = apps.read_namespaced_deployment("support", render.worker_namespace(tenant))
-            return str(
-                deployment.spec.template.metadata.annotations[render.ANNOTATION_SECRETS_HASH]
-            )
+            metadata = deployment.spec.template.metadata
+            assert metadata is not None and metadata.annotations is not None
+            return str(metadata.annotations[render.ANNOTATION_SECRETS_HASH])
 
         first = secrets_hash()
         rotated_at = time.monotonic()
