@@ -477,15 +477,18 @@ async def _delete_agent_and_stop(
     tenant: str,
     operator: OperatorProcess,
 ) -> None:
-    """Delete the test's VoiceAgent, wait until its finalizer is done, stop the operator."""
-    with contextlib.suppress(k8s.ApiException):
-        k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
-            "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
+    """Delete the test's VoiceAgent, wait until its finalizer is done, stop the operator (also
+    when the wait fails: a failed test must not leave its operator running)."""
+    try:
+        with contextlib.suppress(k8s.ApiException):
+            k8s.CustomObjectsApi(cluster.api_client).delete_namespaced_custom_object(
+                "voicefleet.dev", "v1alpha1", tenant, "voiceagents", AGENT
+            )
+        await asyncio.to_thread(
+            wait_for, "the VoiceAgent gone", lambda: not _exists(cluster, tenant), 60
         )
-    await asyncio.to_thread(
-        wait_for, "the VoiceAgent gone", lambda: not _exists(cluster, tenant), 60
-    )
-    stop_cleanly(operator)
+    finally:
+        stop_cleanly(operator)
 
 
 def _exists(cluster: ClusterHandle, tenant: str) -> bool:  # noqa: F811
