@@ -276,3 +276,10 @@ def test_scale_table_has_a_row_per_size_with_the_floor() -> None:
     assert small.split()[0] == "100" and large.split()[0] == "1000"
     assert large.split() == ["1000", "19.4", "40.0", "180", "0.080", "150", "12", "30.0",
                              "3.0", "1.5", "0", "0", "50", "20", "3.2"]  # fmt: skip
+
+
+def test_scale_a_failed_size_is_a_row_and_a_missed_target() -> None:
+    failed = {"voiceagents": 1000, "error": "1000 reconciled: not within 300s (517 seen)"}
+    text = scale.table([_size(voiceagents=300), failed])
+    assert text.splitlines()[-1].split() == ["1000", "failed"]
+    assert scale.missed_targets(failed) == ["failed: 1000 reconciled: not within 300s (517 seen)"]

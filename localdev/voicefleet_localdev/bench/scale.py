@@ -181,8 +181,11 @@ def table(sizes: list[dict[str, Any]]) -> str:
         "floor apply s", "floor delete s", "API errors", "leftovers", "CPU s create",
         "CPU s delete", "load",
     )  # fmt: skip
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for s in sizes:
+        if "error" in s:
+            rows.append((str(s["voiceagents"]), "failed", *[""] * (len(header) - 2)))
+            continue
         rows.append(
             (
                 str(s["voiceagents"]), f"{s['apply_s']:.1f}",
@@ -203,6 +206,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
 
 def missed_targets(size: dict[str, Any]) -> list[str]:
     """Which of the issue's targets a size misses (with its figure)."""
+    if "error" in size:
+        return [f"failed: {size['error']}"]
     missed = [
         f"{key} {size[key]} > {limit:g}" for key, limit in TARGETS.items() if size[key] > limit
     ]
@@ -595,12 +600,18 @@ def run(
                 core.create_namespaced_secret(namespace, secret)
         for index, count in enumerate(sizes):
             print(f"scale: {count} VoiceAgents over {namespaces} namespaces", flush=True)
-            results["sizes"].append(
-                run_size(
-                    api, per_size[index], platform, count, parallel=parallel, settle_s=settle_s,
-                    timeout_s=timeout_s, workdir=workdir, report=report,
-                )
-            )  # fmt: skip
+            try:
+                results["sizes"].append(
+                    run_size(
+                        api, per_size[index], platform, count, parallel=parallel,
+                        settle_s=settle_s, timeout_s=timeout_s, workdir=workdir, report=report,
+                    )
+                )  # fmt: skip
+            except BenchError as error:
+                # Kept with the sizes measured before it; larger sizes are not tried.
+                report(f"{count}: FAILED: {error}")
+                results["sizes"].append({"voiceagents": count, "error": str(error)})
+                break
     finally:
         with contextlib.suppress(ApiException, OSError, urllib3.exceptions.HTTPError):
             stuck = strip_finalizers(k8s.CustomObjectsApi(api), tenants)
