@@ -21,6 +21,7 @@ from voicefleet_operator.status import (
     phase_for,
     ready_condition,
     set_condition,
+    status_changed,
     transitions,
     workers_condition,
 )
@@ -620,3 +621,22 @@ def test_the_status_written_is_the_apis_typed_status() -> None:
         next_status(None, generation=1, fields={"activeJobs": -1})
     with pytest.raises(ValidationError, match="activeJob"):
         next_status(None, generation=1, fields={"activeJob": 2})  # a misspelt field
+
+
+def test_an_observer_without_a_generation_stamps_new_conditions_with_the_reconciled_one() -> None:
+    reconciled = next_status(None, generation=5, observed_generation=5, now=T0)
+    later = next_status(
+        reconciled,
+        generation=None,
+        updates=[ConditionUpdate.false("TelephonyReady", "LiveKitError", "boom")],
+        now=T1,
+    )
+    telephony = find_condition(later["conditions"], "TelephonyReady")
+    assert telephony is not None and telephony["observedGeneration"] == 5
+
+
+def test_status_changed_compares_whole_statuses() -> None:
+    assert not status_changed(None, {})
+    assert status_changed(None, {"phase": "Pending"})
+    assert not status_changed({"phase": "Ready"}, {"phase": "Ready"})
+    assert status_changed({"phase": "Ready"}, {"phase": "Degraded"})
