@@ -427,3 +427,27 @@ def test_the_error_names_every_missing_key() -> None:
 
 def test_retry_delay_stays_capped_for_huge_retry_counts() -> None:
     assert telephony.retry_delay(17) == telephony.retry_delay(16) == 300.0
+
+
+def test_own_trunk_does_not_hide_the_trunks_after_it() -> None:
+    # LiveKit lists trunks in any order; ours (ST_a) sorts first, a foreign one holds NUMBER_B.
+    mine = foreign_trunk("ST_a", "voicefleet:tenant-a/support", [NUMBER_A])
+    other = foreign_trunk("ST_b", "voicefleet:tenant-b/sales", [NUMBER_B])
+    resolution = telephony.resolve_numbers(target(numbers=(NUMBER_A, NUMBER_B)), [other, mine], [])
+    assert resolution.in_service == (NUMBER_A,)
+    assert resolution.conflicts == (
+        NumberConflict(NUMBER_B, "VoiceAgent tenant-b/sales (SIP trunk ST_b)"),
+    )
+
+
+def test_a_number_written_twice_is_resolved_once() -> None:
+    # The same number with and without '+', then another: one line each in the result.
+    resolution = telephony.resolve_numbers(
+        target(numbers=(NUMBER_A, NUMBER_A.lstrip("+"), NUMBER_B)), [], []
+    )
+    assert resolution.in_service == (NUMBER_A, NUMBER_B)
+    held = foreign_trunk("ST_b", "voicefleet:tenant-b/sales", [NUMBER_A])
+    conflicted = telephony.resolve_numbers(
+        target(numbers=(NUMBER_A, NUMBER_A.lstrip("+"))), [held], []
+    )
+    assert [c.number for c in conflicted.conflicts] == [NUMBER_A]
