@@ -669,3 +669,45 @@ def test_worker_pod_from_a_pod_object() -> None:
     assert pod == WorkerPod("w-1", "10.0.0.7", True, True, {DELETION_COST_ANNOTATION: "0"})
     assert pod.reported_before
     assert not WorkerPod.from_pod({"metadata": {"name": "x"}}).ready
+
+
+# --- the policy's own bounds (issue 18: the mutation run found its edges unguarded) ----------
+
+
+def test_the_policy_accepts_each_bound_itself() -> None:
+    edge = policy(
+        jobs_per_worker=1,
+        target_load=1.0,
+        load_threshold=1.0,
+        spare_jobs=0,
+        min_replicas=5,
+        max_replicas=5,
+        scale_down_delay_seconds=0,
+        pinned_replicas=0,
+    )
+    assert (edge.jobs_per_worker, edge.spare_jobs, edge.pinned_replicas) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"jobs_per_worker": 0}, "worker.jobsPerWorker must be at least 1"),
+        ({"target_load": 0.0}, "scaling.targetLoad must be in (0, 1]"),
+        ({"target_load": 1.01}, "scaling.targetLoad must be in (0, 1]"),
+        ({"load_threshold": 0.0}, "worker.loadThreshold must be in (0, 1]"),
+        ({"load_threshold": 1.5}, "worker.loadThreshold must be in (0, 1]"),
+        ({"spare_jobs": -1}, "scaling.spareJobs must not be negative"),
+        (
+            {"min_replicas": 6, "max_replicas": 5},
+            "scaling.minReplicas must be between 0 and scaling.maxReplicas",
+        ),
+        ({"scale_down_delay_seconds": -1}, "scaling.scaleDownDelaySeconds must not be negative"),
+        ({"pinned_replicas": -1}, "scaling.replicas must not be negative"),
+    ],
+)
+def test_the_policy_refuses_just_beyond_each_bound_naming_the_field(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError) as error:
+        policy(**changes)
+    assert str(error.value) == message
