@@ -711,3 +711,62 @@ def test_the_policy_refuses_just_beyond_each_bound_naming_the_field(
     with pytest.raises(ValueError) as error:
         policy(**changes)
     assert str(error.value) == message
+
+
+# --- each decision in full: replicas, demand, reason, message, window (issue 18) -------------
+
+WHY = "0 active jobs + 1 spare over 1.4 jobs per worker"
+
+
+def decision(current: int, active: int = 0, **kwargs: object) -> Decision:
+    pending = kwargs.pop("pending", None)
+    return decide(
+        current_replicas=current,
+        active_jobs=active,
+        policy=policy(**kwargs),
+        pending=pending,  # type: ignore[arg-type]
+        now=T0,
+    )
+
+
+def test_each_decision_in_full() -> None:
+    assert decision(1, pinned_replicas=3) == Decision(
+        3, 1, Reason.PINNED, f"pinned to 3 by spec.scaling.replicas ({WHY})"
+    )
+    assert decision(1, active=2) == Decision(
+        3, 3, Reason.SCALE_UP, "2 active jobs + 1 spare over 1.4 jobs per worker need 3 replicas"
+    )
+    assert decision(7) == Decision(
+        5, 1, Reason.ABOVE_MAXIMUM, "7 replicas exceed scaling.maxReplicas 5"
+    )
+    assert decision(3) == Decision(
+        3,
+        1,
+        Reason.SCALE_DOWN_PENDING,
+        f"{WHY} need 1 replicas; keeping 3 until demand stays lower for 10s (lower since "
+        "12:00:00Z)",
+        PendingScaleDown(since=T0, peak=1),
+    )
+    waited = PendingScaleDown(since=T0 - timedelta(seconds=20), peak=2)
+    assert decision(4, pending=waited) == Decision(
+        2,
+        1,
+        Reason.SCALE_DOWN,
+        f"{WHY} need 1 replicas (at most 2 for 20s); scaling down to 2",
+    )
+
+
+def test_the_scale_down_window_keeps_its_peak_and_restarts_only_when_stale() -> None:
+    # A window opened this very second is kept (with its higher peak), not restarted.
+    now_open = decision(3, pending=PendingScaleDown(since=T0, peak=2))
+    assert now_open.pending == PendingScaleDown(since=T0, peak=2)
+    # A peak as high as the current replicas means the window is from another time: restart.
+    stale = decision(3, pending=PendingScaleDown(since=T0 - timedelta(seconds=20), peak=3))
+    assert (stale.reason, stale.pending) == (
+        Reason.SCALE_DOWN_PENDING,
+        PendingScaleDown(since=T0, peak=1),
+    )
+    # Demand rising inside the window raises its peak.
+    opened = T0 - timedelta(seconds=5)
+    rising = decision(4, active=2, pending=PendingScaleDown(since=opened, peak=1))
+    assert rising.pending == PendingScaleDown(since=opened, peak=3)
