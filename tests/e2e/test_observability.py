@@ -12,12 +12,15 @@ local Prometheus discovers both through the cluster and loads the chart's Promet
            it; with two idle processes livekit-agents lets an overlapping request through to
            the worker's capacity gate, which refuses it), so the agent is at capacity;
   broken   a VoiceAgent whose ConfigMap name is taken by a foreign object (reconcile error) and
-           whose SIP auth Secret does not exist (telephony provisioning error).
+           whose SIP auth Secret does not exist (telephony provisioning error);
+  crashing a VoiceAgent whose tenant set a memory limit no worker can start in (64Mi): its
+           container is OOM-killed at start-up, again and again (CrashLoopBackOff).
 
 Every dashboard panel's query must then return at least one series (a real number for the
 quantiles), the capacity alert must fire for `full` and not for `quality`, the reconcile and
-telephony alerts must fire for `broken`, the turn latency alert for `quality` and the dispatch
-rejections alert for `full` (a second burst beyond its overflow slots is refused). The plot
+telephony alerts must fire for `broken`, the turn latency alert for `quality`, the dispatch
+rejections alert for `full` (a second burst beyond its overflow slots is refused), and the
+crash-loop alert for the `crashing` worker pod (which has no capacity either). The plot
 command draws the run to <state>/logs/observability-e2e.png.
 """
 
@@ -65,6 +68,7 @@ RULE_OVERRIDES = (
     "--set", "monitoring.prometheusRule.telephonyNotReady.for=15s",
     "--set", "monitoring.prometheusRule.dispatchRejections.for=15s",
     "--set", "monitoring.prometheusRule.turnLatency.for=15s",
+    "--set", "monitoring.prometheusRule.workersCrashLooping.for=15s",
 )  # fmt: skip
 # The quality agent's replies are held back this long (time to first token): its turns are
 # slower than the chart's p95 threshold (1.5 s), so VoiceFleetTurnLatencyHigh fires for it.
@@ -301,7 +305,15 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         "metadata": {"name": ChildNames.of("broken").config_map, "namespace": workers},
         "data": {"owner": "someone else"},
     })  # fmt: skip
-    for agent in (healthy, full, broken):
+    # A memory limit no worker starts in: OOM-killed at start-up, over and over.
+    crashing = voiceagent(
+        tenant, "crashing", pod_providers,
+        worker={"jobsPerWorker": 1, "idleProcesses": 0,
+                "resources": {"requests": {"cpu": "20m", "memory": "64Mi"},
+                              "limits": {"memory": "64Mi"}}},
+        scaling={"minReplicas": 1, "maxReplicas": 1, "spareJobs": 0},
+    )  # fmt: skip
+    for agent in (healthy, full, broken, crashing):
         _apply(cluster, agent)
     # Every reply of the quality agent's conversations comes SLOW_REPLY_S late.
     pod_providers.script_llm(
@@ -340,7 +352,7 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
             "get",
             "pods",
             "-l",
-            "app.kubernetes.io/component=worker",
+            f"app.kubernetes.io/component=worker,{render.LABEL_VOICE_AGENT}!=crashing",
         )["items"]
     }
 
@@ -405,20 +417,23 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         results["empty_queries"] = empty
         assert not empty, "queries without a series:\n" + "\n".join(empty)
 
-        # The capacity alert fires for the full agent, and only for it.
+        # The capacity alert fires for the full agent and the crashing one, and only for them.
         def capacity_alert() -> list[dict[str, Any]] | None:
             firing = [
                 a for a in prometheus.alerts()
                 if a["labels"]["alertname"] == "VoiceFleetNoSpareCapacity"
                 and a["state"] == "firing" and a["labels"].get("tenant") == tenant
             ]  # fmt: skip
-            return firing or None
+            # `crashing` too: its wanted worker never runs, so it has no free slot at all.
+            return (
+                firing if {"full", "crashing"} <= {a["labels"]["agent"] for a in firing} else None
+            )
 
         firing = await asyncio.to_thread(
             wait_for, "VoiceFleetNoSpareCapacity to fire", capacity_alert, 120, 2
         )
-        assert {a["labels"]["agent"] for a in firing} == {"full"}, firing
-        alert = firing[0]
+        assert {a["labels"]["agent"] for a in firing} == {"full", "crashing"}, firing
+        alert = next(a for a in firing if a["labels"]["agent"] == "full")
         assert alert["annotations"]["runbook_url"].endswith("#voicefleetnosparecapacity")
         assert f"{tenant}/full" in alert["annotations"]["summary"]
         results["capacity_alert"] = alert
@@ -453,6 +468,34 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
         )
         assert {a["labels"]["agent"] for a in found} == {agent_name}, found
         results[name] = found[0]["labels"]
+
+    # The crashing worker: its container was OOM-killed and restarted (the cause), and the
+    # crash-loop alert names its pod.
+    def crash_looping() -> list[dict[str, Any]] | None:
+        pods = _kubectl_json(
+            cluster, "-n", workers, "get", "pods", "-l", f"{render.LABEL_VOICE_AGENT}=crashing"
+        )["items"]
+        restarted = {
+            pod["metadata"]["name"]
+            for pod in pods
+            for container in (pod.get("status") or {}).get("containerStatuses") or []
+            if container["restartCount"] > 0
+            and ((container.get("lastState") or {}).get("terminated") or {}).get("reason")
+            == "OOMKilled"
+        }
+        firing = [
+            a for a in prometheus.alerts()
+            if a["labels"]["alertname"] == "VoiceFleetWorkersCrashLooping"
+            and a["state"] == "firing" and a["labels"].get("namespace") == workers
+        ]  # fmt: skip
+        return firing if restarted and firing else None
+
+    found = await asyncio.to_thread(
+        wait_for, "VoiceFleetWorkersCrashLooping to fire", crash_looping, 180, 2
+    )
+    assert {a["labels"]["pod"].rsplit("-", 2)[0] for a in found} == {"crashing"}, found
+    assert found[0]["annotations"]["runbook_url"].endswith("#voicefleetworkerscrashlooping")
+    results["VoiceFleetWorkersCrashLooping"] = found[0]["labels"]
 
     # The plot of this run, from the same Prometheus.
     output, lines = plot.plot(PLOT_FILE, start=started - 60, end=time.time(), tenant=tenant)
