@@ -39,11 +39,13 @@ class Unschedulable:
 
 
 def unschedulable_pods(pods: Iterable[Mapping[str, Any]]) -> list[Unschedulable]:
-    """Worker pods the scheduler reported it cannot place (not being deleted)."""
+    """Worker pods the scheduler reported it cannot place (not being deleted, not bound to a
+    node: a pod bound since, e.g. by another scheduler or once room was made, may still carry
+    the stale verdict until its kubelet reports)."""
     found = []
     for pod in pods:
         metadata = pod.get("metadata") or {}
-        if metadata.get("deletionTimestamp"):
+        if metadata.get("deletionTimestamp") or (pod.get("spec") or {}).get("nodeName"):
             continue
         for condition in (pod.get("status") or {}).get("conditions") or []:
             if (

@@ -47,6 +47,8 @@ def test_unschedulable_pods() -> None:
         pod("c", "False", "SchedulingGated"),
         pod("d", "False", "Unschedulable", deletionTimestamp="2026-01-01T00:00:00Z"),
         {"metadata": {"name": "e"}, "status": {}},
+        # bound to a node since: the scheduler's verdict is stale until its kubelet reports
+        {**pod("f", "False", "Unschedulable"), "spec": {"nodeName": "node-1"}},
     ]
     assert [(p.pod, p.message) for p in unschedulable_pods(pods)] == [("b", INSUFFICIENT_CPU)]
 
