@@ -54,20 +54,28 @@ def reconciled(agent: dict[str, Any]) -> bool:
     )
 
 
+def bench_settings(
+    livekit: LiveKitEndpoint, namespaces: tuple[str, ...], secret_namespace: str
+) -> PlatformSettings:
+    """The operator's settings for a benchmark (reconcile and scale modes): serving only
+    `namespaces`, the LiveKit Secret in `secret_namespace`."""
+    host = paths.host_address_for_pods() or "127.0.0.1"
+    return PlatformSettings(
+        livekit_url=f"ws://{host}:7880",
+        livekit_api_url=livekit.url.replace("ws://", "http://"),
+        livekit_secret_name="voicefleet-livekit",
+        livekit_secret_namespace=secret_namespace,
+        runtime_image="localhost/voicefleet/runtime:dev",
+        runtime_image_pull_policy="Never",
+        watch_namespaces=namespaces,
+    )
+
+
 class Operator(OperatorProcess):
     """The operator as its pod runs it, serving only the benchmark's namespace."""
 
     def __init__(self, namespace: str, workdir: Path, livekit: LiveKitEndpoint) -> None:
-        host = paths.host_address_for_pods() or "127.0.0.1"
-        settings = PlatformSettings(
-            livekit_url=f"ws://{host}:7880",
-            livekit_api_url=livekit.url.replace("ws://", "http://"),
-            livekit_secret_name="voicefleet-livekit",
-            livekit_secret_namespace=namespace,
-            runtime_image="localhost/voicefleet/runtime:dev",
-            runtime_image_pull_policy="Never",
-            watch_namespaces=(namespace,),
-        )
+        settings = bench_settings(livekit, (namespace,), namespace)
         super().__init__(settings, paths.kubeconfig(), workdir / "operator.log")
 
     def reconcile_histogram(self) -> tuple[float, float]:

@@ -42,10 +42,16 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 from voicefleet_operator.render import worker_namespace
-from voicefleet_operator.settings import PlatformSettings
 
 from voicefleet_localdev import paths
-from voicefleet_localdev.bench.reconcile import GROUP, PLURAL, VERSION, bench_voiceagent, reconciled
+from voicefleet_localdev.bench.reconcile import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    bench_settings,
+    bench_voiceagent,
+    reconciled,
+)
 from voicefleet_localdev.bench.workers import BenchError
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
@@ -400,17 +406,7 @@ def leftovers(api: k8s.ApiClient, namespaces: list[str], run: str) -> dict[str, 
 
 class Operator(OperatorProcess):
     def __init__(self, namespaces: list[str], platform: str, log: Path) -> None:
-        livekit = LiveKitEndpoint()
-        host = paths.host_address_for_pods() or "127.0.0.1"
-        settings = PlatformSettings(
-            livekit_url=f"ws://{host}:7880",
-            livekit_api_url=livekit.url.replace("ws://", "http://"),
-            livekit_secret_name="voicefleet-livekit",
-            livekit_secret_namespace=platform,
-            runtime_image="localhost/voicefleet/runtime:dev",
-            runtime_image_pull_policy="Never",
-            watch_namespaces=tuple(namespaces),
-        )
+        settings = bench_settings(LiveKitEndpoint(), tuple(namespaces), platform)
         super().__init__(settings, paths.kubeconfig(), log)
 
 
