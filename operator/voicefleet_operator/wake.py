@@ -214,16 +214,14 @@ class FleetStandby:
                 elif self.state.registered_workers == 0 and self.state.no_worker_can_start:
                     # No wake can happen: the treatment now, not after the wake timeout.
                     why = self.state.no_worker_can_start
-                    await _treat(lkapi, room, callers, UNSCHEDULABLE_REASON)
-                    metrics.WAKES.labels(*labels, "unschedulable").inc()
-                    message = (
+                    await self._turn_away(
+                        lkapi, room, callers, UNSCHEDULABLE_REASON, "unschedulable",
+                        "WakeImpossible",
                         f"no worker registered and {why}: the caller of room {room} was turned "
                         f"away at once (phone: 486 Busy Here; WebRTC: attribute "
                         f"{OVERFLOW_ATTRIBUTE}={UNSCHEDULABLE_REASON}). See the CapacityLimited "
-                        "condition"
-                    )
-                    log.warning("%s/%s: %s", *labels, message)
-                    post_event(self.body, "Warning", "WakeImpossible", message)
+                        "condition",
+                    )  # fmt: skip
                 elif self.state.registered_workers > 0:
                     await self._hand_over(lkapi, job)
                     waited = time.monotonic() - taken
@@ -237,16 +235,13 @@ class FleetStandby:
                         waited,
                     )
                 else:
-                    await _treat(lkapi, room, callers, WAKE_TIMEOUT_REASON)
-                    metrics.WAKES.labels(*labels, "timed_out").inc()
-                    message = (
+                    await self._turn_away(
+                        lkapi, room, callers, WAKE_TIMEOUT_REASON, "timed_out", "WakeTimedOut",
                         f"no worker registered within {self.ctx.settings.wake_timeout_seconds:g}s "
                         f"of a call (room {room}); the caller was turned away (phone: 486 Busy "
                         f"Here; WebRTC: attribute {OVERFLOW_ATTRIBUTE}={WAKE_TIMEOUT_REASON}). "
-                        "See the CapacityLimited and WorkersAvailable conditions"
-                    )
-                    log.warning("%s/%s: %s", *labels, message)
-                    post_event(self.body, "Warning", "WakeTimedOut", message)
+                        "See the CapacityLimited and WorkersAvailable conditions",
+                    )  # fmt: skip
         except (aiohttp.ClientError, livekit_api.TwirpError, TimeoutError) as error:
             log.warning("%s/%s: room %s: waking failed: %s", *labels, room, error)
         finally:
@@ -267,6 +262,22 @@ class FleetStandby:
             for task in waits:
                 task.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _turn_away(
+        self,
+        lkapi: livekit_api.LiveKitAPI,
+        room: str,
+        callers: list[models.ParticipantInfo],
+        reason: str,
+        result: str,
+        event_reason: str,
+        message: str,
+    ) -> None:
+        """The no-worker treatment for the room's callers, counted, logged and posted."""
+        await _treat(lkapi, room, callers, reason)
+        metrics.WAKES.labels(self.namespace, self.name, result).inc()
+        log.warning("%s/%s: %s", self.namespace, self.name, message)
+        post_event(self.body, "Warning", event_reason, message)
 
     async def _hand_over(self, lkapi: livekit_api.LiveKitAPI, job: agent.Job) -> None:
         request = livekit_api.CreateAgentDispatchRequest(
