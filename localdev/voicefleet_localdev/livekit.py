@@ -291,6 +291,10 @@ def livekit_server_config() -> str:
             # No STUN lookups (no internet here): advertise one address reachable by all.
             "use_external_ip": False,
             "node_ip": node_ip(),
+            # IPv4 only. node_ip rewrites the IPv4 host candidates alone; an IPv6 address on the
+            # host (fd00::2 on the CI machine) stayed a candidate, and host clients sometimes
+            # picked it, a path pods (IPv4-only) never have. ::/0 does not contain IPv4 addresses.
+            "ips": {"excludes": ["::/0"]},
         },
         "prometheus": {"port": LIVEKIT_METRICS_PORT},
         "logging": {"level": "info", "json": False},
