@@ -8,14 +8,24 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ConfigDict
 from voicefleet_operator.api import (
+    SecretReference,
     SpecError,
     VoiceAgent,
     VoiceAgentSpec,
+    _list_semantics,
+    _schema_extra,
     parse_spec,
     parse_status,
 )
-from voicefleet_runtime.config import AgentsSection, TelephonyOptions, WorkerSettings
+from voicefleet_runtime.config import (
+    AgentsSection,
+    Model,
+    TelephonyOptions,
+    WorkerSettings,
+    cel,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -201,3 +211,81 @@ def test_a_field_error_does_not_hide_the_cross_field_checks() -> None:
     lines = str(raised.value).splitlines()
     assert lines[0].startswith("spec.worker.jobsPerWorker: Input should be greater than or equal")
     assert any("entry 'nobody' names no agent" in line for line in lines), lines
+
+
+def test_allowed_addresses_take_a_cidr_with_host_bits_as_the_api_server_does() -> None:
+    """The API server's `isCIDR` accepts `10.0.0.1/8` (host bits set); the operator must not
+    refuse what the API server stored, or a stored VoiceAgent would turn ConfigValid=False."""
+    spec = parse_spec(
+        _mutate("telephony.inbound.allowedAddresses", ["10.0.0.1/8", "2001:db8::1/32"])
+    )
+    assert spec.telephony is not None and spec.telephony.inbound is not None
+    assert spec.telephony.inbound.allowed_addresses == ["10.0.0.1/8", "2001:db8::1/32"]
+
+
+def test_a_bad_allowed_address_is_named_with_an_example_of_the_fix() -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(_mutate("telephony.inbound.allowedAddresses", ["10.0.0.0/8", "office"]))
+    assert (
+        "spec.telephony.inbound.allowedAddresses[1]: 'office' is not an IP address or CIDR "
+        "range (e.g. 10.0.0.0/8, 192.0.2.10)"
+    ) in str(raised.value)
+
+
+@pytest.mark.parametrize("value", [1, 2, "500m", "1.5Gi", "1" * 64])
+def test_resource_quantities_kubernetes_accepts(value: Any) -> None:
+    spec = parse_spec(_mutate("worker.resources", {"requests": {"cpu": value}}))
+    assert spec.worker.resources is not None and spec.worker.resources.requests is not None
+    assert spec.worker.resources.requests.cpu == value
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(True, "True"), (1.5, "1.5"), ("1" * 65, repr("1" * 65)), ("lots", "'lots'")],
+    ids=["boolean", "float", "65-characters", "word"],
+)
+def test_resource_quantities_kubernetes_refuses_are_named(value: Any, shown: str) -> None:
+    """A YAML `true` is not the quantity 1, and a number of more than 64 characters is not one
+    the API server would store; the error names the field, the value and examples."""
+    with pytest.raises(SpecError) as raised:
+        parse_spec(_mutate("worker.resources", {"requests": {"cpu": value}}))
+    assert (
+        f"spec.worker.resources.requests.cpu: {shown} is not a Kubernetes quantity "
+        "(e.g. 500m, 2, 1.5Gi, 512Mi)"
+    ) in str(raised.value)
+
+
+def test_list_semantics_and_rules_are_written_into_a_models_schema() -> None:
+    """The CRD generator's helpers: keyed lists become `map` lists with their key, scalar lists
+    `set`s (the API server then rejects duplicates and server-side apply merges item by item),
+    and the model's CEL rules its `x-kubernetes-validations`. Applied to a model built here, as
+    the API models are built when the module is imported."""
+    rule = cel("size(self.items) > 0", "add an item", ".items")
+
+    class Lists(Model):
+        items: list[SecretReference] = []
+        tags: list[str] = []
+        notes: list[str] = []
+
+        model_config = ConfigDict(
+            json_schema_extra=_schema_extra(
+                _list_semantics(maps={"items": "name"}, sets=("tags",)), [rule]
+            )
+        )
+
+    class Plain(Model):
+        tags: list[str] = []
+
+        model_config = ConfigDict(json_schema_extra=_schema_extra(_list_semantics()))
+
+    schema = Lists.model_json_schema(by_alias=True)
+    properties = schema["properties"]
+    assert properties["items"]["x-kubernetes-list-type"] == "map"
+    assert properties["items"]["x-kubernetes-list-map-keys"] == ["name"]
+    assert properties["tags"]["x-kubernetes-list-type"] == "set"
+    assert properties["tags"]["items"] == {"type": "string"}  # the property's own schema kept
+    assert "x-kubernetes-list-type" not in properties["notes"]
+    assert schema["x-kubernetes-validations"] == [rule]
+    plain = Plain.model_json_schema(by_alias=True)
+    assert "x-kubernetes-list-type" not in plain["properties"]["tags"]
+    assert "x-kubernetes-validations" not in plain
