@@ -88,6 +88,7 @@ class OperatorContext:
     _platform_secret_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _worker_namespaces: dict[str, tuple[float, Any]] = field(default_factory=dict)
     _worker_namespace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _reconciled_at: dict[tuple[str, str], float] = field(default_factory=dict)
     orphan_sweep: object | None = None
     """wake.OrphanSweep, made by the first standby that registers."""
 
@@ -102,6 +103,18 @@ class OperatorContext:
 
     def forget_wake(self, namespace: str, name: str) -> None:
         self._wakes.pop((namespace, name), None)
+
+    def mark_reconciled(self, namespace: str, name: str) -> None:
+        """A reconcile of the VoiceAgent has just been completed (whatever its outcome)."""
+        self._reconciled_at[(namespace, name)] = time.monotonic()
+
+    def reconciled_within(self, namespace: str, name: str, seconds: float) -> bool:
+        """This operator run completed a reconcile of the VoiceAgent less than `seconds` ago."""
+        at = self._reconciled_at.get((namespace, name))
+        return at is not None and time.monotonic() - at < seconds
+
+    def forget_reconciled(self, namespace: str, name: str) -> None:
+        self._reconciled_at.pop((namespace, name), None)
 
     def worker_namespace_lock(self, tenant: str) -> asyncio.Lock:
         """Held while the tenant's worker namespace is prepared (one at a time per tenant)."""

@@ -118,8 +118,9 @@ class PlatformSettings(BaseModel):
     """VOICEFLEET_LOG_LEVEL."""
 
     resync_seconds: Annotated[float, Field(gt=0)] = 60.0
-    """VOICEFLEET_RESYNC_SECONDS: every VoiceAgent is reconciled at least this often, which puts
-    back children changed or deleted behind the operator's back and picks up rotated Secrets."""
+    """VOICEFLEET_RESYNC_SECONDS: every VoiceAgent is reconciled about this often (at most 1.5
+    times this apart: a resync is skipped within half of it after another reconcile), which puts
+    back children changed or deleted behind the operator's back."""
 
     recheck_invalid_seconds: Annotated[float, Field(gt=0)] = 5.0
     """VOICEFLEET_RECHECK_INVALID_SECONDS: how often a VoiceAgent with ConfigValid=False is

@@ -4,6 +4,7 @@ one, the agent-protocol messages it sends, and how it answers offers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, cast
 
@@ -285,3 +286,99 @@ def test_every_pod_unschedulable_counts_once_it_has_held_a_while() -> None:
     assert state.blocked.is_set() and state.no_worker_can_start == why
     state.observe_unschedulable("", 200.0)
     assert not state.blocked.is_set() and state.no_worker_can_start == ""
+
+
+async def test_the_standby_follows_kopfs_live_body_without_reading_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon registers the standby once the autoscaler has evaluated the fleet, keeps the
+    newest body on it, and stops it when a new generation pins the fleet to zero: all from
+    kopf's live body (the fake context has no API client to read with)."""
+    import kopf
+
+    started: list[str] = []
+    stopped_fleets: list[str] = []
+
+    def start(self: wake.FleetStandby) -> None:
+        started.append(self.agent_name)
+
+    async def stop(self: wake.FleetStandby) -> None:
+        stopped_fleets.append(self.agent_name)
+
+    monkeypatch.setattr(wake.FleetStandby, "start", start)
+    monkeypatch.setattr(wake.FleetStandby, "stop", stop)
+    monkeypatch.setattr(wake, "CHECK_SECONDS", 0.01)
+    credentials = ("http://127.0.0.1:7880", "key", "secret")
+
+    class Context(FakeContext):
+        forgotten = False
+        checks = 0
+
+        def wake(self, namespace: str, name: str) -> WakeState:
+            self.checks += 1  # once per check of a VoiceAgent that wants a standby
+            return self.state
+
+        async def livekit_credentials(self) -> tuple[str, str, str]:
+            return credentials
+
+        def forget_wake(self, namespace: str, name: str) -> None:
+            self.forgotten = True
+
+    ctx = Context()
+    first = {**body(), "metadata": {**body()["metadata"], "generation": 1}}
+    live = kopf.Body(cast(kopf.RawBody, first))
+
+    class Stopped:  # what the loop uses of kopf.DaemonStopped
+        flag = asyncio.Event()
+
+        def __bool__(self) -> bool:
+            return self.flag.is_set()
+
+        async def wait(self, seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flag.wait(), seconds)
+
+    daemon_stopped = Stopped()
+    loop = asyncio.create_task(wake.keep_standby(cast(OperatorContext, ctx), live, daemon_stopped))
+
+    async def until(what: Any) -> None:
+        for _ in range(500):
+            if what():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the standby loop did not get there")
+
+    # Before the autoscaler's first evaluation nothing registers.
+    await until(lambda: ctx.checks >= 3)
+    assert started == []
+    ctx.state.evaluated = True
+    await until(lambda: started == ["acme.support"])
+
+    newer = {**body(replicas=0), "metadata": {**body()["metadata"], "generation": 2}}
+    live._replace_with(cast(kopf.RawBody, newer))  # what kopf does on each watch event
+    await until(lambda: stopped_fleets == ["acme.support"])
+    assert started == ["acme.support"]
+
+    daemon_stopped.flag.set()
+    await asyncio.wait_for(loop, 5)
+    assert ctx.forgotten
+
+
+def test_a_resync_is_skipped_only_right_after_another_reconcile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from voicefleet_operator.settings import PlatformSettings
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    ctx = OperatorContext(settings=cast(PlatformSettings, None), kube=cast(Any, None))
+    assert not ctx.reconciled_within("acme", "support", 30)  # never reconciled here
+    ctx.mark_reconciled("acme", "support")
+    clock[0] += 29.9
+    assert ctx.reconciled_within("acme", "support", 30)
+    assert not ctx.reconciled_within("acme", "other", 30)
+    clock[0] += 0.2
+    assert not ctx.reconciled_within("acme", "support", 30)
+    ctx.mark_reconciled("acme", "support")
+    ctx.forget_reconciled("acme", "support")  # deleted: a new VoiceAgent of that name starts fresh
+    assert not ctx.reconciled_within("acme", "support", 30)
