@@ -469,9 +469,18 @@ async def _not_reconciled(
     reason: str,
     message: str,
 ) -> Outcome:
-    """Children could not all be applied: say why and keep whatever already runs."""
+    """Children could not all be applied: say why and keep whatever already runs. Unless the
+    VoiceAgent went into deletion meanwhile: then the failure is the deletion's doing (its worker
+    namespace is terminating: "unable to create new content"), not an error to report."""
     # Whatever failed, the next reconcile prepares the worker namespace again.
     ctx.mark_worker_namespace(ref.namespace, None)
+    try:
+        current = await ctx.kube.get("VoiceAgent", ref.namespace, ref.name)
+    except (KubeError, aiohttp.ClientError):
+        current = {}  # cannot tell: report the failure
+    if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
+        log.info("%s/%s: deletion under way, not reconciled: %s", ref.namespace, ref.name, message)
+        return Outcome(False, "Gone")
     log.warning("%s/%s: not reconciled (%s): %s", ref.namespace, ref.name, reason, message)
     metrics.RECONCILE_ERRORS.labels(ref.namespace, ref.name, reason).inc()
     deployment = await _owned(ctx, ref, "Deployment", render.ChildNames.of(ref.name).deployment)
