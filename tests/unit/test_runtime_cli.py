@@ -14,6 +14,7 @@ from voicefleet_operator import render
 from voicefleet_operator.api import parse_spec
 from voicefleet_runtime.config import (
     ConfigError,
+    load_config,
     load_from_environment,
     missing_environment,
     parse_config,
@@ -168,6 +169,34 @@ def test_start_up_without_a_config_path_says_what_to_set(tmp_path: Path) -> None
         "to the path of the rendered config"
     )
     assert error.value.__cause__ is None  # no traceback chain into the log
+
+
+def test_start_up_reads_the_process_environment_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = example_config_file(tmp_path)
+    monkeypatch.delenv("VOICEFLEET_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="VOICEFLEET_CONFIG is not set"):
+        load_from_environment()
+    monkeypatch.setenv("VOICEFLEET_CONFIG", str(path))
+    header = "VOICEFLEET_SECRET_ACME_ORDERS_API_AUTHORIZATION_60E965"
+    for name in (header, "OPENAI_API_KEY", "DEEPGRAM_API_KEY", "ELEVEN_API_KEY"):
+        monkeypatch.setenv(name, "set")
+    assert load_from_environment().dispatch_name == "acme.support"
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("agents: [unclosed\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(broken)
+    assert str(error.value).startswith(f"{broken} is not valid YAML/JSON: ")
+    assert error.value.__cause__ is None
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- agents\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(listed)
+    assert str(error.value) == f"{listed} must contain a mapping at the top level"
 
 
 def test_a_realtime_pipeline_needs_only_its_own_key() -> None:

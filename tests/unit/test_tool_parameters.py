@@ -177,10 +177,15 @@ def test_schemas_providers_accept_are_accepted(parameters: Any) -> None:
 def test_plain_json_only() -> None:
     import datetime
 
+    plain_json = (
+        (),
+        "must be plain JSON (mappings, lists, strings, finite numbers, booleans, null); "
+        "quote dates and other values YAML would read as something else",
+    )
     problem = tool_parameters_problem({"properties": {"d": {"enum": [datetime.date(2025, 1, 1)]}}})
-    assert problem is not None and "plain JSON" in problem[1]
+    assert problem == plain_json
     problem = tool_parameters_problem({"properties": {"x": {"maximum": float("nan")}}})
-    assert problem is not None and "plain JSON" in problem[1]
+    assert problem == plain_json
 
 
 @pytest.mark.parametrize(
