@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -227,3 +229,38 @@ def test_reaping_reads_the_multiprocess_directory_from_the_environment(
     assert not gauge.exists()
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     assert metrics.reap_dead_processes() == []
+
+
+def test_reaping_leaves_a_live_process_running(tmp_path: Path) -> None:
+    """Checking whether a job process is alive must not disturb it: a live process's files are
+    kept and the process keeps running until it is stopped on purpose."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        gauge = tmp_path / f"gauge_livesum_{child.pid}.db"
+        gauge.write_bytes(b"")
+        assert metrics.reap_dead_processes(str(tmp_path)) == []
+        assert gauge.exists()
+    finally:
+        child.terminate()
+        child.wait()
+    # Only our SIGTERM ended it: a signal sent while reaping (SIGHUP, a lower number, is
+    # delivered first) would have ended it with that signal instead.
+    assert child.returncode == -signal.SIGTERM
+
+
+def test_reaping_keeps_the_files_of_a_process_it_may_not_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process of another user answers kill(pid, 0) with EPERM: it exists, so its files
+    stay (this happens whenever the runtime does not run as root)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    gauge = tmp_path / f"gauge_livesum_{child.pid}.db"
+    gauge.write_bytes(b"")
+
+    def not_permitted(pid: int, sig: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(metrics.os, "kill", not_permitted)
+    assert metrics.reap_dead_processes(str(tmp_path)) == []
+    assert gauge.exists()
