@@ -229,8 +229,8 @@ def _size(**overrides: object) -> dict[str, object]:
         1000, apply_s=19.44, reconciled_after_apply_s=40.0, rss_idle_mb=100.0,
         rss_peak_mb=180.0, rss_settled_mb=150.0, settle_cpu_percent=12.34, delete_s=30.0,
         worker_namespaces_gone_s=None, errors=[], leftovers={"voiceagents": 0, "secrets": 0},
-        floor_apply_s=3.0, floor_delete_s=1.5, create_cpu_s=49.96, delete_cpu_s=20.0,
-        load_average=3.21,
+        floor_apply_s=3.0, floor_delete_s=1.5, floor_children=(24.044, 9.0), create_cpu_s=49.96,
+        delete_cpu_s=20.0, load_average=3.21,
     )  # fmt: skip
     figures.update(overrides)
     return figures
@@ -242,7 +242,9 @@ def test_scale_figures_per_voiceagent_and_total() -> None:
     assert figures["all_reconciled_s"] == 59.44
     assert figures["settled_cpu_percent"] == 12.3
     assert figures["worker_namespaces_gone_s"] is None
-    assert figures["floor"] == {"apply_s": 3.0, "delete_all_s": 1.5}
+    assert figures["floor"] == {
+        "apply_s": 3.0, "delete_all_s": 1.5, "children_apply_s": 24.04, "children_delete_s": 9.0
+    }  # fmt: skip
     assert figures["operator_cpu_s"] == {"create": 50.0, "delete": 20.0}
     assert figures["load_average_1m"] == 3.2
     below_idle = scale.size_figures(
@@ -251,6 +253,7 @@ def test_scale_figures_per_voiceagent_and_total() -> None:
         errors=["e"] * 7, leftovers={}, floor_apply_s=1, floor_delete_s=1,
     )  # fmt: skip
     assert below_idle["rss_per_voiceagent_mb"] == 0.0
+    assert below_idle["floor"]["children_apply_s"] is None  # not measured
     assert below_idle["api_errors"] == 7 and len(below_idle["api_error_samples"]) == 5
 
 
@@ -275,7 +278,7 @@ def test_scale_table_has_a_row_per_size_with_the_floor() -> None:
     assert "peak RSS MB" in header and "floor apply s" in header and set(rule) <= {"-", " "}
     assert small.split()[0] == "100" and large.split()[0] == "1000"
     assert large.split() == ["1000", "19.4", "40.0", "180", "0.080", "150", "12", "30.0",
-                             "3.0", "1.5", "0", "0", "50", "20", "3.2"]  # fmt: skip
+                             "3.0", "1.5", "24.0", "0", "0", "50", "20", "3.2"]  # fmt: skip
 
 
 def test_scale_a_failed_size_is_a_row_and_a_missed_target() -> None:

@@ -6,6 +6,9 @@ serving the tenant namespaces):
 
 - **floor**: the same number of bare server-side applies of a small ConfigMap, same parallelism,
   same namespaces, no operator running; then their deletion (until every one is gone);
+- **children floor**: the eight children the operator renders for each VoiceAgent, applied bare
+  in the same order (same parallelism, into the tenant namespaces), then deleted: what the API
+  server needs for the objects themselves, before any read, status write or kopf bookkeeping;
 - **apply**: server-side apply of N VoiceAgents (the example without telephony, scaled to zero,
   as bench/reconcile.py uses), `parallel` at a time, round-robin over the namespaces;
 - **reconciled**: until every VoiceAgent has status.observedGeneration == generation and
@@ -141,6 +144,7 @@ def size_figures(
     leftovers: dict[str, int],
     floor_apply_s: float,
     floor_delete_s: float,
+    floor_children: tuple[float, float] | None = None,
     create_cpu_s: float = 0.0,
     delete_cpu_s: float = 0.0,
     load_average: float = 0.0,
@@ -165,7 +169,13 @@ def size_figures(
         "api_errors": len(errors),
         "api_error_samples": errors[:5],
         "leftovers": leftovers,
-        "floor": {"apply_s": round(floor_apply_s, 2), "delete_all_s": round(floor_delete_s, 2)},
+        "floor": {
+            "apply_s": round(floor_apply_s, 2),
+            "delete_all_s": round(floor_delete_s, 2),
+            # The children the operator renders, applied bare (children_floor).
+            "children_apply_s": None if floor_children is None else round(floor_children[0], 2),
+            "children_delete_s": None if floor_children is None else round(floor_children[1], 2),
+        },
         "operator_cpu_s": {"create": round(create_cpu_s, 1), "delete": round(delete_cpu_s, 1)},
         "load_average_1m": round(load_average, 1),
     }
@@ -184,8 +194,8 @@ def table(sizes: list[dict[str, Any]]) -> str:
     header = (
         "VoiceAgents", "apply s", "reconciled s after last apply", "peak RSS MB",
         "MB/VoiceAgent", "settled RSS MB", "settled CPU %", "delete all s",
-        "floor apply s", "floor delete s", "API errors", "leftovers", "CPU s create",
-        "CPU s delete", "load",
+        "floor apply s", "floor delete s", "floor children apply s", "API errors", "leftovers",
+        "CPU s create", "CPU s delete", "load",
     )  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for s in sizes:
@@ -199,6 +209,7 @@ def table(sizes: list[dict[str, Any]]) -> str:
                 f"{s['rss_per_voiceagent_mb']:.3f}", f"{s['rss_settled_mb']:.0f}",
                 f"{s['settled_cpu_percent']:.0f}", f"{s['delete_all_s']:.1f}",
                 f"{s['floor']['apply_s']:.1f}", f"{s['floor']['delete_all_s']:.1f}",
+                _figure(s["floor"].get("children_apply_s")),
                 str(s["api_errors"]), str(sum(s["leftovers"].values())),
                 f"{s['operator_cpu_s']['create']:.0f}", f"{s['operator_cpu_s']['delete']:.0f}",
                 f"{s['load_average_1m']:.1f}",
@@ -208,6 +219,10 @@ def table(sizes: list[dict[str, Any]]) -> str:
     lines = ["  ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def missed_targets(size: dict[str, Any]) -> list[str]:
@@ -359,6 +374,70 @@ def api_floor(
     return applied - started, gone - applied
 
 
+def children_floor(
+    api: k8s.ApiClient,
+    placement: list[tuple[str, str]],
+    parallel: int,
+    run: str,
+    settings: Any,
+) -> tuple[float, float]:
+    """(apply s, delete s) of the children the operator renders for each VoiceAgent (the same
+    eight objects, server-side applied in the same order, into the tenant namespaces), no
+    operator: the API server's floor for the objects themselves, without the operator's reads,
+    status writes and kopf's bookkeeping."""
+    from kubernetes.dynamic import DynamicClient
+    from voicefleet_operator import render
+    from voicefleet_operator.api import parse_spec
+    from voicefleet_operator.settings import LIVEKIT_SECRET_KEYS
+
+    dynamic = DynamicClient(api)
+    spec = parse_spec(bench_voiceagent("floor")["spec"])
+    livekit_data = {key: "Zmxvb3I=" for key in LIVEKIT_SECRET_KEYS}
+    kinds: dict[tuple[str, str], Any] = {}
+
+    def children(namespace: str, name: str) -> list[dict[str, Any]]:
+        ref = render.VoiceAgentRef(name, namespace, "floor")
+        rendered = render.render_all(
+            ref, spec, settings, livekit_data=livekit_data, secrets_hash="0" * 16, replicas=0
+        )
+        for child in rendered.children:
+            child["metadata"]["namespace"] = namespace
+            child["metadata"].setdefault("labels", {})[BENCH_LABEL] = run
+        return rendered.children
+
+    def resource(child: dict[str, Any]) -> Any:
+        key = (child["apiVersion"], child["kind"])
+        if key not in kinds:
+            kinds[key] = dynamic.resources.get(api_version=key[0], kind=key[1])
+        return kinds[key]
+
+    def apply_all(namespace: str, name: str) -> Callable[[], Any]:
+        def call() -> None:
+            for child in children(namespace, name):
+                resource(child).server_side_apply(
+                    body=child, name=child["metadata"]["name"], namespace=namespace,
+                    field_manager=FIELD_MANAGER, force_conflicts=True,
+                )  # fmt: skip
+
+        return call
+
+    for child in children(*placement[0]):
+        resource(child)  # discovery before the clock starts
+    started = time.monotonic()
+    applied = parallel_calls([apply_all(ns, name) for ns, name in placement], parallel)
+    selector = f"{BENCH_LABEL}={run}"
+    namespaces = sorted({ns for ns, _ in placement})
+    for kind in kinds.values():
+        for namespace in namespaces:
+            kind.delete(namespace=namespace, label_selector=selector)
+
+    def remaining() -> int:
+        return sum(len(kind.get(label_selector=selector).items) for kind in kinds.values())
+
+    gone = wait_gone(remaining, 300, "the bare children")
+    return applied - started, gone - applied
+
+
 def strip_finalizers(custom: k8s.CustomObjectsApi, namespaces: list[str]) -> int:
     """After a failed run, with the operator stopped: remove the finalizers of the benchmark's
     VoiceAgents still there, so their namespaces can go (never leave the shared cluster with
@@ -429,6 +508,10 @@ def run_size(
     floor_apply_s, floor_delete_s = api_floor(core, placement, parallel, run)
     report(f"{count}: API floor: {count} ConfigMap applies {floor_apply_s:.1f}s, "
            f"deleted {floor_delete_s:.1f}s")  # fmt: skip
+    settings = bench_settings(LiveKitEndpoint(), tuple(namespaces), platform)
+    floor_children = children_floor(api, placement, parallel, run, settings)
+    report(f"{count}: API floor: the {count * 8} children applied bare "
+           f"{floor_children[0]:.1f}s, deleted {floor_children[1]:.1f}s")  # fmt: skip
 
     log = workdir / f"operator-scale-{count}.log"
     log.unlink(missing_ok=True)
@@ -524,6 +607,7 @@ def run_size(
         leftovers=left,
         floor_apply_s=floor_apply_s,
         floor_delete_s=floor_delete_s,
+        floor_children=floor_children,
         create_cpu_s=create_cpu,
         delete_cpu_s=delete_cpu,
         load_average=load_average,
