@@ -145,3 +145,35 @@ def test_a_validation_error_is_described_like_its_list_of_errors() -> None:
         "spec.entry: String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'\n"
         "spec.bogus: unknown field; check the spelling (fields are camelCase)"
     )
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        (
+            {
+                "agents": [
+                    {"name": "front-desk", "instructions": "x"},
+                    {"name": "front-desk", "instructions": "y"},
+                ]
+            },
+            "(top level): agent name 'front-desk' is defined twice; names must be unique",
+        ),
+        (
+            {
+                "tools": [
+                    {"name": "lookup", "description": "d", "http": {"url": "http://a"}},
+                    {"name": "lookup", "description": "e", "http": {"url": "http://b"}},
+                ]
+            },
+            "(top level): tool name 'lookup' is defined twice; names must be unique",
+        ),
+    ],
+    ids=["agents", "tools"],
+)
+def test_a_name_defined_twice_is_refused(changes: dict[str, Any], line: str) -> None:
+    """Agents and tools are referred to by name (entry, handoffs, an agent's tools): two with
+    one name would make the reference ambiguous."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_config(**changes))
+    assert str(raised.value).splitlines() == [line]

@@ -42,10 +42,21 @@ def refusal(spec: dict[str, Any]) -> str:
 
 # The bad schemas the issue's random mutations got accepted, and their neighbours.
 BAD_PARAMETERS: list[tuple[str, Any, str, str]] = [
-    ("properties-string", {"properties": "+1555"}, ".properties", "must be a mapping"),
+    (
+        "properties-string",
+        {"properties": "+1555"},
+        ".properties",
+        "must be a mapping of argument name to JSON Schema (got '+1555'), "
+        "e.g. {order_number: {type: string}}",
+    ),
     ("properties-number", {"properties": -1}, ".properties", "must be a mapping"),
     ("properties-list", {"properties": [1, "a"]}, ".properties", "must be a mapping"),
-    ("property-not-a-schema", {"properties": {"a": 1}}, ".properties.a", "JSON Schema mapping"),
+    (
+        "property-not-a-schema",
+        {"properties": {"a": 1}},
+        ".properties.a",
+        "must be a JSON Schema mapping (got 1), e.g. {type: string, description: ...}",
+    ),
     ("required-mapping", {"required": {}}, ".required", "list of argument names"),
     ("required-string", {"required": "not a url"}, ".required", "list of argument names"),
     ("required-number-item", {"required": [1]}, ".required[0]", "must be an argument name"),
@@ -91,9 +102,21 @@ BAD_PARAMETERS: list[tuple[str, Any, str, str]] = [
         ".properties.a.items",
         "draft 2020-12",
     ),
-    ("type-string", {"type": "string"}, ".type", "must be 'object'"),
+    (
+        "type-string",
+        {"type": "string"},
+        ".type",
+        "must be 'object' (got 'string'): a tool's parameters are a JSON Schema object whose "
+        "properties are the arguments",
+    ),
     ("type-list", {"type": ["object"]}, ".type", "must be 'object'"),
-    ("top-level-anyOf", {"anyOf": [{"type": "object"}]}, ".anyOf", "not allowed at the top"),
+    (
+        "top-level-anyOf",
+        {"anyOf": [{"type": "object"}]},
+        ".anyOf",
+        "anyOf is not allowed at the top level of a tool's parameters (function-calling "
+        "providers refuse it); describe the arguments with properties",
+    ),
     ("top-level-oneOf", {"type": "object", "oneOf": []}, ".oneOf", "not allowed at the top"),
     ("top-level-allOf", {"type": "object", "allOf": []}, ".allOf", "not allowed at the top"),
     ("top-level-enum", {"type": "object", "enum": [{}]}, ".enum", "not allowed at the top"),
@@ -104,6 +127,23 @@ BAD_PARAMETERS: list[tuple[str, Any, str, str]] = [
         {"properties": {f"a{i}": {} for i in range(PARAMETERS_MAX_PROPERTIES + 1)}},
         ".properties",
         f"at most {PARAMETERS_MAX_PROPERTIES}",
+    ),
+    (
+        # `dependencies` is the metaschema's other anyOf: its error is not about a type.
+        "dependencies-not-a-schema",
+        {"properties": {"a": {"dependencies": {"x": 5}}}},
+        ".properties.a.dependencies.x",
+        "5 is not valid under any of the given schemas; the parameters must be valid JSON "
+        "Schema (draft 2020-12)",
+    ),
+    (
+        "too-many-required",
+        {
+            "properties": {f"a{i}": {} for i in range(PARAMETERS_MAX_PROPERTIES)},
+            "required": [f"a{i}" for i in range(PARAMETERS_MAX_PROPERTIES + 1)],
+        },
+        ".required",
+        f"lists more than {PARAMETERS_MAX_PROPERTIES} arguments",
     ),
     (
         "property-name-with-dot",
@@ -162,6 +202,11 @@ GOOD_PARAMETERS: list[Any] = [
         },
         "required": ["order", "kind"],
         "additionalProperties": False,
+    },
+    # As many arguments as allowed, every one required.
+    {
+        "properties": {f"a{i}": {"type": "string"} for i in range(PARAMETERS_MAX_PROPERTIES)},
+        "required": [f"a{i}" for i in range(PARAMETERS_MAX_PROPERTIES)],
     },
 ]
 
