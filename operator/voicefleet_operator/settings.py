@@ -117,10 +117,13 @@ class PlatformSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """VOICEFLEET_LOG_LEVEL."""
 
-    resync_seconds: Annotated[float, Field(gt=0)] = 60.0
+    resync_seconds: Annotated[float, Field(gt=0)] = 300.0
     """VOICEFLEET_RESYNC_SECONDS: every VoiceAgent is reconciled about this often (at most 1.5
     times this apart: a resync is skipped within half of it after another reconcile), which puts
-    back children changed or deleted behind the operator's back."""
+    back children changed behind the operator's back. Not more often: a resync costs ~20 API
+    calls, so every 60 s at 1000 VoiceAgents was ~330 calls a second, about all a small API
+    server serves (`make bench ONLY=scale`'s floor); the Deployment and the Secrets are watched,
+    so a deleted Deployment or a rotated Secret is acted on at once, not at the resync."""
 
     recheck_invalid_seconds: Annotated[float, Field(gt=0)] = 5.0
     """VOICEFLEET_RECHECK_INVALID_SECONDS: how often a VoiceAgent with ConfigValid=False is
