@@ -234,7 +234,11 @@ def test_reaping_reads_the_multiprocess_directory_from_the_environment(
 def test_reaping_leaves_a_live_process_running(tmp_path: Path) -> None:
     """Checking whether a job process is alive must not disturb it: a live process's files are
     kept and the process keeps running until it is stopped on purpose."""
-    child = subprocess.Popen(["sleep", "60"])
+    # Default signal actions in the child, even when the tests run under nohup (SIGHUP ignored
+    # and inherited), so that any signal sent while reaping would show.
+    child = subprocess.Popen(
+        ["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    )
     try:
         gauge = tmp_path / f"gauge_livesum_{child.pid}.db"
         gauge.write_bytes(b"")
