@@ -66,6 +66,7 @@ from voicefleet_operator.api import (
     VERSION,
     SpecError,
     VoiceAgentSpec,
+    VoiceAgentStatus,
     parse_spec,
 )
 from voicefleet_operator.capacity import (
@@ -406,12 +407,12 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
             ),
         ],
         facts=WorkloadFacts.from_deployment(applied["Deployment"]),
-        fields={
-            "dispatchName": ref.dispatch_name,
-            "workerNamespace": ref.worker_namespace,
-            "configHash": rendered.config_hash,
-            "desiredReplicas": replicas,
-        },
+        fields=VoiceAgentStatus(
+            dispatch_name=ref.dispatch_name,
+            worker_namespace=ref.worker_namespace,
+            config_hash=rendered.config_hash,
+            desired_replicas=replicas,
+        ),
         body=body,
         **status_of,
     )
@@ -666,7 +667,7 @@ async def autoscale(ctx: OperatorContext, namespace: str, name: str) -> bool:
             name,
             updates=updates,
             facts=facts,
-            fields=evaluation.status_fields,
+            fields=VoiceAgentStatus.model_validate(evaluation.status_fields),
             uid=body["metadata"]["uid"],
             body=body,
         )

@@ -19,6 +19,7 @@ from voicefleet_operator.api import (
     CONDITION_CONFIG_VALID,
     CONDITION_READY,
     CONDITION_WORKERS_AVAILABLE,
+    VoiceAgentStatus,
 )
 from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.kube import retry_on_conflict
@@ -61,7 +62,7 @@ async def write_status(
     generation: int | None = None,
     updates: list[ConditionUpdate] | None = None,
     facts: WorkloadFacts | None = None,
-    fields: Mapping[str, Any] | None = None,
+    fields: VoiceAgentStatus | None = None,
     observed_generation: int | None = None,
     uid: str | None = None,
     body: Mapping[str, Any] | None = None,

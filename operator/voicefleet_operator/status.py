@@ -265,14 +265,17 @@ def next_status(
     generation: int | None,
     updates: Iterable[ConditionUpdate] = (),
     facts: WorkloadFacts | None = None,
-    fields: Mapping[str, Any] | None = None,
+    fields: VoiceAgentStatus | None = None,
     observed_generation: int | None = None,
     now: str | None = None,
 ) -> dict[str, Any]:
     """The new status: `current` with the updates, the workload facts and fields merged in.
 
-    Ready and the phase are recomputed from the result. A field set to None is removed.
+    `fields`: the API's status model with the fields this writer sets (those given when it was
+    made, `model_fields_set`); one given as None is removed. Conditions and the phase are not
+    fields: conditions are `updates`, and Ready and the phase are recomputed from the result.
     """
+    given = _given_fields(fields)
     now = now or now_rfc3339()
     status: dict[str, Any] = dict(current or {})
     if generation is None:
@@ -293,12 +296,25 @@ def next_status(
     status["phase"] = phase_for(conditions, facts)
     if observed_generation is not None:
         status["observedGeneration"] = observed_generation
-    for key, value in (fields or {}).items():
+    for key, value in given.items():
         if value is None:
             status.pop(key, None)
         else:
             status[key] = value
     return typed(status)
+
+
+def _given_fields(fields: VoiceAgentStatus | None) -> dict[str, Any]:
+    """{wire name: value} of the fields `fields` was given (None included: a removal)."""
+    if fields is None:
+        return {}
+    derived = fields.model_fields_set & {"conditions", "phase"}
+    if derived:
+        raise ValueError(
+            f"status fields {sorted(derived)} are not set directly: conditions are updates, "
+            "and the phase is derived from them"
+        )
+    return fields.model_dump(mode="json", by_alias=True, include=fields.model_fields_set)
 
 
 def typed(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,8 @@ from voicefleet_operator.api import (
     PLURAL,
     VERSION,
     SpecError,
+    TelephonyStatus,
+    VoiceAgentStatus,
     parse_spec,
 )
 from voicefleet_operator.context import OperatorContext
@@ -271,7 +273,7 @@ async def _without_numbers(
         namespace,
         name,
         updates=[ConditionUpdate.remove(CONDITION_TELEPHONY_READY)],
-        fields={"telephony": None, "numbers": None},
+        fields=VoiceAgentStatus(telephony=None, numbers=None),
         uid=uid,
     )
     await _forget_livekit_objects(ctx, body)
@@ -337,9 +339,12 @@ async def _write(
     condition: ConditionUpdate,
     result: ProvisionResult | None = None,
 ) -> StatusWrite | None:
-    fields: dict[str, Any] | None = None
+    fields = None
     if result is not None:
-        fields = {"telephony": result.status(), "numbers": ", ".join(result.numbers) or None}
+        fields = VoiceAgentStatus(
+            telephony=TelephonyStatus.model_validate(result.status()),
+            numbers=", ".join(result.numbers) or None,
+        )
     return await write_status(
         ctx,
         str(body["metadata"]["namespace"]),

@@ -274,7 +274,7 @@ def test_next_status_merges_and_recomputes_ready_and_phase() -> None:
         facts=WorkloadFacts.from_deployment(
             deployment(ready=0, progressing=("True", "ReplicaSetUpdated"))
         ),
-        fields={"dispatchName": "acme.support", "configHash": "abc"},
+        fields=VoiceAgentStatus(dispatch_name="acme.support", config_hash="abc"),
         observed_generation=1,
         now=T0,
     )
@@ -294,7 +294,7 @@ def test_next_status_merges_and_recomputes_ready_and_phase() -> None:
         ("Ready", "True", "Ready"),
         ("WorkersAvailable", "True", "WorkersReady"),
     ]
-    third = next_status(second, generation=1, fields={"configHash": None}, now=T2)
+    third = next_status(second, generation=1, fields=VoiceAgentStatus(config_hash=None), now=T2)
     assert "configHash" not in third
     assert third["conditions"] == second["conditions"]  # nothing changed: times kept
     VoiceAgentStatus.model_validate(third)
@@ -610,17 +610,24 @@ def test_now_is_rfc3339_to_the_second() -> None:
 
 
 def test_the_status_written_is_the_apis_typed_status() -> None:
-    """next_status returns VoiceAgentStatus' wire form: a field of the wrong name or type fails
-    in the operator, never as a status the API server prunes or refuses."""
+    """Writers give the API's VoiceAgentStatus with the fields they set; next_status returns its
+    wire form: a field of the wrong name or type fails in the operator, never as a status the
+    API server prunes or refuses."""
     from pydantic import ValidationError
 
-    new = next_status(None, generation=1, fields={"activeJobs": 2, "load": 0.5})
+    new = next_status(None, generation=1, fields=VoiceAgentStatus(active_jobs=2, load=0.5))
     assert VoiceAgentStatus.model_validate(new).active_jobs == 2
+    assert (new["activeJobs"], new["load"]) == (2, 0.5)
     assert new["conditions"][0]["type"] == "Ready"
-    with pytest.raises(ValidationError, match="activeJobs"):
-        next_status(None, generation=1, fields={"activeJobs": -1})
+    assert "desiredReplicas" not in new  # only the fields given are written
+    kept = next_status(new, generation=1, fields=VoiceAgentStatus(desired_replicas=1))
+    assert (kept["activeJobs"], kept["desiredReplicas"]) == (2, 1)  # other writers' kept
+    with pytest.raises(ValidationError, match="active_jobs"):
+        VoiceAgentStatus(active_jobs=-1)
     with pytest.raises(ValidationError, match="activeJob"):
-        next_status(None, generation=1, fields={"activeJob": 2})  # a misspelt field
+        VoiceAgentStatus.model_validate({"activeJob": 2})  # a misspelt field
+    with pytest.raises(ValueError, match="conditions are updates"):
+        next_status(None, generation=1, fields=VoiceAgentStatus(phase="Ready"))
 
 
 def test_an_observer_without_a_generation_stamps_new_conditions_with_the_reconciled_one() -> None:
