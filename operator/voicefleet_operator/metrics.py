@@ -21,9 +21,11 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from voicefleet_operator.api import ConditionStatus, Phase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -134,8 +136,9 @@ RECONCILE_DURATION = Histogram(
 
 # --- status ---------------------------------------------------------------------------------
 
-PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
-CONDITION_STATUSES = ("True", "False", "Unknown")
+# One series per value the API allows (api.py defines them once).
+PHASES: tuple[str, ...] = get_args(Phase)
+CONDITION_STATUSES: tuple[str, ...] = get_args(ConditionStatus)
 
 VOICEAGENT_PHASE = Gauge(
     "voicefleet_operator_voiceagent_phase",

@@ -81,7 +81,6 @@ def ringing_timeout_for(wake_timeout_seconds: float) -> int:
     return max(RINGING_TIMEOUT_SECONDS, math.ceil(wake_timeout_seconds) + WAKE_MARGIN_SECONDS)
 
 
-CONDITION_TYPE = "TelephonyReady"
 REASON_PROVISIONED = "Provisioned"
 REASON_NO_NUMBERS = "NoNumbers"
 REASON_NUMBER_CONFLICT = "NumberConflict"
