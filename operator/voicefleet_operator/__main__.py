@@ -28,7 +28,7 @@ from aiohttp import web
 from voicefleet_operator import handlers, render, secret_watch, telephony_handlers, wake
 from voicefleet_operator.context import OperatorContext
 from voicefleet_operator.election import ElectionConfig, LeaderElector, default_identity
-from voicefleet_operator.kube import Kube, authorization_header, client_configuration
+from voicefleet_operator.kube import Kube, client_configuration, connection_fields
 from voicefleet_operator.metrics import REGISTRY
 from voicefleet_operator.settings import PlatformSettings, SettingsError
 
@@ -58,18 +58,7 @@ def register_connection(registry: kopf.OperatorRegistry, ctx: OperatorContext) -
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         # The same credentials as the operator's own client (see kube.client_configuration).
-        cfg = ctx.kube.configuration
-        header = authorization_header(cfg)
-        scheme, _space, token = (header or "").partition(" ")
-        return kopf.ConnectionInfo(
-            server=cfg.host,
-            ca_path=cfg.ssl_ca_cert,
-            insecure=not cfg.verify_ssl,
-            scheme=scheme if token else None,
-            token=token or None,
-            certificate_path=cfg.cert_file,
-            private_key_path=cfg.key_file,
-        )
+        return kopf.ConnectionInfo(**connection_fields(ctx.kube.config))
 
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:

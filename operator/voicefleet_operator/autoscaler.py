@@ -34,7 +34,7 @@ from voicefleet_operator.api import (
     parse_spec,
 )
 from voicefleet_operator.capacity import capacity_condition, unschedulable_pods
-from voicefleet_operator.kube import KINDS, Kube, NotFound
+from voicefleet_operator.kube import Kube, NotFound
 from voicefleet_operator.render import ChildNames, VoiceAgentRef, selector_labels
 from voicefleet_operator.scaling import (
     DEFAULT_READ_TIMEOUT_SECONDS,
@@ -343,15 +343,13 @@ async def _apply_replicas(
     metadata: dict[str, Any] = {"name": deployment, "namespace": namespace}
     if decision.pending is not None:
         metadata["annotations"] = {SCALE_DOWN_ANNOTATION: decision.pending.to_annotation()}
-    return await kube.request(
-        "PATCH",
-        KINDS["Deployment"].path(namespace, deployment),
-        params={"fieldManager": FIELD_MANAGER, "force": "true"},
-        body={
+    return await kube.apply(
+        {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": metadata,
             "spec": {"replicas": decision.replicas},
         },
-        content_type="application/apply-patch+yaml",
+        force=True,
+        field_manager=FIELD_MANAGER,
     )

@@ -1,10 +1,16 @@
-"""A small async Kubernetes client for the operator's own API calls.
+"""The operator's Kubernetes API client: a thin facade over lightkube's async client.
 
 Kopf watches and patches the VoiceAgents itself; everything else the operator does (server-side
-apply of children, reading Secrets and Deployments, writing status) goes through this client.
-It speaks plain JSON over aiohttp, on the same event loop as kopf (and as livekit-api, which the
-telephony code uses), and takes its credentials from the `kubernetes` package's config loaders:
-the pod's service account in a cluster, otherwise the kubeconfig ($KUBECONFIG).
+apply of children, reading Secrets and Deployments, writing status) goes through `Kube`. It maps
+the operator's calls (a kind name, a namespace, a name; plain dicts in and out) onto lightkube,
+which owns the credentials (the pod's service account, else $KUBECONFIG, else ~/.kube/config;
+a rotated service account token is read again), TLS, the connection pool and where each kind
+lives in the API. Objects stay plain dicts: lightkube's generic resources are decoded as dicts,
+never into model objects (operator/README.md, "The Kubernetes client", says why lightkube).
+
+Lists, and the leader election's Lease calls, go through `request()`: JSON over lightkube's
+connection settings, because a metadata-only list needs its own Accept header (and answers
+`"items": null` when empty), which lightkube's typed list does not allow.
 """
 
 from __future__ import annotations
@@ -12,74 +18,115 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import ssl
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import kubernetes.client
-import kubernetes.config
+import httpx2
+from lightkube import ApiError, AsyncClient, KubeConfig, SingleConfig
+from lightkube.config.client_adapter import AsyncClient as _connection
+from lightkube.config.client_adapter import ConnectionParams
+from lightkube.core import resource as lightkube_resource
+from lightkube.core.resource_registry import resource_registry
+from lightkube.generic_resource import (
+    GenericGlobalResource,
+    GenericGlobalStatus,
+    GenericNamespacedResource,
+    GenericNamespacedStatus,
+    create_namespaced_resource,
+)
+from lightkube.types import CascadeType, PatchType
 
 FIELD_MANAGER = "voicefleet-operator"
-"""Field manager of every server-side apply the operator makes."""
+"""Field manager of every server-side apply the operator makes (the autoscaler has its own)."""
 
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 """Accept header of a list that returns only the items' metadata (no spec, no status)."""
 
-log = logging.getLogger(__name__)
+TIMEOUT_SECONDS = 30.0
 
+API_VERSIONS: dict[str, str] = {
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "ServiceAccount": "v1",
+    "Pod": "v1",
+    "Event": "v1",
+    "Namespace": "v1",
+    "Deployment": "apps/v1",
+    "ReplicaSet": "apps/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "VoiceAgent": "voicefleet.dev/v1alpha1",
+}
+"""The API version the operator speaks for each kind it names. Everything else about a kind
+(its plural, whether it is namespaced) comes from lightkube's resource registry; only the
+VoiceAgent, the operator's own CRD, is described here (`_RESOURCES`)."""
 
-@dataclass(frozen=True)
-class Kind:
-    """Where a kind lives in the API."""
+Resource = Any
+"""A lightkube generic resource class (its typed overloads do not take a union of the two)."""
 
-    api_version: str
-    kind: str
-    plural: str
-    namespaced: bool = True
-
-    def path(self, namespace: str | None = None, name: str | None = None) -> str:
-        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced:
-            if namespace is None:
-                raise ValueError(f"{self.kind} is namespaced; a namespace is required")
-            base += f"/namespaces/{namespace}"
-        base += f"/{self.plural}"
-        return f"{base}/{name}" if name else base
-
-
-KINDS: dict[str, Kind] = {
-    kind.kind: kind
-    for kind in (
-        Kind("v1", "ConfigMap", "configmaps"),
-        Kind("v1", "Secret", "secrets"),
-        Kind("v1", "Service", "services"),
-        Kind("v1", "ServiceAccount", "serviceaccounts"),
-        Kind("v1", "Pod", "pods"),
-        Kind("v1", "Event", "events"),
-        Kind("v1", "Namespace", "namespaces", namespaced=False),
-        Kind("apps/v1", "Deployment", "deployments"),
-        Kind("apps/v1", "ReplicaSet", "replicasets"),
-        Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-        Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
-        Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
-        Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
-        Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
-        Kind("voicefleet.dev/v1alpha1", "VoiceAgent", "voiceagents"),
+_RESOURCES: dict[str, Resource] = {
+    "VoiceAgent": create_namespaced_resource(
+        "voicefleet.dev", "v1alpha1", "VoiceAgent", "voiceagents"
     )
 }
 
+log = logging.getLogger(__name__)
+# httpx2 logs every request at INFO: thousands of lines a minute at scale. Failures reach the
+# caller as KubeError instead.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
-def kind_of(obj: dict[str, Any]) -> Kind:
-    kind = KINDS.get(obj.get("kind", ""))
-    if kind is None or kind.api_version != obj.get("apiVersion"):
-        raise ValueError(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}; add it to KINDS")
-    return kind
+
+def resource(kind: str) -> Resource:
+    """lightkube's generic (dict) resource for `kind`: where it lives comes from lightkube's
+    model of the kind; results are decoded as plain dicts, never into the model."""
+    found = _RESOURCES.get(kind)
+    if found is None:
+        api_version = API_VERSIONS.get(kind)
+        if api_version is None:
+            raise ValueError(f"unknown kind {kind}; add its API version to API_VERSIONS")
+        model = resource_registry.load(api_version, kind)
+        info = lightkube_resource.api_info(model)
+        namespaced = issubclass(model, lightkube_resource.NamespacedResource)
+        status_info = lightkube_resource.ApiInfo(
+            resource=info.resource,
+            parent=info.resource,
+            plural=info.plural,
+            verbs=["get", "patch", "put"],
+            action="status",
+        )
+        status = type(
+            f"{kind}Status",
+            (GenericNamespacedStatus if namespaced else GenericGlobalStatus,),
+            {"_api_info": status_info},
+        )
+        base = GenericNamespacedResource if namespaced else GenericGlobalResource
+        found = type(kind, (base,), {"_api_info": info, "Status": status})
+        _RESOURCES[kind] = found
+    return found
+
+
+def _namespaced(kind: str) -> bool:
+    return issubclass(resource(kind), GenericNamespacedResource)
+
+
+def path(kind: str, namespace: str | None = None, name: str | None = None) -> str:
+    """The API path of a kind's collection (in `namespace`, or across namespaces when None for
+    a namespaced kind), or of one object when `name` is given."""
+    info = lightkube_resource.api_info(resource(kind))
+    group, version = info.resource.group, info.resource.version
+    base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+    if namespace is not None and _namespaced(kind):
+        base += f"/namespaces/{namespace}"
+    base += f"/{info.plural}"
+    return f"{base}/{name}" if name else base
 
 
 class KubeError(Exception):
-    """An API call failed; `status` is the HTTP status, `reason` the Status reason."""
+    """An API call failed; `status` is the HTTP status (0 when the API server was not reached),
+    `reason` the Status reason."""
 
     def __init__(self, method: str, path: str, status: int, reason: str, message: str) -> None:
         self.method = method
@@ -98,75 +145,90 @@ class Conflict(KubeError):
     pass
 
 
-def client_configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
+class Unreachable(KubeError):
+    """No answer: connection refused or reset, TLS failure, timeout."""
+
+
+def client_configuration(kubeconfig: str | None = None) -> KubeConfig:
     """Credentials: `kubeconfig` if given; else the pod's service account; else $KUBECONFIG
-    (read now: the kubernetes package reads it only once, at import) or ~/.kube/config."""
-    configuration = kubernetes.client.Configuration()
-    if kubeconfig is None:
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-            return configuration
-        except kubernetes.config.ConfigException:
-            kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    kubernetes.config.load_kube_config(
-        config_file=kubeconfig, client_configuration=configuration, persist_config=False
-    )
-    return configuration
+    (read now) or ~/.kube/config."""
+    if kubeconfig is not None:
+        return KubeConfig.from_file(kubeconfig)
+    return KubeConfig.from_env()
 
 
-def authorization_header(configuration: kubernetes.client.Configuration) -> str | None:
-    """`Bearer <token>` (or None for certificate auth); refreshes rotating tokens."""
-    # kubernetes >= 36 keeps the token under BearerToken, older versions under authorization.
-    return configuration.get_api_key_with_prefix(
-        "BearerToken"
-    ) or configuration.get_api_key_with_prefix("authorization")
+def connection_fields(config: SingleConfig) -> dict[str, Any]:
+    """The connection settings as `kopf.ConnectionInfo` fields, so that kopf logs in as the
+    operator's own client does. A token file (the pod's service account) is read now: kopf
+    calls its login handler again when a rotated token is refused."""
+    cluster, user = config.cluster, config.user
+    token = user.token if user is not None else None
+    if user is not None and user.token_file:
+        with open(config.abs_file(user.token_file)) as token_file:
+            token = token_file.read().strip()
+
+    def file(name: str | None) -> str | None:
+        return str(config.abs_file(name)) if name else None
+
+    return {
+        "server": cluster.server,
+        "ca_path": file(cluster.certificate_auth),
+        "ca_data": cluster.certificate_auth_data,
+        "insecure": cluster.insecure,
+        "scheme": "Bearer" if token else None,
+        "token": token or None,
+        "certificate_path": file(user.client_cert) if user else None,
+        "certificate_data": user.client_cert_data if user else None,
+        "private_key_path": file(user.client_key) if user else None,
+        "private_key_data": user.client_key_data if user else None,
+    }
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return dict(obj) if obj is not None else {}
 
 
 class Kube:
-    """JSON calls to the API server; one instance per operator run (it holds a connection pool)."""
+    """The operator's API calls; one instance per operator run (it holds a connection pool)."""
 
-    def __init__(self, configuration: kubernetes.client.Configuration | None = None) -> None:
-        self._configuration = configuration or client_configuration()
-        self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | bool = self._ssl_context()
-
-    def _ssl_context(self) -> ssl.SSLContext | bool:
-        cfg = self._configuration
-        if not cfg.host.startswith("https"):
-            return False
-        if not cfg.verify_ssl:
-            return False
-        context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        if cfg.cert_file:
-            context.load_cert_chain(cfg.cert_file, cfg.key_file)
-        return context
-
-    def _headers(self, content_type: str | None, accept: str | None = None) -> dict[str, str]:
-        headers = {"Accept": accept or "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        # Re-read on every call: in-cluster service account tokens rotate.
-        token = authorization_header(self._configuration)
-        if token:
-            headers["Authorization"] = token
-        return headers
+    def __init__(
+        self,
+        configuration: KubeConfig | SingleConfig | None = None,
+        *,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`transport` replaces the network (tests)."""
+        self._transport = transport
+        config = configuration or client_configuration()
+        single = config.get() if isinstance(config, KubeConfig) else config
+        if single is None:
+            raise ValueError("the kubeconfig has no current context")
+        self._config: SingleConfig = single
+        self._client: AsyncClient | None = None
+        self._http: httpx2.AsyncClient | None = None
 
     @property
-    def configuration(self) -> kubernetes.client.Configuration:
-        return self._configuration
+    def config(self) -> SingleConfig:
+        """The connection settings (server, CA, user): kopf logs in with the same."""
+        return self._config
 
-    async def _session_for_loop(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=30),
-                connector=aiohttp.TCPConnector(ssl=self._ssl),
+    def _lightkube(self) -> AsyncClient:
+        if self._client is None:
+            self._client = AsyncClient(
+                self._config,
+                timeout=httpx2.Timeout(TIMEOUT_SECONDS),
+                field_manager=FIELD_MANAGER,
+                transport=self._transport,
             )
-        return self._session
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        client, http = self._client, self._http
+        self._client = self._http = None
+        if client is not None:
+            await client.close()
+        if http is not None:
+            await http.aclose()
 
     async def request(
         self,
@@ -178,30 +240,50 @@ class Kube:
         content_type: str | None = None,
         accept: str | None = None,
     ) -> dict[str, Any]:
-        session = await self._session_for_loop()
+        """A JSON call by path, over lightkube's connection settings (credentials, TLS)."""
+        if self._http is None:
+            connection = ConnectionParams(
+                timeout=httpx2.Timeout(TIMEOUT_SECONDS),
+                transport=self._transport,  # type: ignore[arg-type]  # typed sync, used async
+            )
+            self._http = _connection(self._config, connection)
+        headers = {"Accept": accept or "application/json"}
         data = None if body is None else json.dumps(body)
-        if data is not None and content_type is None:
-            content_type = "application/json"
-        url = self._configuration.host.rstrip("/") + path
-        async with session.request(
-            method,
-            url,
-            params=params,
-            data=data,
-            headers=self._headers(content_type, accept),
-            server_hostname=self._configuration.tls_server_name or None,
-        ) as response:
-            text = await response.text()
-            if response.status >= 400:
-                raise _error(method, path, response.status, text)
-            return json.loads(text) if text else {}
+        if data is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        try:
+            response = await self._http.request(
+                method, path, params=params, content=data, headers=headers
+            )
+        except httpx2.HTTPError as error:
+            raise Unreachable(method, path, 0, type(error).__name__, str(error)) from error
+        if response.status_code >= 400:
+            raise _error(method, path, response.status_code, response.text)
+        return response.json() if response.content else {}
+
+    async def _call(self, method: str, kind: str, name: str | None, operation: Any) -> Any:
+        """Run a lightkube call, its failures as KubeError (NotFound, Conflict, Unreachable)."""
+        try:
+            return await operation
+        except ApiError as error:
+            code = error.status.code or error.response.status_code
+            reason, message = error.status.reason or "", error.status.message or ""
+            raise _error_type(code)(method, f"{kind}/{name}", code, reason, message) from error
+        except httpx2.HTTPStatusError as error:  # an answer that is not a JSON Status
+            code = error.response.status_code
+            raise _error(method, f"{kind}/{name}", code, error.response.text) from error
+        except httpx2.HTTPError as error:
+            raise Unreachable(
+                method, f"{kind}/{name}", 0, type(error).__name__, str(error)
+            ) from error
 
     # --- typed helpers ---------------------------------------------------------------------
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
+        call = self._lightkube().get(resource(kind), name, namespace=namespace)
         try:
-            return await self.request("GET", KINDS[kind].path(namespace, name))
+            return _plain(await self._call("GET", kind, name, call))
         except NotFound:
             return None
 
@@ -216,31 +298,33 @@ class Kube:
         """The items; with `metadata_only` each is only {"metadata": ...} (kind and apiVersion
         are PartialObjectMetadata's): a fraction of the bytes when spec and status are large."""
         params = {"labelSelector": label_selector} if label_selector else None
-        spec = KINDS[kind]
-        path = spec.path(namespace) if namespace or not spec.namespaced else _cluster_path(spec)
         accept = METADATA_ONLY if metadata_only else None
-        result = await self.request("GET", path, params=params, accept=accept)
+        result = await self.request("GET", path(kind, namespace), params=params, accept=accept)
         # An empty PartialObjectMetadataList comes as "items": null.
         return list(result.get("items") or [])
 
-    async def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
-        """Server-side apply `obj` as FIELD_MANAGER (creates it when it does not exist).
+    async def apply(
+        self, obj: dict[str, Any], *, force: bool = True, field_manager: str = FIELD_MANAGER
+    ) -> dict[str, Any]:
+        """Server-side apply `obj` as `field_manager` (creates it when it does not exist).
 
         `force` takes over fields another manager changed (e.g. a `kubectl edit` of a child):
         the operator is the only writer of its children and puts them back as rendered.
         """
-        kind = kind_of(obj)
+        kind = obj.get("kind", "")
+        if API_VERSIONS.get(kind) != obj.get("apiVersion"):
+            raise ValueError(f"unknown kind {obj.get('apiVersion')}/{kind}; add it to API_VERSIONS")
         metadata = obj["metadata"]
-        params = {"fieldManager": FIELD_MANAGER}
-        if force:
-            params["force"] = "true"
-        return await self.request(
-            "PATCH",
-            kind.path(metadata.get("namespace"), metadata["name"]),
-            params=params,
-            body=obj,
-            content_type="application/apply-patch+yaml",
+        call = self._lightkube().patch(
+            resource(kind),
+            metadata["name"],
+            obj,
+            namespace=metadata.get("namespace"),
+            patch_type=PatchType.APPLY,
+            field_manager=field_manager,
+            force=force,
         )
+        return _plain(await self._call("APPLY", kind, metadata["name"], call))
 
     async def merge_patch(
         self,
@@ -251,26 +335,31 @@ class Kube:
         *,
         subresource: str | None = None,
     ) -> dict[str, Any]:
-        path = KINDS[kind].path(namespace, name)
-        if subresource:
-            path += f"/{subresource}"
-        return await self.request(
-            "PATCH", path, body=patch, content_type="application/merge-patch+json"
+        """A JSON merge patch of the object, or of its `status` subresource."""
+        target: Any = resource(kind)
+        if subresource == "status":
+            target = target.Status
+        elif subresource is not None:
+            raise ValueError(f"subresource {subresource!r}: only 'status' is supported")
+        call = self._lightkube().patch(
+            target, name, patch, namespace=namespace, patch_type=PatchType.MERGE
         )
+        return _plain(await self._call("PATCH", kind, name, call))
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
         """Delete in the background (dependents by the garbage collector); False if absent."""
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        call = self._lightkube().delete(
+            resource(kind), name, namespace=namespace, cascade=CascadeType.BACKGROUND
+        )
         try:
-            await self.request("DELETE", KINDS[kind].path(namespace, name), body=body)
+            await self._call("DELETE", kind, name, call)
         except NotFound:
             return False
         return True
 
 
-def _cluster_path(kind: Kind) -> str:
-    base = "/api/v1" if kind.api_version == "v1" else f"/apis/{kind.api_version}"
-    return f"{base}/{kind.plural}"
+def _error_type(status: int) -> type[KubeError]:
+    return NotFound if status == 404 else Conflict if status == 409 else KubeError
 
 
 def _error(method: str, path: str, status: int, text: str) -> KubeError:
@@ -280,8 +369,7 @@ def _error(method: str, path: str, status: int, text: str) -> KubeError:
         message = str(payload.get("message", text))
     except (ValueError, AttributeError):
         reason, message = "", text[:500]
-    error_type = NotFound if status == 404 else Conflict if status == 409 else KubeError
-    return error_type(method, path, status, reason, message)
+    return _error_type(status)(method, path, status, reason, message)
 
 
 async def retry_on_conflict(attempts: int, operation: Any) -> Any:

@@ -40,15 +40,15 @@ from typing import Any
 
 import aiohttp
 import kubernetes.client
-import kubernetes.config
 import pytest
 import pytest_asyncio
+from lightkube import KubeConfig
 from livekit import rtc
 from voicefleet_localdev import paths
 from voicefleet_localdev.livekit import LIVEKIT_PORT, LiveKitEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
 from voicefleet_localdev.pytest_plugin import ClusterHandle
-from voicefleet_operator.kube import Kube
+from voicefleet_operator.kube import Kube, client_configuration
 from voicefleet_operator.render import dispatch_name, selector_labels, worker_namespace
 from voicefleet_operator.scaling import (
     DELETION_COST_ANNOTATION,
@@ -101,16 +101,12 @@ def runtime_image(project_images: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def kube_config(cluster_with_node: ClusterHandle) -> kubernetes.client.Configuration:
-    configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(
-        config_file=str(cluster_with_node.kubeconfig), client_configuration=configuration
-    )
-    return configuration
+def kube_config(cluster_with_node: ClusterHandle) -> KubeConfig:
+    return client_configuration(str(cluster_with_node.kubeconfig))
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def kube(kube_config: kubernetes.client.Configuration) -> AsyncIterator[Kube]:
+async def kube(kube_config: KubeConfig) -> AsyncIterator[Kube]:
     client = Kube(kube_config)
     yield client
     await client.close()

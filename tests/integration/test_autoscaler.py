@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client
-import kubernetes.config
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -28,7 +26,7 @@ from kubernetes import client as k8s
 from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import handlers, render
 from voicefleet_operator.api import parse_spec
-from voicefleet_operator.kube import Kube
+from voicefleet_operator.kube import Kube, client_configuration
 from voicefleet_operator.scaling import DELETION_COST_ANNOTATION, SCALE_DOWN_ANNOTATION
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
@@ -85,11 +83,7 @@ def namespace(cluster: ClusterHandle) -> Iterator[str]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def kube(cluster: ClusterHandle) -> AsyncIterator[Kube]:
-    configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(
-        config_file=str(cluster.kubeconfig), client_configuration=configuration
-    )
-    client = Kube(configuration)
+    client = Kube(client_configuration(str(cluster.kubeconfig)))
     yield client
     await client.close()
 
