@@ -105,11 +105,15 @@ class OperatorContext:
         self._wakes.pop((namespace, name), None)
 
     def mark_reconciled(self, namespace: str, name: str) -> None:
-        """A reconcile of the VoiceAgent has just been completed (whatever its outcome)."""
+        """A reconcile of the VoiceAgent has just ended (whatever its outcome)."""
         self._reconciled_at[(namespace, name)] = time.monotonic()
 
+    def attempted(self, namespace: str, name: str) -> bool:
+        """This operator run has ended at least one reconcile of the VoiceAgent."""
+        return (namespace, name) in self._reconciled_at
+
     def reconciled_within(self, namespace: str, name: str, seconds: float) -> bool:
-        """This operator run completed a reconcile of the VoiceAgent less than `seconds` ago."""
+        """This operator run ended a reconcile of the VoiceAgent less than `seconds` ago."""
         at = self._reconciled_at.get((namespace, name))
         return at is not None and time.monotonic() - at < seconds
 

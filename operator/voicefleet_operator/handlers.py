@@ -248,9 +248,10 @@ async def reconcile(ctx: OperatorContext, namespace: str, name: str) -> Outcome:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 # The finalizer (finalize) removes the children.
                 return record.done(Outcome(False, "Gone"))
-            outcome = await _reconcile(ctx, body)
-            ctx.mark_reconciled(namespace, name)
-            return record.done(outcome)
+            try:
+                return record.done(await _reconcile(ctx, body))
+            finally:
+                ctx.mark_reconciled(namespace, name)  # an attempt, whatever came of it
 
 
 async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
@@ -741,10 +742,12 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         # was not acted on).
         await reconcile(ctx, str(namespace), name)
 
-    # Not at once: a new VoiceAgent (no observedGeneration yet) is being reconciled by the
-    # create handler, and a recheck then did all the work twice (1000 VoiceAgents: 2000
-    # reconciles). Nor while another step holds the VoiceAgent's lock: a reconcile under way
-    # reads the VoiceAgent fresh; the next tick looks again.
+    # Only after this run has attempted the VoiceAgent, and not again within one interval:
+    # every VoiceAgent gets its first attempt from a kopf handler (create, or resume after a
+    # restart), and under load that attempt may start long after the VoiceAgent appeared (at
+    # 1000 new VoiceAgents a recheck every 5 s then started a second reconcile of each one
+    # still queued, doubling the work when the API server had the least to spare). Nor while
+    # another step holds the VoiceAgent's lock: a reconcile under way reads it fresh.
     @kopf.timer(
         *resource,
         interval=settings.recheck_invalid_seconds,
@@ -753,9 +756,12 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         registry=registry,
     )
     async def recheck_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
-        if ctx.lock(str(namespace), name).locked():
+        namespace = str(namespace)
+        if not ctx.attempted(namespace, name) or ctx.lock(namespace, name).locked():
             return
-        await reconcile(ctx, str(namespace), name)
+        if ctx.reconciled_within(namespace, name, settings.recheck_invalid_seconds / 2):
+            return
+        await reconcile(ctx, namespace, name)
 
     # Skipped when something else (a create, an update, a recheck) reconciled the VoiceAgent
     # within half the interval: at 1000 VoiceAgents the first resyncs landed on VoiceAgents

@@ -373,7 +373,9 @@ def test_a_resync_is_skipped_only_right_after_another_reconcile(
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     ctx = OperatorContext(settings=cast(PlatformSettings, None), kube=cast(Any, None))
     assert not ctx.reconciled_within("acme", "support", 30)  # never reconciled here
+    assert not ctx.attempted("acme", "support")  # the recheck leaves it to kopf's handler
     ctx.mark_reconciled("acme", "support")
+    assert ctx.attempted("acme", "support")
     clock[0] += 29.9
     assert ctx.reconciled_within("acme", "support", 30)
     assert not ctx.reconciled_within("acme", "other", 30)
@@ -382,3 +384,4 @@ def test_a_resync_is_skipped_only_right_after_another_reconcile(
     ctx.mark_reconciled("acme", "support")
     ctx.forget_reconciled("acme", "support")  # deleted: a new VoiceAgent of that name starts fresh
     assert not ctx.reconciled_within("acme", "support", 30)
+    assert not ctx.attempted("acme", "support")
