@@ -434,3 +434,85 @@ def test_secrets_hash_follows_secret_data_only() -> None:
     first = render.secrets_hash({"a": {"k": "dg=="}, "b": {"x": "eQ=="}})
     assert first == render.secrets_hash({"b": {"x": "eQ=="}, "a": {"k": "dg=="}})
     assert first != render.secrets_hash({"a": {"k": "dw=="}, "b": {"x": "eQ=="}})
+
+
+def test_an_object_without_metadata_is_no_ones_child() -> None:
+    """Watch events and listings may carry objects without metadata or labels: they belong to
+    no VoiceAgent (and do not crash the lookup)."""
+    objects: list[dict[str, Any]] = [{}, {"kind": "Pod"}, {"metadata": {}}]
+    for obj in [*objects, {"metadata": {"labels": None}}]:
+        assert render.owned_by(obj, REF) is False
+        assert render.owner_of(obj) is None
+    child = rendered(example_spec()).child("Deployment")
+    assert render.owned_by(child, REF) is True
+    assert render.owner_of(child) == (REF.namespace, REF.name, REF.uid)
+
+
+def test_owner_reference_is_a_controller_reference_to_the_voiceagent() -> None:
+    """What an older operator put on the children it made in the tenant namespace; the upgrade
+    deletes those by it (the VoiceAgent's uid and `controller`)."""
+    assert render.owner_reference(REF) == {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "name": "acme-support",
+        "uid": "0b3c1f7e-1111-4222-8333-444455556666",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def test_the_tenant_secrets_copy_is_an_opaque_secret_in_the_worker_namespace() -> None:
+    [_, copy_] = [c for c in rendered(example_spec()).children if c["kind"] == "Secret"]
+    assert {key: copy_[key] for key in ("apiVersion", "kind", "type")} == {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+    }
+    assert copy_["metadata"] == {
+        "name": "acme-support-secrets",
+        "namespace": "vf-acme",
+        "labels": render.child_labels(REF),
+    }
+
+
+def test_in_hpa_mode_the_hpa_is_named_after_the_deployment_it_scales() -> None:
+    spec = {**example_spec(), "scaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 6}}
+    result = rendered(spec)
+    hpa = result.child("HorizontalPodAutoscaler")
+    deployment = result.child("Deployment")
+    assert hpa["metadata"] == {
+        "name": deployment["metadata"]["name"],
+        "namespace": "vf-acme",
+        "labels": render.child_labels(REF),
+    }
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "acme-support",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    pinned = {**spec, "scaling": {**spec["scaling"], "replicas": 3}}
+    assert [c for c in rendered(pinned).children if c["kind"] == "HorizontalPodAutoscaler"] == []
+
+
+def test_each_secret_key_reaches_the_worker_once_however_many_headers_use_it() -> None:
+    """Two tools sending the same Secret key share its variable (one env entry, as Kubernetes
+    wants unique names); a key used after that shared one still gets its own."""
+    spec = example_spec()
+    first = spec["tools"][0]
+    shared = {**copy.deepcopy(first), "name": "cancel_order"}
+    other = copy.deepcopy(first) | {"name": "track_parcel"}
+    other["http"]["headers"] = [
+        {"name": "X-Token", "valueFrom": {"secretKeyRef": {"name": "parcels", "key": "token"}}}
+    ]
+    spec["tools"] = [first, shared, other]
+    container = rendered(spec).child("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    from_copy = [
+        item["name"]
+        for item in container["env"]
+        if item.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "acme-support-secrets"
+    ]
+    assert from_copy == [
+        render.header_env_var("acme-orders-api", "authorization"),
+        render.header_env_var("parcels", "token"),
+    ]
