@@ -73,7 +73,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, platform: PlatformSetti
         prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
     )
     persistence.finalizer = FINALIZER
-    # One replica (Recreate): no peering objects, no leader election needed.
+    # No kopf peering: one replica runs kopf at a time (the Lease election, election.py).
     kopf_settings.peering.standalone = True
     # Tenants see the operator's own Events; kopf's "handler succeeded" chatter stays in logs.
     kopf_settings.posting.level = logging.WARNING
@@ -118,8 +118,12 @@ async def run_operator(
     if not settings.leader_election:
         await _run_kopf(settings, kube, stop_flag, ready_flag, liveness)
         return
+    # Its own client (own connections): a renewal queued behind a thousand VoiceAgents'
+    # reconciles on the shared client missed its deadline, and the leader stepped down under
+    # exactly the load it was serving (client-go's users keep the election's client apart too).
+    election_kube = Kube(client_configuration(kubeconfig))
     elector = LeaderElector(
-        kube,
+        election_kube,
         ElectionConfig(
             name=settings.lease_name,
             namespace=settings.effective_lease_namespace,
@@ -136,7 +140,7 @@ async def run_operator(
         if standby_health is not None:
             await standby_health.cleanup()
     if not acquired:
-        await kube.close()
+        await asyncio.gather(kube.close(), election_kube.close())
         return
     kopf_task = asyncio.create_task(_run_kopf(settings, kube, stop_flag, ready_flag, liveness))
     hold_task = asyncio.create_task(elector.hold())
@@ -152,7 +156,7 @@ async def run_operator(
             task.cancel()
         await asyncio.gather(kopf_task, hold_task, return_exceptions=True)
         await elector.release()  # only if this replica still holds it; kopf has stopped
-        await kube.close()
+        await asyncio.gather(kube.close(), election_kube.close())
 
 
 def watched_namespaces(settings: PlatformSettings) -> list[str]:
