@@ -516,3 +516,57 @@ def test_each_secret_key_reaches_the_worker_once_however_many_headers_use_it() -
         render.header_env_var("acme-orders-api", "authorization"),
         render.header_env_var("parcels", "token"),
     ]
+
+
+def _with_mcp_server(spec: dict[str, Any]) -> dict[str, Any]:
+    spec["tools"][0]["http"]["headers"].insert(0, {"name": "X-Api-Version", "value": "2"})
+    spec["mcpServers"] = [
+        {
+            "name": "crm",
+            "url": "http://crm.acme.svc:8080/mcp",
+            "headers": [
+                {"name": "X-Client", "value": "voicefleet"},
+                {
+                    "name": "Authorization",
+                    "valueFrom": {"secretKeyRef": {"name": "crm", "key": "token"}},
+                },
+            ],
+        }
+    ]
+    return spec
+
+
+def test_secret_keys_are_named_by_the_field_that_refers_to_them() -> None:
+    """A missing Secret or key is reported on ConfigValid by the field that names it."""
+    uses = render.secret_key_uses(parse_spec(_with_mcp_server(example_spec())))
+    assert [(use.secret, use.key, use.field) for use in uses] == [
+        (
+            "acme-orders-api",
+            "authorization",
+            "spec.tools[0].http.headers[1].valueFrom.secretKeyRef",
+        ),
+        ("crm", "token", "spec.mcpServers[0].headers[1].valueFrom.secretKeyRef"),
+    ]
+
+
+def test_literal_headers_reach_the_runtime_config_as_written() -> None:
+    config = rendered(_with_mcp_server(example_spec())).config.wire()
+    assert config["tools"][0]["http"]["headers"] == [
+        {"name": "X-Api-Version", "value": "2"},
+        {
+            "name": "Authorization",
+            "valueFromEnv": render.header_env_var("acme-orders-api", "authorization"),
+        },
+    ]
+    assert config["mcpServers"][0]["headers"] == [
+        {"name": "X-Client", "value": "voicefleet"},
+        {"name": "Authorization", "valueFromEnv": render.header_env_var("crm", "token")},
+    ]
+
+
+def test_a_livekit_secret_without_its_keys_names_them_all() -> None:
+    with pytest.raises(ValueError) as raised:
+        render.render_livekit_secret(REF, {"OTHER": "eA=="})
+    assert str(raised.value) == (
+        "the platform LiveKit Secret lacks key(s) LIVEKIT_API_KEY, LIVEKIT_API_SECRET"
+    )
