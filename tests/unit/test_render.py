@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -570,3 +571,23 @@ def test_a_livekit_secret_without_its_keys_names_them_all() -> None:
     assert str(raised.value) == (
         "the platform LiveKit Secret lacks key(s) LIVEKIT_API_KEY, LIVEKIT_API_SECRET"
     )
+
+
+@pytest.mark.parametrize(
+    ("secret", "key", "readable"),
+    [("orders", ".token-", "ORDERS_TOKEN"), ("xray", "max", "XRAY_MAX"), ("a", "b", "A_B")],
+)
+def test_header_env_vars_read_as_the_secret_and_key(secret: str, key: str, readable: str) -> None:
+    """The variable shows which Secret key it carries (in `kubectl describe pod`): the Secret's
+    and key's letters and digits, one `_` between runs, none leading or trailing."""
+    variable = render.header_env_var(secret, key)
+    assert re.fullmatch(f"VOICEFLEET_SECRET_{readable}_[0-9A-F]{{6}}", variable), variable
+
+
+def test_the_config_map_keeps_non_ascii_text_readable() -> None:
+    """Instructions in any language read in the ConfigMap as the tenant wrote them."""
+    spec = example_spec()
+    spec["agents"][0]["instructions"] = "Réponds en français, s'il te plaît. 日本語も可。"
+    text = render.config_yaml(rendered(spec).config)
+    assert "Réponds en français, s'il te plaît. 日本語も可。" in text
+    assert yaml.safe_load(text)["agents"][0]["instructions"] == spec["agents"][0]["instructions"]
