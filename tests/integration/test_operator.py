@@ -428,8 +428,13 @@ def test_create_gives_owned_children_and_true_status(
     assert not [key for key in annotations if "zalando" in key or key.startswith("kopf")]
     VoiceAgentStatus.model_validate(agent["status"])  # only typed fields (extra: forbid)
 
-    # Applying again changes nothing: server-side apply of the same children is a no-op.
-    versions = {k: c.metadata.resource_version for k, c in children.items() if k != "Deployment"}
+    # Applying again changes nothing: server-side apply of the same children is a no-op. The
+    # Deployment and the PodDisruptionBudget are compared by generation (their spec): their
+    # controllers write their status, and so their resourceVersion, whenever they get to it.
+    by_generation = ("Deployment", "PodDisruptionBudget")
+    versions = {
+        k: c.metadata.resource_version for k, c in children.items() if k not in by_generation
+    }
     handled = operator_log(operator).count(RECONCILE_HANDLED)
     custom(cluster).patch_namespaced_custom_object(
         GROUP, VERSION, tenant, PLURAL, "support", {"metadata": {"labels": {"touch": "1"}}}
@@ -443,9 +448,11 @@ def test_create_gives_owned_children_and_true_status(
     )
     again = assert_children_owned_once(cluster, tenant, created)
     assert {
-        k: c.metadata.resource_version for k, c in again.items() if k != "Deployment"
+        k: c.metadata.resource_version for k, c in again.items() if k not in by_generation
     } == versions
     assert again["Deployment"].metadata.generation == deployment.metadata.generation
+    pdb = children["PodDisruptionBudget"]
+    assert again["PodDisruptionBudget"].metadata.generation == pdb.metadata.generation
 
 
 def test_config_change_rolls_out_a_new_pod_template(
