@@ -591,3 +591,22 @@ def test_the_config_map_keeps_non_ascii_text_readable() -> None:
     text = render.config_yaml(rendered(spec).config)
     assert "Réponds en français, s'il te plaît. 日本語も可。" in text
     assert yaml.safe_load(text)["agents"][0]["instructions"] == spec["agents"][0]["instructions"]
+
+
+def test_the_workers_pod_settings_stay_out_of_the_runtime_config() -> None:
+    """worker.image and worker.resources shape the pod; the runtime's config (which refuses
+    unknown fields) gets the rest of worker."""
+    spec = example_spec()
+    spec["worker"] = {
+        **spec.get("worker", {}),
+        "image": "registry.example/runtime:1",
+        "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+    }
+    result = rendered(spec)
+    worker = result.config.wire()["worker"]
+    assert "image" not in worker and "resources" not in worker
+    assert worker["jobsPerWorker"] == parse_spec(spec).worker.jobs_per_worker
+    container = result.child("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/runtime:1"
+    assert container["resources"]["requests"]["cpu"] == "2"
+    assert container["resources"]["limits"]["memory"] == "4Gi"
