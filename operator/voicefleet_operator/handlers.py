@@ -742,19 +742,20 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         # was not acted on).
         await reconcile(ctx, str(namespace), name)
 
-    # Only after this run has attempted the VoiceAgent, and not again within one interval:
-    # every VoiceAgent gets its first attempt from a kopf handler (create, or resume after a
-    # restart), and under load that attempt may start long after the VoiceAgent appeared (at
-    # 1000 new VoiceAgents a recheck every 5 s then started a second reconcile of each one
-    # still queued, doubling the work when the API server had the least to spare). Nor while
-    # another step holds the VoiceAgent's lock: a reconcile under way reads it fresh. The
-    # filter keeps kopf from even running the timer before the first attempt (kopf evaluates
-    # it on each event of the VoiceAgent; the first attempt's status write is one): 1000
-    # VoiceAgents queued for their first reconcile were 200 timer runs a second.
+    # A new VoiceAgent (no observedGeneration yet) only after this run has attempted it: its
+    # create handler always runs, and under load it may start long after the VoiceAgent
+    # appeared (at 1000 new VoiceAgents a recheck every 5 s then started a second reconcile of
+    # each one still queued, doubling the work when the API server had the least to spare; in
+    # the filter, kopf does not even run the timer: 200 runs a second). A VoiceAgent with a
+    # generation behind is rechecked in any case: that is the merged-cause hole above, where no
+    # kopf handler runs again (also after a restart). Never within half an interval of the
+    # last attempt, nor while another step holds the lock (a reconcile under way reads fresh).
     def recheck_wanted(
         name: str, namespace: str | None, status: kopf.Status, meta: kopf.Meta, **_: Any
     ) -> bool:
-        return ctx.attempted(str(namespace), name) and _needs_recheck(status, meta)
+        return _needs_recheck(status, meta) and (
+            status.get("observedGeneration") is not None or ctx.attempted(str(namespace), name)
+        )
 
     @kopf.timer(
         *resource,
@@ -763,9 +764,12 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         when=recheck_wanted,
         registry=registry,
     )
-    async def recheck_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+    async def recheck_voiceagent(
+        *, name: str, namespace: str | None, status: kopf.Status, **_: Any
+    ) -> None:
         namespace = str(namespace)
-        if not ctx.attempted(namespace, name) or ctx.lock(namespace, name).locked():
+        first = status.get("observedGeneration") is None and not ctx.attempted(namespace, name)
+        if first or ctx.lock(namespace, name).locked():
             return
         if ctx.reconciled_within(namespace, name, settings.recheck_invalid_seconds / 2):
             return
