@@ -728,6 +728,20 @@ def _needs_recheck(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any)
     )
 
 
+def _recheck_wanted(
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> bool:
+    """The recheck timer's filter: `_needs_recheck`, and for a new VoiceAgent (no
+    observedGeneration) only once this run has attempted it (see register)."""
+    return _needs_recheck(status, meta) and (
+        status.get("observedGeneration") is not None or ctx.attempted(namespace, name)
+    )
+
+
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     """Register the core handlers on `registry`, bound to `ctx` (called by __main__.build)."""
     settings = ctx.settings
@@ -753,9 +767,7 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     def recheck_wanted(
         name: str, namespace: str | None, status: kopf.Status, meta: kopf.Meta, **_: Any
     ) -> bool:
-        return _needs_recheck(status, meta) and (
-            status.get("observedGeneration") is not None or ctx.attempted(str(namespace), name)
-        )
+        return _recheck_wanted(ctx, str(namespace), name, status, meta)
 
     @kopf.timer(
         *resource,
@@ -764,14 +776,13 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
         when=recheck_wanted,
         registry=registry,
     )
-    async def recheck_voiceagent(
-        *, name: str, namespace: str | None, status: kopf.Status, **_: Any
-    ) -> None:
+    async def recheck_voiceagent(*, name: str, namespace: str | None, **_: Any) -> None:
+        # The filter has already waited for the first attempt (kopf spawns the timer only when
+        # it holds, and neither observedGeneration nor an attempt goes away).
         namespace = str(namespace)
-        first = status.get("observedGeneration") is None and not ctx.attempted(namespace, name)
-        if first or ctx.lock(namespace, name).locked():
-            return
-        if ctx.reconciled_within(namespace, name, settings.recheck_invalid_seconds / 2):
+        if ctx.lock(namespace, name).locked() or ctx.reconciled_within(
+            namespace, name, settings.recheck_invalid_seconds / 2
+        ):
             return
         await reconcile(ctx, namespace, name)
 

@@ -385,3 +385,27 @@ def test_a_resync_is_skipped_only_right_after_another_reconcile(
     ctx.forget_reconciled("acme", "support")  # deleted: a new VoiceAgent of that name starts fresh
     assert not ctx.reconciled_within("acme", "support", 30)
     assert not ctx.attempted("acme", "support")
+
+
+def test_the_recheck_waits_for_a_new_voiceagents_first_attempt_only() -> None:
+    from voicefleet_operator import handlers
+
+    ctx = OperatorContext(settings=cast(Any, None), kube=cast(Any, None))
+    meta = {"generation": 2}
+    new: dict[str, Any] = {}  # no status yet: the create handler is queued
+    assert not handlers._recheck_wanted(ctx, "acme", "support", new, meta)
+    ctx.mark_reconciled("acme", "support")
+    assert handlers._recheck_wanted(ctx, "acme", "support", new, meta)
+
+    # A generation behind is rechecked even before this run attempted it (a change kopf merged
+    # into a cause whose handler had already succeeded, e.g. across a restart).
+    behind = {"observedGeneration": 1}
+    assert handlers._recheck_wanted(ctx, "acme", "other", behind, meta)
+    caught_up = {
+        "observedGeneration": 2,
+        "conditions": [
+            {"type": "ConfigValid", "status": "True"},
+            {"type": "Reconciled", "status": "True"},
+        ],
+    }
+    assert not handlers._recheck_wanted(ctx, "acme", "other", caught_up, meta)
