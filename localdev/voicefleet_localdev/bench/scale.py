@@ -510,7 +510,7 @@ def run_size(
            f"deleted {floor_delete_s:.1f}s")  # fmt: skip
     settings = bench_settings(LiveKitEndpoint(), tuple(namespaces), platform)
     floor_children = children_floor(api, placement, parallel, run, settings)
-    report(f"{count}: API floor: the {count * 8} children applied bare "
+    report(f"{count}: API floor: the children of {count} VoiceAgents applied bare "
            f"{floor_children[0]:.1f}s, deleted {floor_children[1]:.1f}s")  # fmt: skip
 
     log = workdir / f"operator-scale-{count}.log"
