@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from voicefleet_operator.render import worker_namespace
 from voicefleet_testkit import waiting
 from voicefleet_testkit.providers import pointed_at
 
@@ -48,6 +49,8 @@ EXAMPLE_SECRETS = paths.REPO_ROOT / "examples" / "voiceagent-secrets.yaml"
 RELEASE = "voicefleet-demo"
 PLATFORM_NAMESPACE = "voicefleet-system"
 TENANT = os.environ.get("VOICEFLEET_DEMO_TENANT", "acme")
+WORKERS = worker_namespace(TENANT)
+"""Where the operator runs the tenant's workers (a platform-owned namespace)."""
 PROVIDERS_PROCESS = "demo-providers"
 PROVIDERS_PORT = int(os.environ.get("VOICEFLEET_DEMO_PROVIDERS_PORT", "8300"))
 RESULTS_FILE = paths.logs_dir() / "demo.json"
@@ -251,12 +254,23 @@ def ensure_namespace(name: str, labels: dict[str, str]) -> None:
     kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
 
 
+DEMO_CPU_REQUEST = "250m"
+"""The CPU the demo's worker asks the scheduler for. The local cluster is one node with this
+machine's CPUs (2 here); the example's derived request (100m + 100m per job: 1.1 CPU for ten
+jobs) would leave a test session's fleets no room beside the demo, so `make test` while the demo
+runs would find its worker pods Pending. A request reserves, it does not limit: the worker still
+uses what it needs."""
+
+
 def rendered_example(url: str, records_url: str) -> dict[str, Any]:
     """examples/voiceagent.yaml with the provider endpoints pointed at the local provider server,
-    this host allowed to place SIP calls (sipp runs here) and call records sent to the demo's
-    receiver; nothing else changes."""
+    this host allowed to place SIP calls (sipp runs here), call records sent to the demo's
+    receiver and, unless the example sets one, a small CPU request (DEMO_CPU_REQUEST); nothing
+    else changes."""
     example = yaml.safe_load(EXAMPLE.read_text())
     agent = copy.deepcopy(example)
+    resources = agent["spec"].setdefault("worker", {}).setdefault("resources", {})
+    resources.setdefault("requests", {}).setdefault("cpu", DEMO_CPU_REQUEST)
     agent["spec"]["callRecords"] = {
         "webhook": {
             "url": records_url,
@@ -279,6 +293,12 @@ def overrides(agent: dict[str, Any]) -> list[str]:
         lines.append(
             f"spec.telephony.inbound.allowedAddresses = {inbound['allowedAddresses']} "
             "(sipp calls from this host)"
+        )
+    cpu = agent["spec"]["worker"]["resources"]["requests"]["cpu"]
+    if cpu == DEMO_CPU_REQUEST:
+        lines.append(
+            f"spec.worker.resources.requests.cpu = {cpu} (one small node: leaves room for "
+            "`make test` beside the demo)"
         )
     webhook = (agent["spec"].get("callRecords") or {}).get("webhook")
     if webhook:
@@ -303,8 +323,7 @@ def apply_example(url: str, records_url: str) -> dict[str, Any]:
     from voicefleet_localdev import images
 
     runtime = images.PROJECT_IMAGES["runtime"]
-    # The workers run in the tenant's worker namespace (voicefleet_operator.render).
-    stale = restart_stale_pods(f"vf-{TENANT}", selector_for(agent["metadata"]["name"]), runtime)
+    stale = restart_stale_pods(WORKERS, selector_for(agent["metadata"]["name"]), runtime)
     if stale:
         print(f"    the runtime image was rebuilt: replaced worker pods {', '.join(stale)}")
     print(f"    Secrets from {EXAMPLE_SECRETS.relative_to(paths.REPO_ROOT)}")
@@ -340,7 +359,7 @@ def wait_ready(name: str, clock: Clock, timeout: float) -> dict[str, Any]:
         return wait_for(f"VoiceAgent {TENANT}/{name} Ready", probe, timeout, interval=2)
     except DemoError as error:
         raise DemoError(
-            f"{error}\n{diagnostics(f'vf-{TENANT}', log_selector=selector_for(name))}"
+            f"{error}\n{diagnostics(WORKERS, log_selector=selector_for(name))}"
         ) from None
 
 
@@ -564,7 +583,7 @@ How to watch it:
   export KUBECONFIG={kubeconfig}      # or: eval "$(make -s env)"  (kubectl and helm on PATH)
   kubectl -n {TENANT} get va -w                     # Ready, Replicas, Jobs, Numbers
   kubectl -n {TENANT} describe va {name}            # conditions and events
-  kubectl -n {TENANT} logs -l {selector_for(name)} -f --prefix   # the workers
+  kubectl -n {WORKERS} logs -l {selector_for(name)} -f --prefix   # the workers
   kubectl -n {PLATFORM_NAMESPACE} logs deploy/{RELEASE} -f             # the operator
   Prometheus: http://127.0.0.1:9090  (e.g. voicefleet_active_jobs, voicefleet_turn_latency_seconds)
   Logs of host processes: {paths.logs_dir()}/<component>.log (provider server: {PROVIDERS_PROCESS})
