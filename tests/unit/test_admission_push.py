@@ -46,6 +46,16 @@ def test_a_lowered_budget_keeps_running_calls_and_overflows_new_ones() -> None:
     assert report_of(gate, 0, 0).agent_jobs == 3
 
 
+def test_the_report_counts_offers_accepted_but_not_started() -> None:
+    """The operator's autoscaler and cap sharing read the report: an accepted offer whose job
+    has not started yet is a call of its kind, agent or overflow treatment."""
+    gate = AdmissionGate.for_worker(1, 1.0, AdmissionSettings(overflow_slots=3))
+    assert gate.admit(0, 0) == (Admit.AGENT, "")
+    assert gate.admit(0, 1) == (Admit.OVERFLOW, "capacity")  # one treatment already running
+    report = report_of(gate, 0, 1)
+    assert (report.agent_jobs, report.pending_agent_jobs, report.overflow_jobs) == (1, 1, 2)
+
+
 def test_report_and_update_wire_format() -> None:
     gate = AdmissionGate.for_worker(2, 1.0, AdmissionSettings())
     gate.admit(1, 0)

@@ -97,6 +97,44 @@ def test_steering_load_keeps_the_worker_claimable_until_it_cannot_answer() -> No
     assert g.steering_load(0, 0) == FULL_LOAD
 
 
+def test_a_started_job_frees_its_own_pending_slot_only() -> None:
+    """Two offers of each kind accepted; one of each starts (it is now running): the other of
+    each is still pending and still holds its slot, so a fifth offer is refused."""
+    g = gate(budget=2, slots=2)
+    decisions = [g.admit(0, 0)[0] for _ in range(4)]
+    assert decisions == [Admit.AGENT, Admit.AGENT, Admit.OVERFLOW, Admit.OVERFLOW]
+    g.started(Admit.AGENT)
+    g.started(Admit.OVERFLOW)
+    assert g.admit(1, 1) == (Admit.REFUSE, "overflow_full")
+    assert g.steering_load(1, 1) == FULL_LOAD
+
+
+def test_offers_accepted_but_not_started_count_in_the_steering_load() -> None:
+    """LiveKit keeps offering jobs until the next load report: offers accepted but not yet
+    running must weigh on the load like running calls, or a burst lands on one worker."""
+    g = gate(budget=4, slots=1)
+    g.admit(0, 0)
+    g.admit(0, 0)
+    assert g.steering_load(0, 0) == gate(budget=4, slots=1).steering_load(2, 0) > 0
+    g.admit(0, 0)
+    g.admit(0, 0)  # the budget is used up by pending agent calls
+    assert g.steering_load(0, 0) == OVER_BUDGET_LOAD
+    assert g.admit(0, 0) == (Admit.OVERFLOW, "capacity")  # the only overflow slot, pending
+    assert g.steering_load(0, 0) == FULL_LOAD
+
+
+def test_a_gate_built_with_only_a_budget_takes_the_budget_as_its_capacity() -> None:
+    g = AdmissionGate(budget=3, overflow_slots=1)
+    g.set_budget(5, OverflowReason.AGENT_LIMIT)  # above the capacity: the capacity bounds it
+    assert (g.budget, g.reason) == (3, OverflowReason.CAPACITY)
+    g.set_budget(2, OverflowReason.AGENT_LIMIT)
+    assert (g.budget, g.reason) == (2, OverflowReason.AGENT_LIMIT)
+    report = g.report(
+        0, 0, jobs_per_worker=3, load_threshold=1.0, registered=True, config_hash="ab12"
+    )
+    assert (report.budget, report.capacity) == (2, 3)
+
+
 def test_gate_from_settings() -> None:
     default = AdmissionGate.for_worker(10, 0.7, AdmissionSettings())
     assert (default.budget, default.overflow_slots, default.reason) == (
