@@ -32,7 +32,6 @@ isolation"). The copy follows the platform Secret on every reconcile; the worker
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -47,8 +46,6 @@ from voicefleet_runtime.config import CONFIG_PATH_ENV, RuntimeConfig, parse_conf
 
 from voicefleet_operator import netpol
 from voicefleet_operator.api import (
-    API_VERSION,
-    KIND,
     RECORDING_ACCESS_KEY_ID,
     RECORDING_SECRET_ACCESS_KEY,
     CallRecordWebhookSpec,
@@ -212,19 +209,6 @@ def owner_of(obj: Mapping[str, Any]) -> tuple[str, str, str] | None:
     if not all(found.get(key) for key in keys):
         return None
     return str(found[keys[0]]), str(found[keys[1]]), str(found[keys[2]])
-
-
-def owner_reference(ref: VoiceAgentRef) -> dict[str, Any]:
-    """The owner reference children had when they lived in the tenant namespace (the upgrade
-    recognises those by it)."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": ref.name,
-        "uid": ref.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def _metadata(ref: VoiceAgentRef, name: str) -> dict[str, Any]:
@@ -816,8 +800,3 @@ def render_all(
     if hpa_owns_replicas(spec):
         children.append(render_horizontal_pod_autoscaler(ref, spec))
     return Rendered(config=config, config_hash=digest, children=children)
-
-
-def decode_secret_value(value: str) -> str:
-    """A Secret `data` value as text (only for checks; never logged)."""
-    return base64.b64decode(value).decode("utf-8", "replace")

@@ -449,19 +449,6 @@ def test_an_object_without_metadata_is_no_ones_child() -> None:
     assert render.owner_of(child) == (REF.namespace, REF.name, REF.uid)
 
 
-def test_owner_reference_is_a_controller_reference_to_the_voiceagent() -> None:
-    """What an older operator put on the children it made in the tenant namespace; the upgrade
-    deletes those by it (the VoiceAgent's uid and `controller`)."""
-    assert render.owner_reference(REF) == {
-        "apiVersion": "voicefleet.dev/v1alpha1",
-        "kind": "VoiceAgent",
-        "name": "acme-support",
-        "uid": "0b3c1f7e-1111-4222-8333-444455556666",
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def test_the_tenant_secrets_copy_is_an_opaque_secret_in_the_worker_namespace() -> None:
     [_, copy_] = [c for c in rendered(example_spec()).children if c["kind"] == "Secret"]
     assert {key: copy_[key] for key in ("apiVersion", "kind", "type")} == {

@@ -305,7 +305,15 @@ def test_upgrade_removes_the_children_left_in_the_tenant_namespace(
     kube, ctx = world
     agent = voiceagent("support", "uid-1")
     kube.add(agent)
-    owner = render.owner_reference(render.VoiceAgentRef("support", TENANT, "uid-1"))
+    # The controller reference an older operator put on the children it made there.
+    owner = {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "name": "support",
+        "uid": "uid-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     legacy = [
         ("Secret", "support-livekit"),
         ("Deployment", "support"),
