@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import yaml
 from voicefleet_operator.render import worker_namespace
 from voicefleet_testkit import waiting
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.providers import pointed_at
 
 from voicefleet_localdev import chart, leases, paths, procs
@@ -331,11 +332,6 @@ def apply_example(url: str, records_url: str) -> dict[str, Any]:
     for line in overrides(agent):
         print(f"      {line}")
     return agent
-
-
-def condition(agent: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    conditions = (agent.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == kind), None)
 
 
 def wait_ready(name: str, clock: Clock, timeout: float) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from voicefleet_operator import render
 from voicefleet_operator.render import ChildNames, dispatch_name
 from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
 from voicefleet_testkit import observability
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import (
     DEFAULT_TRANSCRIPT,
@@ -160,13 +161,6 @@ def voiceagent(
             **(extra or {}),
         },
     }
-
-
-def _condition(agent: dict[str, Any], kind: str) -> str | None:
-    for condition in (agent.get("status") or {}).get("conditions") or []:
-        if condition["type"] == kind:
-            return str(condition["status"])
-    return None
 
 
 def _agent_calls_running(cluster: ClusterHandle, tenant: str, agent: str) -> int:
@@ -323,8 +317,8 @@ async def test_dashboards_show_real_series_and_the_capacity_alert_fires(
 
     def ready(name: str) -> bool:
         return (
-            _condition(_kubectl_json(cluster, "-n", tenant, "get", "va", name), "Ready") == "True"
-        )
+            condition(_kubectl_json(cluster, "-n", tenant, "get", "va", name), "Ready") or {}
+        ).get("status") == "True"
 
     # Ready means a worker is registered with LiveKit (the runtime's /ready): calls can go.
     for name in ("quality", "full"):

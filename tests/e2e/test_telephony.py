@@ -37,7 +37,8 @@ from voicefleet_localdev import chart, paths
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render, telephony
-from voicefleet_testkit import sipcall
+from voicefleet_testkit import conditions, sipcall
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.providers import LLMReply, ProviderServer, ToolCall, openai_pipeline
 from voicefleet_testkit.waiting import wait_for
 
@@ -151,23 +152,17 @@ def agent_json(cluster: ClusterHandle, namespace: str, name: str = AGENT) -> dic
     return dict(json.loads(cluster.kubectl("-n", namespace, "get", "va", name, "-o", "json")))
 
 
-def condition(agent: dict[str, Any], type: str) -> dict[str, Any] | None:
-    conditions = (agent.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == type), None)
-
-
 def wait_condition(
     cluster: ClusterHandle, namespace: str, type: str, status: str, timeout: float = 300
 ) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        agent = agent_json(cluster, namespace)
-        found = condition(agent, type)
-        return agent if found is not None and found["status"] == status else None
-
-    try:
-        return wait_for(f"{type}={status} on {namespace}/{AGENT}", probe, timeout, interval=0.5)
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{cluster.diagnostics(namespace)}") from None
+    return conditions.wait_condition(
+        f"{namespace}/{AGENT}",
+        lambda: agent_json(cluster, namespace),
+        type,
+        status,
+        timeout=timeout,
+        describe=lambda: cluster.diagnostics(namespace),
+    )
 
 
 async def livekit_objects(

@@ -38,7 +38,8 @@ from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator.render import selector_labels, worker_namespace
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
-from voicefleet_testkit import sipcall
+from voicefleet_testkit import conditions, sipcall
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.participant import TestParticipant, participant_token
 from voicefleet_testkit.providers import ProviderServer, openai_pipeline
 from voicefleet_testkit.waiting import wait_for, wait_until
@@ -184,11 +185,6 @@ def agent_json(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, A
     return dict(json.loads(cluster.kubectl("-n", namespace, "get", "va", name, "-o", "json")))
 
 
-def condition(agent: dict[str, Any], type: str) -> dict[str, Any] | None:
-    conditions = (agent.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == type), None)
-
-
 def wait_condition(
     cluster: ClusterHandle,
     namespace: str,
@@ -198,16 +194,19 @@ def wait_condition(
     reason: str | None = None,
     timeout: float = 300,
 ) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        found = condition(agent_json(cluster, namespace, name), type)
-        if found is None or found["status"] != status:
-            return None
-        return found if reason is None or found["reason"] == reason else None
-
-    try:
-        return dict(wait_for(f"{type}={status} on {namespace}/{name}", probe, timeout, 0.5))
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{cluster.diagnostics(namespace)}") from None
+    """The condition, once it has `status` (and `reason`); the cluster's diagnostics if not."""
+    agent = conditions.wait_condition(
+        f"{namespace}/{name}",
+        lambda: agent_json(cluster, namespace, name),
+        type,
+        status,
+        reason=reason,
+        timeout=timeout,
+        describe=lambda: cluster.diagnostics(namespace),
+    )
+    found = condition(agent, type)
+    assert found is not None
+    return found
 
 
 def status_code(packet: sipcall.SipPacket | None) -> int | None:

@@ -30,6 +30,7 @@ from voicefleet_operator.kube import Kube, client_configuration
 from voicefleet_operator.scaling import DELETION_COST_ANNOTATION, SCALE_DOWN_ANNOTATION
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.admission import REPORT_PATH, WorkerReport
+from voicefleet_testkit import conditions
 
 pytestmark = pytest.mark.integration
 
@@ -258,9 +259,10 @@ async def settle(fleet: FakeFleet, count: int, within_seconds: float = 60) -> li
 
 
 def condition(agent_status: dict[str, Any], type: str) -> dict[str, Any]:
-    found = [c for c in agent_status.get("conditions", []) if c["type"] == type]
+    """Condition `type` of a VoiceAgent's status (read alone here); it must exist."""
+    found = conditions.condition({"status": agent_status}, type)
     assert found, agent_status
-    return found[0]
+    return found
 
 
 # --- the test -------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from voicefleet_operator import render
 from voicefleet_operator.api import VoiceAgentStatus
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_runtime.config import parse_config
+from voicefleet_testkit import conditions
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -243,11 +245,6 @@ def patch_spec(cluster: ClusterHandle, namespace: str, name: str, spec: dict[str
     return int(result["metadata"]["generation"])
 
 
-def condition(agent: dict[str, Any], type: str) -> dict[str, Any] | None:
-    conditions = (agent.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == type), None)
-
-
 def wait_condition(
     cluster: ClusterHandle,
     namespace: str,
@@ -258,16 +255,15 @@ def wait_condition(
     generation: int | None = None,
     timeout: float = 60,
 ) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        agent = get_agent(cluster, namespace, name)
-        found = condition(agent, type)
-        if found is None or found["status"] != status:
-            return None
-        if generation is not None and found.get("observedGeneration") != generation:
-            return None
-        return agent
-
-    return wait_for(f"{type}={status} on {namespace}/{name}", probe, timeout=timeout)
+    return conditions.wait_condition(
+        f"{namespace}/{name}",
+        lambda: get_agent(cluster, namespace, name),
+        type,
+        status,
+        generation=generation,
+        timeout=timeout,
+        interval=1.0,
+    )
 
 
 def list_children(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, list[Any]]:

@@ -28,6 +28,7 @@ from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import api, image_policy, render
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_testkit import observability
+from voicefleet_testkit.conditions import condition
 from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -176,13 +177,6 @@ def test_the_operator_holds_the_same_rule() -> None:
     assert not any(image_policy.image_allowed(image, settings) for image in REFUSED)
 
 
-def _condition(agent: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for condition in (agent.get("status") or {}).get("conditions") or []:
-        if condition["type"] == kind:
-            return dict(condition)
-    return None
-
-
 def test_the_operator_refuses_an_image_admitted_without_the_policy(
     control_plane: ClusterHandle, policy_namespace: str
 ) -> None:
@@ -241,8 +235,8 @@ def test_the_operator_refuses_an_image_admitted_without_the_policy(
             agent: Any = objects.get_namespaced_custom_object(
                 api.GROUP, api.VERSION, tenant, api.PLURAL, "chooser"
             )
-            condition = _condition(agent, "ConfigValid")
-            return condition if condition and condition["status"] == expected else None
+            found = condition(agent, "ConfigValid")
+            return found if found and found["status"] == expected else None
 
         refused = wait_for("ConfigValid=False", lambda: config_valid("False"), timeout=60)
         assert refused["reason"] == "ImageNotAllowed"
