@@ -21,11 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import kopf
 import prometheus_client
 from aiohttp import web
-from lightkube import SingleConfig
 
 from voicefleet_operator import handlers, render, secret_watch, telephony_handlers, wake
 from voicefleet_operator.context import OperatorContext
@@ -54,41 +52,13 @@ def build(
     return registry, kopf_settings, context
 
 
-KOPF_REQUEST_CONNECTIONS = 32
-"""Connections kopf may open for its own requests (patches of finalizers and progress, Events)."""
-KOPF_WATCHES_PER_NAMESPACE = 8
-"""Watch streams kopf may hold per watched namespace (or cluster-wide): it watches three kinds
-today (VoiceAgents, worker Deployments, Secrets); each stream holds a connection for as long as
-it runs, so the pool is sized above them."""
-
-
-def kopf_connection_limit(settings: PlatformSettings) -> int:
-    """How many connections kopf's session may hold at once. Kopf's own session has no limit:
-    at 300 VoiceAgents it held 588 TLS connections to the API server (73 MB of the operator's
-    memory), one per request that found every other connection busy."""
-    scopes = max(1, len(watched_namespaces(settings)))
-    return KOPF_REQUEST_CONNECTIONS + KOPF_WATCHES_PER_NAMESPACE * scopes
-
-
-def kopf_session(config: SingleConfig, limit: int) -> kopf.AiohttpSession:
-    """Kopf's API session: the operator's own client's credentials (kube.connection_fields), at
-    most `limit` connections. Kopf closes it when it drops these credentials (a refused token).
-    Called in the event loop (the session binds to it)."""
-    info = kopf.ConnectionInfo(**connection_fields(config))
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(),
-    )
-    return kopf.AiohttpSession(aiohttp_session=session, server=info.server)
-
-
 def register_connection(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
-    """Kopf logs in on a session of its own with a bounded pool; the operator's client is
-    closed at the end."""
+    """Kopf logs in with the operator's own client's credentials and closes it at the end."""
 
     @kopf.on.login(registry=registry)
-    async def login(**_: Any) -> kopf.AiohttpSession:
-        return kopf_session(ctx.kube.config, kopf_connection_limit(ctx.settings))
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # The same credentials as the operator's own client (see kube.client_configuration).
+        return kopf.ConnectionInfo(**connection_fields(ctx.kube.config))
 
     @kopf.on.cleanup(registry=registry)
     async def close_client(**_: Any) -> None:

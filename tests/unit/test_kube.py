@@ -14,12 +14,6 @@ import pytest
 from lightkube import KubeConfig
 from lightkube.config.models import Cluster, User
 from voicefleet_operator import autoscaler
-from voicefleet_operator.__main__ import (
-    KOPF_REQUEST_CONNECTIONS,
-    KOPF_WATCHES_PER_NAMESPACE,
-    kopf_connection_limit,
-    kopf_session,
-)
 from voicefleet_operator.kube import (
     FIELD_MANAGER,
     METADATA_ONLY,
@@ -31,7 +25,6 @@ from voicefleet_operator.kube import (
     connection_fields,
 )
 from voicefleet_operator.scaling import Decision, Reason
-from voicefleet_operator.settings import PlatformSettings
 
 SERVER = "https://kube.test"
 STATUS_PATH = "/apis/voicefleet.dev/v1alpha1/namespaces/acme/voiceagents/support/status"
@@ -190,35 +183,3 @@ def test_kopf_logs_in_with_the_same_credentials() -> None:
         "Bearer",
         "t0k",
     )
-
-
-def test_kopfs_session_has_the_credentials_and_a_bounded_pool() -> None:
-    config = KubeConfig.from_one(
-        cluster=Cluster(server="https://kube.test", insecure=True), user=User(token="t0k")
-    ).get()
-    assert config is not None
-
-    async def session_of() -> tuple[str, int, str]:
-        context = kopf_session(config, 40)
-        session = context.aiohttp_session
-        try:
-            connector = session.connector
-            assert connector is not None
-            return context.server, connector.limit, session.headers["Authorization"]
-        finally:
-            await session.close()
-
-    assert asyncio.run(session_of()) == ("https://kube.test", 40, "Bearer t0k")
-
-
-def test_kopfs_pool_is_sized_above_its_watch_streams() -> None:
-    cluster_wide = PlatformSettings(
-        livekit_url="ws://livekit.voicefleet-system.svc:7880",
-        livekit_secret_namespace="voicefleet-system",
-        runtime_image="voicefleet/runtime:0.1.0",
-    )
-    two_tenants = cluster_wide.model_copy(update={"watch_namespaces": ("acme", "globex")})
-    # Cluster-wide: one scope; two served namespaces: four (theirs and their worker namespaces).
-    watches = KOPF_WATCHES_PER_NAMESPACE
-    assert kopf_connection_limit(cluster_wide) == KOPF_REQUEST_CONNECTIONS + watches
-    assert kopf_connection_limit(two_tenants) == KOPF_REQUEST_CONNECTIONS + 4 * watches
