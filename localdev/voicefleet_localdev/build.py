@@ -383,14 +383,6 @@ def install_debian() -> list[Row]:
     for pkg in packages:
         if pkg not in installed:
             raise ComponentError(pkg, "apt-get did not install it")
-    for program, source in paths.versions().get("programs", {}).items():
-        # [programs] says which package provides each program the code runs: hold it to that.
-        if source.startswith("debian:") and shutil.which(program) is None:
-            raise ComponentError(
-                source.removeprefix("debian:"),
-                f"installed, but `{program}` is not on PATH; "
-                "fix [programs] in localdev/versions.toml",
-            )
         rows.append(
             Row(
                 f"{pkg} (deb)",
@@ -400,6 +392,14 @@ def install_debian() -> list[Row]:
                 elapsed / len(missing) if pkg in missing else 0.0,
             )
         )
+    for program, source in paths.versions().get("programs", {}).items():
+        # [programs] says which package provides each program the code runs: hold it to that.
+        if source.startswith("debian:") and shutil.which(program) is None:
+            raise ComponentError(
+                source.removeprefix("debian:"),
+                f"installed, but `{program}` is not on PATH; "
+                "fix [programs] in localdev/versions.toml",
+            )
     return rows
 
 

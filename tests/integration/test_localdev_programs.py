@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from voicefleet_localdev import paths, programs
+from voicefleet_localdev import build, paths, programs
 
 
 def test_the_repository_runs_no_program_that_nothing_installs() -> None:
@@ -59,3 +59,11 @@ def test_a_binary_the_builds_do_not_make_is_named(tmp_path: Path) -> None:
     package = write(tmp_path, "def f():\n    paths.binary('kubernetes', 'kubeadm')\n")
     found = programs.problems({**paths.versions(), "programs": {}}, (package,))
     assert len(found) == 1 and "builds no 'kubeadm'" in found[0], found
+
+
+def test_make_infras_table_has_one_row_per_pinned_debian_package() -> None:
+    # The packages are installed by now (the test tiers depend on `make infra`): nothing runs apt.
+    packages = paths.versions()["debian"]["packages"]
+    rows = build.install_debian()
+    assert [row.component for row in rows] == [f"{package} (deb)" for package in packages]
+    assert all(row.status == "cached" and row.version for row in rows), rows
