@@ -14,7 +14,6 @@ import contextlib
 import re
 import secrets
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from voicefleet_operator.settings import PlatformSettings
 
 from voicefleet_localdev import paths
 from voicefleet_localdev.bench.workers import BenchError
+from voicefleet_localdev.kubectl import kubectl
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
 
@@ -131,11 +131,7 @@ def run(workdir: Path, *, sequential: int, burst: int, report: Any) -> dict[str,
     core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
     namespace = f"vf-bench-{secrets.token_hex(3)}"
     livekit = LiveKitEndpoint()
-    subprocess.run(
-        [str(paths.binary("kubernetes", "kubectl")), f"--kubeconfig={paths.kubeconfig()}",
-         "apply", "--server-side", "--force-conflicts", "-f", str(paths.REPO_ROOT / "crds")],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(paths.REPO_ROOT / "crds"))
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
     operator = Operator(namespace, workdir, livekit)
     try:

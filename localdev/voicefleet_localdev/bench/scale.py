@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +55,7 @@ from voicefleet_localdev.bench.reconcile import (
     reconciled,
 )
 from voicefleet_localdev.bench.workers import BenchError
+from voicefleet_localdev.kubectl import kubectl
 from voicefleet_localdev.livekit import LiveKitEndpoint
 from voicefleet_localdev.operator_process import OperatorProcess
 
@@ -644,11 +644,7 @@ def run(
     tenants = [namespace for group in per_size for namespace in group]
     platform = f"{prefix}-platform"
     livekit = LiveKitEndpoint()
-    subprocess.run(
-        [str(paths.binary("kubernetes", "kubectl")), f"--kubeconfig={paths.kubeconfig()}",
-         "apply", "--server-side", "--force-conflicts", "-f", str(paths.REPO_ROOT / "crds")],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(paths.REPO_ROOT / "crds"))
     results: dict[str, Any] = {
         "namespaces": namespaces,
         "parallel": parallel,
