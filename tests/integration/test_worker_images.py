@@ -28,7 +28,7 @@ from voicefleet_localdev.pytest_plugin import ClusterHandle
 from voicefleet_operator import api, image_policy, render
 from voicefleet_operator.settings import PlatformSettings
 from voicefleet_testkit import observability
-from voicefleet_testkit.conditions import condition
+from voicefleet_testkit.conditions import condition, wait_condition
 from voicefleet_testkit.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -231,14 +231,26 @@ def test_the_operator_refuses_an_image_admitted_without_the_policy(
     try:
         objects.create_namespaced_custom_object(api.GROUP, api.VERSION, tenant, api.PLURAL, body)
 
-        def config_valid(expected: str) -> dict[str, Any] | None:
-            agent: Any = objects.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, tenant, api.PLURAL, "chooser"
+        def config_valid(expected: str) -> dict[str, Any]:
+            """The ConfigValid condition, once it has status `expected`."""
+
+            def read() -> Any:
+                return objects.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, tenant, api.PLURAL, "chooser"
+                )
+
+            agent = wait_condition(
+                f"{tenant}/chooser",
+                read,
+                "ConfigValid",
+                expected,
+                timeout=60,
             )
             found = condition(agent, "ConfigValid")
-            return found if found and found["status"] == expected else None
+            assert found is not None
+            return found
 
-        refused = wait_for("ConfigValid=False", lambda: config_valid("False"), timeout=60)
+        refused = config_valid("False")
         assert refused["reason"] == "ImageNotAllowed"
         assert refused["message"].startswith(f"spec.worker.image: '{REFUSED[0]}' is not an image")
         workers = render.worker_namespace(tenant)
@@ -249,7 +261,7 @@ def test_the_operator_refuses_an_image_admitted_without_the_policy(
         objects.patch_namespaced_custom_object(
             api.GROUP, api.VERSION, tenant, api.PLURAL, "chooser", patch
         )
-        wait_for("ConfigValid=True", lambda: config_valid("True"), timeout=60)
+        config_valid("True")
         deployment: Any = wait_for(
             "the workers' Deployment",
             lambda: k8s.AppsV1Api(cluster.api_client).list_namespaced_deployment(workers).items,
