@@ -35,10 +35,13 @@ def local_values(
     watch_namespaces: list[str],
     livekit: LiveKitEndpoint | None = None,
     log_level: str = "INFO",
+    desk_tts_url: str | None = None,
 ) -> dict[str, Any]:
     """Values for the local stack: the images `make images` built (never pulled), LiveKit at the
     host address pods reach, the dev API key pair as the platform Secret, and only
-    `watch_namespaces` served (tests run their own operators on other namespaces)."""
+    `watch_namespaces` served (tests run their own operators on other namespaces). The
+    platform desk speaks through the OpenAI-compatible TTS at `desk_tts_url` (the local
+    provider server, as pods reach it); without one it is off."""
     livekit = livekit or LiveKitEndpoint()
     host = paths.host_address_for_pods()
     if host is None:
@@ -60,6 +63,15 @@ def local_values(
         },
         "watchNamespaces": watch_namespaces,
         "logLevel": log_level,
+        "desk": (
+            {
+                "enabled": True,
+                "tts": {"provider": "openai", "baseUrl": desk_tts_url},
+                "apiKey": "sk-local-desk",
+            }
+            if desk_tts_url
+            else {"enabled": False}
+        ),
     }
 
 

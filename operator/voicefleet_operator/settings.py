@@ -174,6 +174,11 @@ class PlatformSettings(BaseModel):
     5 s longer than this (at least 30 s; telephony.ringing_timeout_for), after which
     livekit-sip would end the call itself."""
 
+    desk_url: Annotated[str | None, Field(pattern=r"^https?://")] = None
+    """VOICEFLEET_DESK_URL: the platform desk (`python -m voicefleet_runtime desk`; the chart's
+    desk Service), which says spec.overflow.holdMessage to a caller held while a fleet wakes
+    (wake.py). Unset: no desk; held phone callers hear ringing."""
+
     @field_validator(
         "watch_namespaces",
         "internal_cidrs",

@@ -60,10 +60,19 @@ import aiohttp
 import kopf
 from livekit import api as livekit_api
 from livekit.protocol import agent, agent_dispatch, models
+from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE
 
 from voicefleet_operator import metrics
-from voicefleet_operator.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from voicefleet_operator.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    OverflowOptions,
+    SpecError,
+    parse_spec,
+)
 from voicefleet_operator.context import OperatorContext, WakeState
+from voicefleet_operator.desk import DeskClient
 from voicefleet_operator.render import dispatch_name
 from voicefleet_operator.reporting import post_event
 from voicefleet_operator.standby import Answer, StandbyWorker
@@ -76,8 +85,9 @@ verdict, and starts or stops its standby."""
 WAKE_TIMEOUT_REASON = "wake_timeout"
 UNSCHEDULABLE_REASON = "pods_unschedulable"
 """No worker registered and every worker pod is unschedulable: told at once, no wake timeout."""
-OVERFLOW_ATTRIBUTE = "voicefleet.overflow"
-"""The runtime's overflow attribute (voicefleet_runtime.admission.OVERFLOW_ATTRIBUTE)."""
+DESK_HANDOVER_SECONDS = 30.0
+"""The desk stays this long past the wake timeout: a handed-over call's agent joins within it
+(the desk leaves the moment it does)."""
 
 
 def wants_standby(body: Mapping[str, Any]) -> bool:
@@ -119,6 +129,8 @@ class FleetStandby:
         )
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        desk_url = ctx.settings.desk_url
+        self.desk = DeskClient(desk_url) if desk_url else None
 
     @property
     def holding(self) -> bool:
@@ -205,23 +217,39 @@ class FleetStandby:
         taken = self.state.waiting.get(room, time.monotonic())
         deadline = taken + self.ctx.settings.wake_timeout_seconds
         labels = (self.namespace, self.name)
+        overflow = self._overflow()
+        desk_holds = False
         try:
+            if (
+                self.desk is not None
+                and overflow.hold_message
+                and not self.state.no_worker_can_start  # turned away at once: no hold
+            ):
+                desk_holds = await self.desk.hold(
+                    self.credentials,
+                    room,
+                    self.agent_name,
+                    overflow.hold_message,
+                    max(1.0, deadline - time.monotonic()) + DESK_HANDOVER_SECONDS,
+                )
+                if desk_holds:
+                    log.info("%s/%s: room %s: the desk says the holding message", *labels, room)
             await self._wait(deadline - time.monotonic())
             async with livekit_api.LiveKitAPI(*self.credentials, failover=False) as lkapi:
                 callers = await _callers(lkapi, room)
                 if not callers:
                     log.info("%s/%s: room %s: the caller left", *labels, room)
                     metrics.WAKES.labels(*labels, "caller_left").inc()
+                    if desk_holds and self.desk is not None:
+                        await self.desk.end(room)
                 elif self.state.registered_workers == 0 and self.state.no_worker_can_start:
                     # No wake can happen: the treatment now, not after the wake timeout.
-                    why = self.state.no_worker_can_start
                     await self._turn_away(
-                        lkapi, room, callers, UNSCHEDULABLE_REASON, "unschedulable",
+                        lkapi, room, callers, desk_holds, UNSCHEDULABLE_REASON, "unschedulable",
                         "WakeImpossible",
-                        f"no worker registered and {why}: the caller of room {room} was turned "
-                        f"away at once (phone: 486 Busy Here; WebRTC: attribute "
-                        f"{OVERFLOW_ATTRIBUTE}={UNSCHEDULABLE_REASON}). See the CapacityLimited "
-                        "condition",
+                        f"no worker registered and {self.state.no_worker_can_start}: the caller "
+                        f"of room {room} was turned away at once",
+                        "See the CapacityLimited condition",
                     )  # fmt: skip
                 elif self.state.registered_workers > 0:
                     await self._hand_over(lkapi, job)
@@ -237,10 +265,10 @@ class FleetStandby:
                     )
                 else:
                     await self._turn_away(
-                        lkapi, room, callers, WAKE_TIMEOUT_REASON, "timed_out", "WakeTimedOut",
+                        lkapi, room, callers, desk_holds, WAKE_TIMEOUT_REASON, "timed_out",
+                        "WakeTimedOut",
                         f"no worker registered within {self.ctx.settings.wake_timeout_seconds:g}s "
-                        f"of a call (room {room}); the caller was turned away (phone: 486 Busy "
-                        f"Here; WebRTC: attribute {OVERFLOW_ATTRIBUTE}={WAKE_TIMEOUT_REASON}). "
+                        f"of a call (room {room}); the caller was turned away",
                         "See the CapacityLimited and WorkersAvailable conditions",
                     )  # fmt: skip
         except (aiohttp.ClientError, livekit_api.TwirpError, TimeoutError) as error:
@@ -269,16 +297,46 @@ class FleetStandby:
         lkapi: livekit_api.LiveKitAPI,
         room: str,
         callers: list[models.ParticipantInfo],
+        desk_holds: bool,
         reason: str,
         result: str,
         event_reason: str,
-        message: str,
+        situation: str,
+        see: str,
     ) -> None:
-        """The no-worker treatment for the room's callers, counted, logged and posted."""
-        await _treat(lkapi, room, callers, reason)
+        """The no-worker treatment for the room's callers, counted, logged and posted: by the
+        desk when it holds the caller (the call is answered: the overflow message, then a hang
+        up or a transfer), else ending a ringing phone call (486) or the WebRTC attribute."""
+        overflow = self._overflow()
+        if not desk_holds and self.desk is not None and desk_speaks(callers, overflow):
+            # The desk answers the call now, to say the message (no holding message).
+            desk_holds = await self.desk.hold(
+                self.credentials, room, self.agent_name, None, DESK_HANDOVER_SECONDS
+            )
+        if desk_holds and self.desk is not None:
+            await _tell_webrtc_callers(lkapi, room, callers, reason)
+            if await self.desk.finish(room, overflow.message, reason) is None:
+                log.warning(
+                    "%s/%s: room %s: the desk did not say the overflow message; ending the call",
+                    self.namespace,
+                    self.name,
+                    room,
+                )
+            await _end_answered_calls(lkapi, room, callers, overflow)
+        else:
+            await _treat(lkapi, room, callers, reason)
+        message = f"{situation} ({_told(desk_holds, overflow, reason)}). {see}"
         metrics.WAKES.labels(self.namespace, self.name, result).inc()
         log.warning("%s/%s: %s", self.namespace, self.name, message)
         post_event(self.body, "Warning", event_reason, message)
+
+    def _overflow(self) -> OverflowOptions:
+        """The VoiceAgent's spec.overflow as it is now (defaults if the spec does not parse:
+        a standby runs only for valid specs, so that is a spec changed a moment ago)."""
+        try:
+            return parse_spec(self.body.get("spec") or {}).overflow
+        except SpecError:
+            return OverflowOptions()
 
     async def _hand_over(self, lkapi: livekit_api.LiveKitAPI, job: agent.Job) -> None:
         request = livekit_api.CreateAgentDispatchRequest(
@@ -299,6 +357,71 @@ async def _callers(lkapi: livekit_api.LiveKitAPI, room: str) -> list[models.Part
             return []
         raise
     return [p for p in listed.participants if p.kind != models.ParticipantInfo.Kind.AGENT]
+
+
+def desk_speaks(callers: Iterable[models.ParticipantInfo], overflow: OverflowOptions) -> bool:
+    """Whether turning these callers away takes the desk's voice: a WebRTC caller hears
+    spec.overflow.message; a phone caller does with sip.action message or transfer (reject
+    ends the ringing call with a SIP status, no answer)."""
+    return any(
+        caller.kind != models.ParticipantInfo.Kind.SIP or overflow.sip.action != "reject"
+        for caller in callers
+    )
+
+
+def _told(desk_holds: bool, overflow: OverflowOptions, reason: str) -> str:
+    """How the caller was told, for the log and the Event."""
+    if desk_holds:
+        phone = "transferred" if overflow.sip.action == "transfer" else "hung up"
+        return (
+            f"the desk said spec.overflow.message; phone: then {phone}; WebRTC: attribute "
+            f"{OVERFLOW_ATTRIBUTE}={reason}"
+        )
+    return f"phone: 486 Busy Here; WebRTC: attribute {OVERFLOW_ATTRIBUTE}={reason}"
+
+
+async def _tell_webrtc_callers(
+    lkapi: livekit_api.LiveKitAPI, room: str, callers: list[models.ParticipantInfo], reason: str
+) -> None:
+    for caller in callers:
+        if caller.kind != models.ParticipantInfo.Kind.SIP:
+            await lkapi.room.update_participant(
+                livekit_api.UpdateParticipantRequest(
+                    room=room, identity=caller.identity, attributes={OVERFLOW_ATTRIBUTE: reason}
+                )
+            )
+
+
+async def _end_answered_calls(
+    lkapi: livekit_api.LiveKitAPI,
+    room: str,
+    callers: list[models.ParticipantInfo],
+    overflow: OverflowOptions,
+) -> None:
+    """Phone calls the desk answered: transferred to sip.transferTo (a SIP REFER, which
+    livekit-sip sends only for an answered call) or hung up (BYE). A transfer that fails ends
+    the call: the caller has heard the overflow message."""
+    for caller in callers:
+        if caller.kind != models.ParticipantInfo.Kind.SIP:
+            continue
+        if overflow.sip.action == "transfer" and overflow.sip.transfer_to:
+            try:
+                await lkapi.sip.transfer_sip_participant(
+                    livekit_api.TransferSIPParticipantRequest(
+                        room_name=room,
+                        participant_identity=caller.identity,
+                        # tel: for an E.164 number, as the runtime's telephony.transfer_uri.
+                        transfer_to=f"tel:{overflow.sip.transfer_to}",
+                        play_dialtone=False,
+                    )
+                )
+                continue
+            except livekit_api.TwirpError as error:
+                log.warning("room %s: the overflow transfer failed (%s); hanging up", room, error)
+        with contextlib.suppress(livekit_api.TwirpError):
+            await lkapi.room.remove_participant(
+                livekit_api.RoomParticipantIdentity(room=room, identity=caller.identity)
+            )
 
 
 async def _treat(

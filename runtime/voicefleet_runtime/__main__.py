@@ -1,6 +1,7 @@
-"""`python -m voicefleet_runtime start|console|check|download-files`.
+"""`python -m voicefleet_runtime start|console|check|download-files|desk`.
 
   start           run the worker (what the pod runs); SIGTERM drains running calls
+  desk            run the platform desk (desk.py; the chart's desk Deployment), no config file
   console         run the same config locally in a terminal (livekit-agents console)
   check           validate the config and the environment it needs, then exit
   download-files  fetch the turn-detector model files (needs network; used by the image build)
@@ -62,12 +63,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     check = commands.add_parser("check", help="validate the config and environment, then exit")
     check.add_argument("--config", help="config file (default: $VOICEFLEET_CONFIG)")
     commands.add_parser("download-files", help="download the turn-detector model files")
+    commands.add_parser("desk", help="run the platform desk (speaks to callers of sleeping fleets)")
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     ensure_multiprocess_metrics_dir()
+
+    if args.command == "desk":
+        return run_desk()
 
     if args.command == "download-files":
         from livekit.agents.__main__ import main as livekit_main
@@ -121,6 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     # livekit-agents' CLI does the rest: logging, signals, drain on SIGTERM.
     sys.argv = [sys.argv[0], args.command, *passthrough]
     cli.run_app(server)
+    return 0
+
+
+def run_desk() -> int:
+    """The platform desk until SIGTERM/SIGINT; settings from the environment (desk.py)."""
+    import asyncio
+    import logging
+    import signal
+
+    from voicefleet_runtime.desk import DeskSettingsError, serve, settings_from_environment
+
+    logging.basicConfig(
+        level=os.environ.get("VOICEFLEET_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        url, tts, port = settings_from_environment()
+    except DeskSettingsError as error:
+        print(f"voicefleet-runtime desk: {error}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(url, tts, port, stop)
+
+    asyncio.run(run())
     return 0
 
 

@@ -141,6 +141,13 @@ class OverflowOptions(_Model):
     sip.action is message or transfer; synthesised with the pipeline's TTS."""
     sip: SipOverflow = SipOverflow()
     """Phone calls: reject with a SIP status, answer with the message, or transfer."""
+    hold_message: Annotated[str | None, Field(min_length=1, max_length=500)] = None
+    """Said to a caller while a fleet with no registered worker (scaled to zero, or every
+    worker restarting) starts one: the platform's desk joins the room and says it, in the
+    platform's voice (Helm desk.tts), which answers a phone call; then the agent takes over.
+    Omit: a phone caller hears ringing, a WebRTC caller waits. When no worker comes in time,
+    the desk says `message` and the phone call is hung up or, with sip.action transfer,
+    transferred (an answered call cannot be rejected with a SIP status)."""
 
 
 class AdmissionUpdate(_Model):

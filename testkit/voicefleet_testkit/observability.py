@@ -128,6 +128,7 @@ BASE_VALUES = [
     "--set", "livekit.url=ws://livekit.example:7880",
     "--set", "livekit.apiKey=devkey",
     "--set", "livekit.apiSecret=devsecret",
+    "--set", "desk.apiKey=sk-desk",
 ]  # fmt: skip
 
 

@@ -783,6 +783,7 @@ def _helm_rbac(namespace: str) -> list[dict[str, Any]]:
             "--namespace", namespace,
             "--set", "livekit.url=ws://127.0.0.1:7880",
             "--set", "livekit.existingSecret=voicefleet-livekit",
+            "--set", "desk.enabled=false",
             "--show-only", "templates/serviceaccount.yaml",
             "--show-only", "templates/rbac.yaml",
         ],

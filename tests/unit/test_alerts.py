@@ -140,7 +140,11 @@ def test_monitors_and_rules_need_the_prometheus_operator_crds() -> None:
 
 
 def test_the_operator_pod_carries_scrape_annotations() -> None:
-    (deployment,) = [d for d in observability.render_chart() if d["kind"] == "Deployment"]
+    (deployment,) = [
+        d
+        for d in observability.render_chart()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "vf-voicefleet"
+    ]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     metrics_port = next(p for p in container["ports"] if p["name"] == "metrics")

@@ -7,6 +7,7 @@ and review the diff.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -31,6 +32,8 @@ CASES: dict[str, list[str]] = {
         "livekit.apiKey=devkey",
         "--set",
         "livekit.apiSecret=devsecret",
+        "--set",
+        "desk.apiKey=sk-desk",
     ],
     # A production-like install: an existing Secret, chosen namespaces, pinned images.
     "namespaced": [
@@ -52,6 +55,12 @@ CASES: dict[str, list[str]] = {
         "runtime.image.tag=1.2.3",
         "--set",
         "logLevel=DEBUG",
+        "--set",
+        "desk.existingSecret=desk-tts",
+        "--set",
+        "desk.tts.provider=elevenlabs",
+        "--set",
+        "desk.tts.voice=Rachel",
     ],
 }
 
@@ -128,7 +137,7 @@ def test_helm_template_matches_golden_file(case: str) -> None:
 
 
 def test_operator_deployment_is_two_elected_restricted_pods() -> None:
-    deployment = by_kind(documents("default"), "Deployment")
+    deployment = by_name(documents("default"), "Deployment", "vf-voicefleet")
     spec = deployment["spec"]
     # Two replicas, one active (the Lease holder): a rollout never leaves none.
     assert spec["replicas"] == 2
@@ -165,9 +174,9 @@ def test_operator_settings_from_the_chart_are_valid() -> None:
     from voicefleet_operator.settings import PlatformSettings
 
     for case in CASES:
-        container = by_kind(documents(case), "Deployment")["spec"]["template"]["spec"][
-            "containers"
-        ][0]
+        container = by_name(documents(case), "Deployment", "vf-voicefleet")["spec"]["template"][
+            "spec"
+        ]["containers"][0]
         env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         env["POD_NAMESPACE"] = NAMESPACE
         settings = PlatformSettings.from_environment(env)
@@ -176,6 +185,7 @@ def test_operator_settings_from_the_chart_are_valid() -> None:
             assert settings.livekit_secret_name == "livekit-keys"
             assert settings.runtime_image == "registry.example/voicefleet/runtime:1.2.3"
             assert settings.log_level == "DEBUG"
+        assert settings.desk_url == f"http://vf-voicefleet-desk.{NAMESPACE}.svc:8095"
 
 
 def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:
@@ -282,10 +292,73 @@ def test_tenant_admins_manage_voiceagents_through_aggregated_roles() -> None:
 
 
 def test_livekit_secret_is_created_only_without_an_existing_one() -> None:
-    secret = by_kind(documents("default"), "Secret")
-    assert secret["metadata"]["name"] == "vf-voicefleet-livekit"
+    secret = by_name(documents("default"), "Secret", "vf-voicefleet-livekit")
     assert set(secret["stringData"]) == {"LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"}
     assert not [d for d in documents("namespaced") if d["kind"] == "Secret"]
+
+
+def test_the_desk_runs_the_runtime_image_without_credentials_reached_only_by_the_operator() -> None:
+    docs = documents("default")
+    desk = by_name(docs, "Deployment", "vf-voicefleet-desk")["spec"]["template"]
+    pod = desk["spec"]
+    assert pod["automountServiceAccountToken"] is False  # no Kubernetes API access
+    (container,) = pod["containers"]
+    assert container["image"] == "voicefleet/runtime:0.1.0"
+    assert container["args"] == ["desk"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["VOICEFLEET_DESK_LIVEKIT_URL"] == "wss://livekit.example.com"
+    assert json.loads(env["VOICEFLEET_DESK_TTS"]) == {"provider": "openai"}
+    # Only the TTS key: never the LiveKit Secret (the operator mints a token per room).
+    assert container["envFrom"] == [{"secretRef": {"name": "vf-voicefleet-desk-tts"}}]
+    secret = by_name(docs, "Secret", "vf-voicefleet-desk-tts")
+    assert secret["stringData"] == {"OPENAI_API_KEY": "sk-desk"}
+    policy = by_name(docs, "NetworkPolicy", "vf-voicefleet-desk")
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected == {
+        "app.kubernetes.io/name": "voicefleet-desk",
+        "app.kubernetes.io/instance": "vf",
+    }
+    assert selected.items() <= desk["metadata"]["labels"].items()
+    (ingress,) = policy["spec"]["ingress"]
+    operator_pods, monitoring = ingress["from"]
+    assert operator_pods == {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "voicefleet-operator",
+                "app.kubernetes.io/instance": "vf",
+            }
+        }
+    }
+    assert monitoring["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+    }
+    # An ElevenLabs voice with the platform's existing Secret.
+    namespaced = documents("namespaced")
+    container = by_name(namespaced, "Deployment", "vf-voicefleet-desk")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert json.loads(env["VOICEFLEET_DESK_TTS"]) == {"provider": "elevenlabs", "voice": "Rachel"}
+    assert container["envFrom"] == [{"secretRef": {"name": "desk-tts"}}]
+
+
+def test_the_desk_without_a_key_fails_naming_the_value_and_can_be_turned_off() -> None:
+    base = CASES["default"][:-2]  # without desk.apiKey
+    proc = helm("template", "vf", str(CHART), *base, check=False)
+    assert proc.returncode != 0
+    assert "desk.existingSecret is required" in proc.stderr
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            helm("template", "vf", str(CHART), *base, "--set", "desk.enabled=false").stdout
+        )
+        if d
+    ]
+    assert not [d for d in docs if "desk" in d["metadata"]["name"]]
+    operator = by_name(docs, "Deployment", "vf-voicefleet")["spec"]["template"]["spec"]
+    env = {e["name"] for e in operator["containers"][0]["env"]}
+    assert "VOICEFLEET_DESK_URL" not in env
 
 
 def test_chart_ships_the_generated_crd() -> None:

@@ -78,7 +78,7 @@ def test_taking_ends_the_job_without_an_agent_and_refusing_lets_another_worker_t
 class FakeContext:
     def __init__(self) -> None:
         self.state = WakeState()
-        self.settings = type("S", (), {"wake_timeout_seconds": 25.0})()
+        self.settings = type("S", (), {"wake_timeout_seconds": 25.0, "desk_url": None})()
 
     def wake(self, namespace: str, name: str) -> WakeState:
         return self.state

@@ -39,6 +39,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default (printf "%s-livekit" (include "voicefleet.fullname" .)) .Values.livekit.existingSecret -}}
 {{- end -}}
 
+{{/* The desk's Secret with its TTS provider's key (OPENAI_API_KEY or ELEVEN_API_KEY). */}}
+{{- define "voicefleet.deskSecretName" -}}
+{{- if .Values.desk.existingSecret -}}
+{{- .Values.desk.existingSecret -}}
+{{- else if .Values.desk.apiKey -}}
+{{- printf "%s-desk-tts" (include "voicefleet.fullname" .) -}}
+{{- else -}}
+{{- required "desk.existingSecret is required with desk.enabled: a Secret in the release namespace with the desk's TTS key (OPENAI_API_KEY or ELEVEN_API_KEY); or desk.apiKey, or desk.enabled false" "" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "voicefleet.operatorImage" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
