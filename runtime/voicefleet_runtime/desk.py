@@ -35,6 +35,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -80,12 +81,31 @@ class Speech:
 
 class Voice:
     """The platform's TTS, each text synthesised once (concurrent requests for the same text
-    share one synthesis)."""
+    share one synthesis). One TTS client for the desk's life, built by `warm` at start: the
+    plugin's import and its HTTP client's SSL context took ~2 s on a busy node, on the first
+    caller's path otherwise."""
 
     def __init__(self, config: TtsConfig) -> None:
         self.config = config
         self._said: OrderedDict[str, asyncio.Task[Speech]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
+        self._tts: Any = None
+
+    def warm(self) -> None:
+        """Build the TTS client now (in a running event loop)."""
+        self._client()
+
+    def _client(self) -> Any:
+        if self._tts is None:
+            # Outside a job livekit-agents has no HTTP session to lend the plugins.
+            self._session = aiohttp.ClientSession()
+            self._tts = build_tts(self.config, http_session=self._session)
+        return self._tts
+
+    def audio_format(self) -> tuple[int, int]:
+        """(sample rate, channels) of this voice's audio."""
+        tts = self._client()
+        return tts.sample_rate, tts.num_channels
 
     async def speech(self, text: str) -> Speech:
         task = self._said.get(text)
@@ -97,30 +117,13 @@ class Voice:
         self._said.move_to_end(text)
         return await asyncio.shield(task)
 
-    async def audio_format(self) -> tuple[int, int]:
-        """(sample rate, channels) of this voice's audio, without a synthesis."""
-        tts = build_tts(self.config, http_session=self._http())
-        try:
-            return tts.sample_rate, tts.num_channels
-        finally:
-            await tts.aclose()
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # Outside a job livekit-agents has no HTTP session to lend the plugins.
-            self._session = aiohttp.ClientSession()
-        return self._session
-
     async def _synthesise(self, text: str) -> Speech:
-        tts = build_tts(self.config, http_session=self._http())
+        tts = self._client()
         frames: list[rtc.AudioFrame] = []
         started = time.monotonic()
-        try:
-            async with tts.synthesize(text) as stream:
-                async for audio in stream:
-                    frames.append(audio.frame)
-        finally:
-            await tts.aclose()
+        async with tts.synthesize(text) as stream:
+            async for audio in stream:
+                frames.append(audio.frame)
         speech = Speech(frames, tts.sample_rate, tts.num_channels)
         logger.info(
             "synthesised a message once: %.1fs of audio in %.2fs",
@@ -130,6 +133,8 @@ class Voice:
         return speech
 
     async def aclose(self) -> None:
+        if self._tts is not None:
+            await self._tts.aclose()
         if self._session is not None:
             await self._session.close()
 
@@ -207,13 +212,8 @@ class Desk:
             await room.connect(
                 self.livekit_url, request.token, rtc.RoomOptions(auto_subscribe=False)
             )
-            speech = await speech_task
-            # The overflow message of a silent join comes from the same voice: its format.
-            rate, channels = (
-                (speech.sample_rate, speech.num_channels)
-                if speech is not None
-                else await self.voice.audio_format()
-            )
+            # Published before the message is synthesised: the answer does not wait for it.
+            rate, channels = self.voice.audio_format()
             source = rtc.AudioSource(rate, channels)
             track = rtc.LocalAudioTrack.create_audio_track("desk", source)
             await room.local_participant.publish_track(
@@ -228,7 +228,9 @@ class Desk:
         hold = Hold(request, room, source, subscribed)
         self.holds[request.room] = hold
         self.metrics.holding.inc()
-        hold.playing = asyncio.create_task(self._greet(hold, speech), name=f"desk-say {room}")
+        hold.playing = asyncio.create_task(
+            self._greet(hold, speech_task), name=f"desk-say {request.room}"
+        )
         hold.watcher = asyncio.create_task(self._watch(hold), name=f"desk-hold {request.room}")
         joined = time.monotonic() - started
         logger.info(
@@ -239,10 +241,15 @@ class Desk:
         )
         return HoldStarted(room=request.room, joined_seconds=round(joined, 3))
 
-    async def _greet(self, hold: Hold, speech: Speech | None) -> None:
+    async def _greet(self, hold: Hold, speech: asyncio.Task[Speech | None]) -> None:
         """The holding message, once the caller can hear it."""
-        if await _caller_can_hear(hold) and speech is not None:
-            await _play(hold.source, speech)
+        try:
+            if await _caller_can_hear(hold) and (said := await speech) is not None:
+                await _play(hold.source, said)
+        except Exception:
+            logger.exception("room %s: the holding message failed", hold.request.room)
+        finally:
+            speech.cancel()
 
     async def _speech(self, text: str | None) -> Speech | None:
         return None if text is None else await self.voice.speech(text)
@@ -449,7 +456,11 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> tuple[st
 
 
 async def serve(url: str, tts: TtsConfig, port: int, stop: asyncio.Event) -> None:
-    desk = Desk(url, Voice(tts))
+    voice = Voice(tts)
+    voice.warm()
+    # The native WebRTC library loads on first use: now, not on the first caller's path.
+    await rtc.AudioSource(*voice.audio_format()).aclose()
+    desk = Desk(url, voice)
     runner = web.AppRunner(make_app(desk), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host=None, port=port).start()
