@@ -1,23 +1,33 @@
 """The chart on the local cluster: `helm install` runs the operator image (built by `make images`)
 as a pod on the node; `kubectl apply -f examples/voiceagent.yaml` gives the children; and
-`kubectl get va` shows printer columns whose values match what the cluster really runs.
+`kubectl get va` shows printer columns whose values match what the cluster really runs. The
+chart's platform desk (a pod of the runtime image, reached by the operator pod through its
+Service) answers a phone call to a fleet at zero with the holding message until the woken
+worker pod's agent takes the call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import yaml
 from voicefleet_localdev import chart, images, paths
-from voicefleet_localdev.livekit import LiveKitEndpoint
+from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render
+from voicefleet_testkit import sipcall
+from voicefleet_testkit.providers import ProviderServer, openai_pipeline
 from voicefleet_testkit.waiting import wait_for
+
+from tests.integration.test_desk import ANSWER_BOUND_S, voiced_runs
+from tests.integration.test_overflow import final_response
 
 # Building and importing the images (setup) alone can take many minutes on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
@@ -25,6 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 REPO = paths.REPO_ROOT
 EXAMPLE = REPO / "examples" / "voiceagent.yaml"
 AGENT = "acme-support"  # the example's name
+WAKE_TIMEOUT_SECONDS = 150
+SLEEPER = "sleeper"
+HOLD_MESSAGE = "Thanks for calling. Your agent will be with you in a moment."
 CHILDREN = ("serviceaccount", "secret", "configmap", "service", "poddisruptionbudget",
             "networkpolicy", "deployment")  # fmt: skip
 
@@ -44,12 +57,20 @@ def namespaces(cluster_with_node: ClusterHandle) -> Iterator[tuple[str, str]]:
         cluster_with_node.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def desk_providers(cluster_with_node: ClusterHandle) -> AsyncIterator[ProviderServer]:
+    """The provider servers on the host address pods reach: the desk's TTS and the sleeper's."""
+    async with ProviderServer(cluster_with_node.host_address_from_pods, 0) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def release(
     cluster_with_node: ClusterHandle,
     livekit: LiveKitEndpoint,
     project_images: dict[str, str],
     namespaces: tuple[str, str],
+    desk_providers: ProviderServer,
 ) -> Iterator[str]:
     """`helm install` of the chart (voicefleet_localdev.chart, as the demo), operator pod Ready."""
     platform, tenant = namespaces
@@ -57,7 +78,14 @@ def release(
     # installed the chart as "voicefleet" in another namespace.
     release = f"vf-e2e-{tenant.rsplit('-', 1)[-1]}"
     # Only this test's tenant: other tests run their own operators on their namespaces.
-    values = chart.local_values(watch_namespaces=[tenant], livekit=livekit, log_level="DEBUG")
+    values = chart.local_values(
+        watch_namespaces=[tenant],
+        livekit=livekit,
+        log_level="DEBUG",
+        desk_tts_url=desk_providers.base_url,
+    )
+    # A worker pod starts from zero in a minute or more on this loaded 2-core node.
+    values["wakeTimeoutSeconds"] = WAKE_TIMEOUT_SECONDS
     with installed_chart(cluster_with_node, release, platform, values, tenants=[tenant]) as notes:
         assert "kubectl -n acme apply -f examples/voiceagent.yaml" in notes  # the NOTES
         yield release
@@ -212,3 +240,104 @@ def _table(text: str, name: str) -> tuple[list[str], list[str]]:
     row = next(line.split() for line in lines[1:] if line.split()[0] == name)
     assert len(row) == len(header), f"cannot split the table into columns:\n{text}"
     return header, row
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_desk_answers_a_call_to_a_fleet_at_zero_until_its_agent_takes_it(
+    cluster_with_node: ClusterHandle,
+    release: str,
+    namespaces: tuple[str, str],
+    sip: SipEndpoint,
+    desk_providers: ProviderServer,
+    tmp_path: Path,
+) -> None:
+    cluster = cluster_with_node
+    platform, tenant = namespaces
+    desk_pods = _json(
+        cluster, "-n", platform, "get", "pods", "-l", "app.kubernetes.io/name=voicefleet-desk"
+    )["items"]
+    assert len(desk_pods) == 1 and _pod_ready(desk_pods[0]), desk_pods
+    assert desk_pods[0]["spec"]["containers"][0]["image"] == images.PROJECT_IMAGES["runtime"]
+
+    cluster.kubectl(
+        "-n", tenant, "create", "secret", "generic", "sleeper-keys",
+        "--from-literal=OPENAI_API_KEY=sk-e2e-sleeper",
+    )  # fmt: skip
+    number = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    manifest = {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "metadata": {"name": SLEEPER},
+        "spec": {
+            "agents": [{"name": "front", "instructions": "Help.", "greeting": "Hello there."}],
+            "entry": "front",
+            "pipeline": openai_pipeline(desk_providers.base_url),
+            "secretRefs": [{"name": "sleeper-keys"}],
+            # sipp and livekit-sip are host processes: the INVITE comes from loopback.
+            "telephony": {"numbers": [number], "inbound": {"allowedAddresses": ["127.0.0.1"]}},
+            "overflow": {"holdMessage": HOLD_MESSAGE},
+            "worker": {"jobsPerWorker": 2, "resources": {"requests": {"cpu": "50m"}}},
+            "scaling": {"minReplicas": 0, "maxReplicas": 1, "spareJobs": 0},
+        },
+    }
+    manifest_file = tmp_path / "sleeper.yaml"
+    manifest_file.write_text(yaml.safe_dump(manifest))
+    cluster.kubectl("-n", tenant, "apply", "-f", str(manifest_file))
+    try:
+
+        def asleep_with_number() -> bool:
+            agent = _json(cluster, "-n", tenant, "get", "va", SLEEPER)
+            conditions = {c["type"]: c for c in agent.get("status", {}).get("conditions", [])}
+            ready = conditions.get("Ready", {})
+            telephony = conditions.get("TelephonyReady", {})
+            return (
+                ready.get("status") == "True"
+                and ready.get("reason") == "Asleep"
+                and telephony.get("status") == "True"
+            )
+
+        await asyncio.to_thread(wait_for, "the sleeper asleep, its number provisioned",
+                                asleep_with_number, 120, 1.0)  # fmt: skip
+
+        def operator_logs() -> str:
+            return cluster.kubectl(
+                "-n", platform, "logs", "-l", "app.kubernetes.io/name=voicefleet-operator",
+                "--tail=-1", "--prefix",
+            )  # fmt: skip
+
+        # The leader's standby registers with the autoscaler's first evaluation.
+        await asyncio.to_thread(
+            wait_for,
+            "the standby registered",
+            lambda: f"standby {tenant}.{SLEEPER}: registered" in operator_logs(),
+            60,
+        )
+        result = await asyncio.to_thread(
+            sipcall.place_call,
+            "call.xml",
+            number,
+            tmp_path / "call",
+            talk_seconds=45,
+            answer_timeout=30,
+            timeout=WAKE_TIMEOUT_SECONDS + 90,
+        )
+        described = result.describe()
+        final = final_response(result)
+        assert final is not None and final.first_line.startswith("SIP/2.0 200"), described
+        assert result.invite_at is not None and result.answered_at is not None
+        answered_s = result.answered_at - result.invite_at
+        assert answered_s <= ANSWER_BOUND_S, described  # the desk answered, no ringing on
+        runs = voiced_runs(result)
+        assert runs and runs[0][0] <= ANSWER_BOUND_S + 0.5, (runs, described)
+        assert len(runs) >= 2, (runs, described)  # the holding message, then the greeting
+        assert "handed over to the fleet's first worker" in operator_logs()
+        desk_log = cluster.kubectl("-n", platform, "logs", "deploy/" + f"{release}-voicefleet-desk")
+        assert "left (handed_over)" in desk_log, desk_log[-2000:]
+        texts = [str(r.get("text")) for r in desk_providers.requests("tts")]
+        assert HOLD_MESSAGE in texts and "Hello there." in texts, texts
+        print(
+            f"desk (chart): INVITE -> answer {answered_s:.2f}s, -> holding message "
+            f"{runs[0][0]:.2f}s, -> the agent's greeting {runs[1][0]:.2f}s (a pod started)"
+        )
+    finally:
+        cluster.kubectl("-n", tenant, "delete", "va", SLEEPER, "--timeout=120s")

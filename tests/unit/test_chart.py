@@ -185,7 +185,10 @@ def test_operator_settings_from_the_chart_are_valid() -> None:
             assert settings.livekit_secret_name == "livekit-keys"
             assert settings.runtime_image == "registry.example/voicefleet/runtime:1.2.3"
             assert settings.log_level == "DEBUG"
-        assert settings.desk_url == f"http://vf-voicefleet-desk.{NAMESPACE}.svc:8095"
+        # The kubelet expands the desk Service's variables (no cluster DNS needed).
+        assert env["VOICEFLEET_DESK_URL"] == (
+            "http://$(VF_VOICEFLEET_DESK_SERVICE_HOST):$(VF_VOICEFLEET_DESK_SERVICE_PORT)"
+        )
 
 
 def test_rbac_has_no_wildcards_and_exactly_the_operators_verbs() -> None:

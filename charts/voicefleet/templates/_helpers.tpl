@@ -50,6 +50,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The prefix of the desk Service's environment variables in pods (<NAME>_SERVICE_HOST). */}}
+{{- define "voicefleet.deskServiceEnv" -}}
+{{- printf "%s-desk" (include "voicefleet.fullname" .) | upper | replace "-" "_" | replace "." "_" -}}
+{{- end -}}
+
 {{- define "voicefleet.operatorImage" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
