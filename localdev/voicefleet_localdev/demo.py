@@ -236,10 +236,11 @@ def records_up(host: str) -> str:
     return url
 
 
-def install_chart() -> None:
+def install_chart(providers: str) -> None:
     from voicefleet_localdev import images
 
-    values = chart.local_values(watch_namespaces=[TENANT])
+    # The platform desk speaks through the provider server's OpenAI-compatible TTS.
+    values = chart.local_values(watch_namespaces=[TENANT], desk_tts_url=f"{providers}/v1")
     chart.upgrade_install(RELEASE, PLATFORM_NAMESPACE, values)
     print(f"    release {RELEASE} in namespace {PLATFORM_NAMESPACE}, serving namespace {TENANT}")
     operator = "app.kubernetes.io/name=voicefleet-operator"
@@ -247,6 +248,11 @@ def install_chart() -> None:
         print("    the operator image was rebuilt: operator pod replaced")
         kubectl("-n", PLATFORM_NAMESPACE, "rollout", "status", f"deployment/{RELEASE}",
                 "--timeout=300s", timeout=320)  # fmt: skip
+    desk = "app.kubernetes.io/name=voicefleet-desk"
+    if restart_stale_pods(PLATFORM_NAMESPACE, desk, images.PROJECT_IMAGES["runtime"]):
+        print("    the runtime image was rebuilt: desk pod replaced")
+    kubectl("-n", PLATFORM_NAMESPACE, "rollout", "status", f"deployment/{RELEASE}-desk",
+            "--timeout=300s", timeout=320)  # fmt: skip
 
 
 def ensure_namespace(name: str, labels: dict[str, str]) -> None:
@@ -607,7 +613,7 @@ def up(args: argparse.Namespace) -> int:
         url = clock.step("provider server", lambda: providers_up(host))
         records_url = clock.step("call-record receiver", lambda: records_up(host))
         ensure_namespace(TENANT, {"pod-security.kubernetes.io/enforce": "restricted"})
-        clock.step("chart installed", install_chart)
+        clock.step("chart installed", lambda: install_chart(url))
         agent = clock.step("example applied", lambda: apply_example(url, records_url))
         name = agent["metadata"]["name"]
         applied = time.monotonic()

@@ -13,16 +13,20 @@ registered). On an offer:
 - otherwise it takes the job (ends it without an agent, so nothing joins the room), notes the
   caller as waiting (`OperatorContext.wake`) and nudges the autoscaler, which counts waiting
   callers as calls (handlers.autoscale -> autoscaler.evaluate): the Deployment goes to one
-  replica at once. A phone caller keeps hearing ringing (livekit-sip answers only when an agent
-  publishes audio), a WebRTC caller waits in its room;
+  replica at once. With spec.overflow.holdMessage the desk joins and says it (a phone call is
+  answered by it); otherwise a phone caller keeps hearing ringing (livekit-sip answers only
+  when an agent publishes audio), a WebRTC caller waits in its room;
 - as soon as the autoscaler sees a worker registered (Ready, or answering GET /ready while
   callers wait), the call is handed over: `CreateDispatch` for the caller's room with the
   fleet's dispatch name, which livekit-server offers to the new worker (the standby, offered
   it too, refuses). The worker's admission then answers the caller or gives spec.overflow;
 - after `VOICEFLEET_WAKE_TIMEOUT_SECONDS` (default 25, below the SIP trunks' 30 s ringing
-  timeout) without a worker, the treatment the operator can give without one: a phone call is
-  ended (livekit-sip sends 486 Busy Here when its participant is removed), a WebRTC caller gets
-  the participant attribute `voicefleet.overflow=wake_timeout`; a Warning Event says so;
+  timeout) without a worker, the treatment the operator can give without one: the desk says
+  spec.overflow.message (to WebRTC callers; to phone callers it answered, or with sip.action
+  message or transfer), then the call is hung up or transferred; a ringing phone call with
+  sip.action reject is ended (livekit-sip sends 486 Busy Here when its participant is
+  removed); a WebRTC caller gets the participant attribute `voicefleet.overflow=wake_timeout`;
+  a Warning Event says so;
 - sooner when no wake can happen: when the autoscaler sees no worker registered and every
   worker pod unschedulable (CapacityLimited=PodsUnschedulable, each pod's PodScheduled=False/
   Unschedulable: capacity.no_worker_can_start, from the pods the evaluation reads anyway) for
@@ -40,10 +44,12 @@ occupied room, shared by the standbys registering together): a room with a calle
 and dispatches to the fleet that a standby took or that were dropped is held again
 (`adopt`), its wait counted from the take or the dispatch, and woken or turned away as above.
 
-Not built: a spoken holding message (the operator has no TTS; a phone caller hears ringing);
-`message`/`transfer` overflow actions without a worker (livekit-sip v1.8.0 refuses to REFER
-a call it has not answered, "can't transfer non established call", pkg/sip/inbound.go
-newReferReq, and it answers only when an agent publishes audio, which the standby cannot).
+A voice while no worker exists: the standby cannot publish audio (no WebRTC), so the platform
+desk (desk.py; runtime desk.py) says spec.overflow.holdMessage to a held caller (answering a
+phone call) and spec.overflow.message when no worker comes; the operator then hangs up or
+transfers the answered call (livekit-sip v1.8.0 REFERs only answered calls, pkg/sip/inbound.go
+newReferReq). Without a desk (or when it does not answer) a phone caller hears ringing, then
+486; a WebRTC caller gets the attribute only.
 """
 
 from __future__ import annotations
