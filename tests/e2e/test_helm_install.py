@@ -3,14 +3,19 @@ as a pod on the node; `kubectl apply -f examples/voiceagent.yaml` gives the chil
 `kubectl get va` shows printer columns whose values match what the cluster really runs. The
 chart's platform desk (a pod of the runtime image, reached by the operator pod through its
 Service) answers a phone call to a fleet at zero with the holding message until the woken
-worker pod's agent takes the call.
+worker pod's agent takes the call. A leader operator pod frozen on the node (SIGSTOP) is
+replaced by the standby pod, which reconciles a change made meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import secrets
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -341,3 +346,116 @@ async def test_the_desk_answers_a_call_to_a_fleet_at_zero_until_its_agent_takes_
         )
     finally:
         cluster.kubectl("-n", tenant, "delete", "va", SLEEPER, "--timeout=120s")
+
+
+def _node_processes_of(pod_uid: str, command: str) -> list[int]:
+    """The host PIDs of a pod's containers running `command` (the local cluster's node is this
+    host: the kubelet puts each pod's containers in cgroups named pod<uid>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"pod{pod_uid}" not in (proc / "cgroup").read_text():
+                continue
+            if command in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def test_the_standby_operator_pod_takes_over_from_a_frozen_leader_on_the_node(
+    cluster_with_node: ClusterHandle, release: str, namespaces: tuple[str, str], tmp_path: Path
+) -> None:
+    """The leader's operator process is frozen on the node (SIGSTOP: a hung process, or a
+    leader cut off from the API server; no clean hand-over): the other pod takes the Lease
+    within leaseSeconds + retrySeconds and reconciles a VoiceAgent changed after the freeze.
+    Thawed, the old leader finds the Lease taken and restarts as the standby. (A SIGKILLed leader's container restarts at once and, with the pod's
+    identity, takes its own Lease back: tests/integration/test_telephony_operator.py kills
+    the leader's process for good.)"""
+    cluster = cluster_with_node
+    platform, tenant = namespaces
+    name = "takeover"
+    cluster.kubectl(
+        "-n", tenant, "create", "secret", "generic", "takeover-keys",
+        "--from-literal=OPENAI_API_KEY=sk-e2e-takeover",
+    )  # fmt: skip
+    manifest: dict[str, Any] = {
+        "apiVersion": "voicefleet.dev/v1alpha1",
+        "kind": "VoiceAgent",
+        "metadata": {"name": name},
+        "spec": {
+            "agents": [{"name": "front", "instructions": "First version."}],
+            "entry": "front",
+            "pipeline": openai_pipeline("http://127.0.0.1:1/v1"),
+            "secretRefs": [{"name": "takeover-keys"}],
+            "scaling": {"replicas": 0},  # no pod: only the operator's reconcile is observed
+        },
+    }
+    manifest_file = tmp_path / "takeover.yaml"
+    manifest_file.write_text(yaml.safe_dump(manifest))
+    cluster.kubectl("-n", tenant, "apply", "-f", str(manifest_file))
+
+    def reconciled(generation: int) -> bool:
+        agent = _json(cluster, "-n", tenant, "get", "va", name)
+        return bool(
+            agent["metadata"]["generation"] == generation
+            and agent.get("status", {}).get("observedGeneration") == generation
+        )
+
+    def holder() -> str:
+        lease = _json(cluster, "-n", platform, "get", "lease", f"{release}-voicefleet")
+        return str(lease["spec"].get("holderIdentity") or "")
+
+    frozen: list[int] = []
+    try:
+        wait_for("the VoiceAgent reconciled", lambda: reconciled(1), 120)
+        leader = holder()
+        pods = {
+            p["metadata"]["name"]: p
+            for p in _json(
+                cluster, "-n", platform, "get", "pods", "-l",
+                "app.kubernetes.io/name=voicefleet-operator",
+            )["items"]
+        }  # fmt: skip
+        assert leader in pods, (leader, list(pods))
+        (standby,) = set(pods) - {leader}
+        restarts = pods[leader]["status"]["containerStatuses"][0]["restartCount"]
+        frozen = _node_processes_of(pods[leader]["metadata"]["uid"], "voicefleet_operator")
+        assert frozen, f"no operator process of pod {leader} on the node"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        # Changed while the leader is frozen: the next leader must reconcile it.
+        manifest["spec"]["agents"][0]["instructions"] = "Second version."
+        manifest_file.write_text(yaml.safe_dump(manifest))
+        cluster.kubectl("-n", tenant, "apply", "-f", str(manifest_file))
+        wait_for("the standby pod holding the Lease", lambda: holder() == standby, 90, 0.5)
+        takeover_s = time.monotonic() - frozen_at
+        wait_for("the change reconciled by the new leader", lambda: reconciled(2), 120)
+        reconciled_s = time.monotonic() - frozen_at
+
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+
+        def restarted() -> bool:
+            pod = _json(cluster, "-n", platform, "get", "pod", leader)
+            status = pod["status"]["containerStatuses"][0]
+            return bool(status["restartCount"] > restarts and status.get("ready"))
+
+        # Thawed, it finds its renew deadline passed and the Lease taken: it exits (restarts).
+        wait_for("the old leader restarted as a standby", restarted, 120)
+        assert holder() == standby
+        # leaseSeconds 15 + retrySeconds 2, and this loaded node's slack.
+        assert takeover_s <= 45, takeover_s
+        print(
+            f"leader {leader} frozen on the node: {standby} took the Lease after "
+            f"{takeover_s:.1f}s and reconciled the change after {reconciled_s:.1f}s"
+        )
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        cluster.kubectl("-n", tenant, "delete", "va", name, "--timeout=120s")
