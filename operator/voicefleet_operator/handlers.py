@@ -422,6 +422,8 @@ async def _reconcile(ctx: OperatorContext, body: dict[str, Any]) -> Outcome:
         if created or old.get("observedGeneration") != generation:
             # A new spec (or new children): the autoscaler, maybe idle at zero, looks now.
             ctx.nudge_autoscaler(ref.namespace, ref.name)
+            for warning in platform_features.platform_warnings(spec, ctx.settings):
+                post_event(body, "Warning", "PlatformFeatureMissing", warning)
         if created:
             post_event(
                 body,

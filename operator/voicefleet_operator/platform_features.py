@@ -30,3 +30,15 @@ def platform_problems(spec: VoiceAgentSpec, settings: PlatformSettings) -> list[
             "LiveKit is self-hosted (Helm value livekit.cloud: false); use mode none"
         ]
     return []
+
+
+def platform_warnings(spec: VoiceAgentSpec, settings: PlatformSettings) -> list[str]:
+    """What a spec asks for that this platform gives in a lesser form: posted as Warning Events,
+    the VoiceAgent still runs."""
+    if spec.overflow.hold_message and not settings.desk_url:
+        return [
+            "spec.overflow.holdMessage: this platform runs no desk (Helm desk.enabled: false), so "
+            "a caller held while the fleet wakes hears ringing, not the message; ask the "
+            "platform team to enable the desk, or remove the field"
+        ]
+    return []

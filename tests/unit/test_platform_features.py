@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from voicefleet_operator.api import parse_spec
-from voicefleet_operator.platform_features import platform_problems
+from voicefleet_operator.platform_features import platform_problems, platform_warnings
 from voicefleet_operator.settings import PlatformSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "voiceagent.yaml"
@@ -45,3 +45,20 @@ def test_enhanced_noise_cancellation_needs_livekit_cloud(mode: str) -> None:
 def test_no_noise_cancellation_is_fine_anywhere() -> None:
     spec = spec_with_noise_cancellation("none")
     assert platform_problems(spec, PlatformSettings.from_environment(BASE)) == []
+
+
+def test_a_holding_message_without_the_platform_desk_is_a_warning_naming_the_field() -> None:
+    spec: dict[str, Any] = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text())["spec"])
+    spec["overflow"] = {"holdMessage": "One moment please."}
+    parsed = parse_spec(spec)
+    without_desk = PlatformSettings.from_environment(BASE)
+    (warning,) = platform_warnings(parsed, without_desk)
+    assert warning.startswith("spec.overflow.holdMessage: this platform runs no desk")
+    assert "desk.enabled" in warning
+    with_desk = PlatformSettings.from_environment(
+        BASE | {"VOICEFLEET_DESK_URL": "http://vf-desk.voicefleet-system.svc:8095"}
+    )
+    assert platform_warnings(parsed, with_desk) == []
+    assert platform_problems(parsed, without_desk) == []  # it still runs
+    spec.pop("overflow")
+    assert platform_warnings(parse_spec(spec), without_desk) == []
