@@ -316,6 +316,8 @@ def test_the_desk_runs_the_runtime_image_without_credentials_reached_only_by_the
     assert container["envFrom"] == [{"secretRef": {"name": "vf-voicefleet-desk-tts"}}]
     secret = by_name(docs, "Secret", "vf-voicefleet-desk-tts")
     assert secret["stringData"] == {"OPENAI_API_KEY": "sk-desk"}
+    # Its holds live in one replica's memory: the active operator's requests stick to it.
+    assert by_name(docs, "Service", "vf-voicefleet-desk")["spec"]["sessionAffinity"] == "ClientIP"
     policy = by_name(docs, "NetworkPolicy", "vf-voicefleet-desk")
     selected = policy["spec"]["podSelector"]["matchLabels"]
     assert selected == {
