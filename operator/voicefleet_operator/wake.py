@@ -67,6 +67,7 @@ import kopf
 from livekit import api as livekit_api
 from livekit.protocol import agent, agent_dispatch, models
 from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE
+from voicefleet_runtime.desk_contract import DESK_ATTRIBUTE
 
 from voicefleet_operator import metrics
 from voicefleet_operator.api import (
@@ -495,11 +496,14 @@ def orphan_of(
     room is an orphan when it holds a caller and no agent, and its dispatches to one of
     `agent_names` were all taken by a standby or dropped (none younger than
     ORPHAN_MIN_AGE_SECONDS without a job: that one may still reach a worker). A caller told
-    already (the `voicefleet.overflow` attribute) is not waiting."""
+    already (the `voicefleet.overflow` attribute) is not waiting. The desk (attribute
+    `voicefleet.desk`) is neither an agent nor a caller here."""
     ours = [d for d in dispatches if d.agent_name in agent_names]
     if not ours:
         return None
-    people = list(participants)
+    # The platform desk holding the caller is no agent of the fleet: a dead leader's desk hold
+    # is an orphan too (the next leader holds it again and wakes the fleet).
+    people = [p for p in participants if DESK_ATTRIBUTE not in p.attributes]
     if any(p.kind == models.ParticipantInfo.Kind.AGENT for p in people):
         return None
     if not any(OVERFLOW_ATTRIBUTE not in p.attributes for p in people):

@@ -15,6 +15,7 @@ from voicefleet_operator.context import UNSCHEDULABLE_CONFIRM_SECONDS, OperatorC
 from voicefleet_operator.standby import Answer
 
 OVERFLOW = wake.OVERFLOW_ATTRIBUTE
+DESK = wake.DESK_ATTRIBUTE
 
 SPEC: dict[str, Any] = {
     "agents": [{"name": "front", "instructions": "Help."}],
@@ -235,6 +236,10 @@ def test_a_room_is_an_orphan_when_its_caller_waits_for_a_fleet_no_one_serves() -
     # may still be on its way to a worker.
     assert wake.orphan_of("r", [dispatch("other.fleet", now - 30)], [sip], names, now) is None
     assert wake.orphan_of("r", [taken], [sip, agent_in_room], names, now) is None
+    # The platform desk holding the caller (a dead leader's hold) is not the fleet's agent.
+    desk = participant("voicefleet-desk-r", models.ParticipantInfo.Kind.AGENT, **{DESK: "holding"})
+    assert wake.orphan_of("r", [taken], [sip, desk], names, now) == found
+    assert wake.orphan_of("r", [taken], [desk], names, now) is None  # no caller: nobody waits
     answered = dispatch("acme.support", now - 30, ("agent-1", 0.0))
     assert wake.orphan_of("r", [taken, answered], [sip], names, now) is None
     assert wake.orphan_of("r", [taken], [], names, now) is None
