@@ -1,6 +1,6 @@
 """The platform desk's HTTP contract: what the operator asks of the desk (desk.py). Part of the
-config contract (pydantic and the standard library only), so the operator imports it without
-livekit-agents.
+config contract (pydantic, the standard library and config.py only), so the operator imports it
+without livekit-agents.
 
 The desk speaks to callers of a fleet that has no worker to do it: while a fleet at zero (or
 one whose workers are all gone) starts its first worker, the caller hears
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
+
+from voicefleet_runtime.config import Model
 
 DESK_ATTRIBUTE = "voicefleet.desk"
 """Participant attribute of the desk in a caller's room: `holding` while it holds the caller,
@@ -30,16 +31,7 @@ FLEET_ATTRIBUTE = "voicefleet.fleet"
 DEFAULT_DESK_PORT = 8095
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-    )
-
-
-class HoldRequest(_Model):
+class HoldRequest(Model):
     """Join `room` with `token` and say `message` to the caller (a phone call is answered by
     the desk's published track); stay (silent) until an agent of
     `agent_name` joins, every caller leaves, `max_seconds` pass, or the operator finishes or
@@ -58,13 +50,13 @@ class HoldRequest(_Model):
     """The desk leaves by itself after this long, whatever the operator does."""
 
 
-class HoldStarted(_Model):
+class HoldStarted(Model):
     room: str
     joined_seconds: float
     """From the request to the desk's audio track published in the room."""
 
 
-class FinishRequest(_Model):
+class FinishRequest(Model):
     """Stop the holding message, say `message` (the overflow message) and leave."""
 
     message: Annotated[str, Field(min_length=1, max_length=500)]
@@ -73,7 +65,7 @@ class FinishRequest(_Model):
     this is logged and counted."""
 
 
-class Finished(_Model):
+class Finished(Model):
     room: str
     spoken_seconds: float
     """Audio said (0 when the caller had left)."""
