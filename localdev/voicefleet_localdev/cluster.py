@@ -890,6 +890,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         procs.terminate_pids(strays, timeout=5)
 
 
+def pod_processes(pod_uid: str, command: str) -> list[int]:
+    """The host PIDs of a pod's container processes whose command line contains `command`. The
+    local provider's node is this host: the kubelet (cgroupfs) puts each pod's containers in
+    cgroups named pod<uid>. For tests that crash or freeze a pod's process on the node."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"pod{pod_uid}" not in (proc / "cgroup").read_text():
+                continue
+            if command in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
 def _api_apply(path: str, body: dict[str, Any]) -> None:
     """Server-side apply of one object as cluster admin (our own bootstrap objects)."""
     url = f"https://127.0.0.1:{APISERVER_PORT}{path}?fieldManager=voicefleet-localdev&force=true"

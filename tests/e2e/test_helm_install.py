@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from voicefleet_localdev import chart, images, paths
+from voicefleet_localdev import cluster as local_cluster
 from voicefleet_localdev.livekit import LiveKitEndpoint, SipEndpoint
 from voicefleet_localdev.pytest_plugin import ClusterHandle, installed_chart
 from voicefleet_operator import render
@@ -348,32 +349,15 @@ async def test_the_desk_answers_a_call_to_a_fleet_at_zero_until_its_agent_takes_
         cluster.kubectl("-n", tenant, "delete", "va", SLEEPER, "--timeout=120s")
 
 
-def _node_processes_of(pod_uid: str, command: str) -> list[int]:
-    """The host PIDs of a pod's containers running `command` (the local cluster's node is this
-    host: the kubelet puts each pod's containers in cgroups named pod<uid>)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if f"pod{pod_uid}" not in (proc / "cgroup").read_text():
-                continue
-            if command in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                pids.append(int(proc.name))
-        except OSError:
-            continue  # exited meanwhile
-    return pids
-
-
 def test_the_standby_operator_pod_takes_over_from_a_frozen_leader_on_the_node(
     cluster_with_node: ClusterHandle, release: str, namespaces: tuple[str, str], tmp_path: Path
 ) -> None:
     """The leader's operator process is frozen on the node (SIGSTOP: a hung process, or a
     leader cut off from the API server; no clean hand-over): the other pod takes the Lease
     within leaseSeconds + retrySeconds and reconciles a VoiceAgent changed after the freeze.
-    Thawed, the old leader finds the Lease taken and restarts as the standby. (A SIGKILLed leader's container restarts at once and, with the pod's
-    identity, takes its own Lease back: tests/integration/test_telephony_operator.py kills
-    the leader's process for good.)"""
+    Thawed, the old leader finds the Lease taken and restarts as the standby. (A SIGKILLed
+    leader's container restarts at once and, with the pod's identity, takes its own Lease
+    back: tests/integration/test_telephony_operator.py kills the leader's process for good.)"""
     cluster = cluster_with_node
     platform, tenant = namespaces
     name = "takeover"
@@ -422,7 +406,7 @@ def test_the_standby_operator_pod_takes_over_from_a_frozen_leader_on_the_node(
         assert leader in pods, (leader, list(pods))
         (standby,) = set(pods) - {leader}
         restarts = pods[leader]["status"]["containerStatuses"][0]["restartCount"]
-        frozen = _node_processes_of(pods[leader]["metadata"]["uid"], "voicefleet_operator")
+        frozen = local_cluster.pod_processes(pods[leader]["metadata"]["uid"], "voicefleet_operator")
         assert frozen, f"no operator process of pod {leader} on the node"
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
