@@ -142,6 +142,10 @@ def test_no_worker_can_start_only_when_every_live_pod_is_unschedulable() -> None
     assert capacity.no_worker_can_start([stuck, leaving])
     # Not yet looked at by the scheduler (no condition): it may still fit.
     assert capacity.no_worker_can_start([stuck, {"metadata": {"name": "w-3"}}]) == ""
+    # The scheduler's verdict without a message: the pod is named, nothing after it.
+    silent = pod("w-4", "False", "Unschedulable")
+    del silent["status"]["conditions"][0]["message"]
+    assert capacity.no_worker_can_start([silent]) == "no worker pod can be scheduled (w-4)"
 
 
 class FakeLiveKitAPI:
