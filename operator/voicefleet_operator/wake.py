@@ -66,7 +66,7 @@ import aiohttp
 import kopf
 from livekit import api as livekit_api
 from livekit.protocol import agent, agent_dispatch, models
-from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE
+from voicefleet_runtime.admission import OVERFLOW_ATTRIBUTE, transfer_uri
 from voicefleet_runtime.desk_contract import DESK_ATTRIBUTE
 
 from voicefleet_operator import metrics
@@ -329,7 +329,8 @@ class FleetStandby:
                     self.name,
                     room,
                 )
-            await _end_answered_calls(lkapi, room, callers, overflow)
+            transfer = overflow.sip.transfer_to if overflow.sip.action == "transfer" else None
+            await _end_phone_calls(lkapi, room, callers, transfer)
         else:
             await _treat(lkapi, room, callers, reason)
         message = f"{situation} ({_told(desk_holds, overflow, reason)}). {see}"
@@ -399,36 +400,39 @@ async def _tell_webrtc_callers(
             )
 
 
-async def _end_answered_calls(
+async def _end_phone_calls(
     lkapi: livekit_api.LiveKitAPI,
     room: str,
     callers: list[models.ParticipantInfo],
-    overflow: OverflowOptions,
+    transfer_to: str | None = None,
 ) -> None:
-    """Phone calls the desk answered: transferred to sip.transferTo (a SIP REFER, which
-    livekit-sip sends only for an answered call) or hung up (BYE). A transfer that fails ends
-    the call: the caller has heard the overflow message."""
+    """End the room's phone calls: livekit-sip answers its participant's removal with 486 for a
+    ringing call and a BYE for an answered one. With `transfer_to`, an answered call is
+    transferred instead (a SIP REFER, which livekit-sip sends only for an answered call); a
+    transfer that fails ends the call. A caller gone meanwhile is no error."""
     for caller in callers:
         if caller.kind != models.ParticipantInfo.Kind.SIP:
             continue
-        if overflow.sip.action == "transfer" and overflow.sip.transfer_to:
+        if transfer_to:
             try:
                 await lkapi.sip.transfer_sip_participant(
                     livekit_api.TransferSIPParticipantRequest(
                         room_name=room,
                         participant_identity=caller.identity,
-                        # tel: for an E.164 number, as the runtime's telephony.transfer_uri.
-                        transfer_to=f"tel:{overflow.sip.transfer_to}",
+                        transfer_to=transfer_uri(transfer_to),
                         play_dialtone=False,
                     )
                 )
                 continue
             except livekit_api.TwirpError as error:
                 log.warning("room %s: the overflow transfer failed (%s); hanging up", room, error)
-        with contextlib.suppress(livekit_api.TwirpError):
+        try:
             await lkapi.room.remove_participant(
                 livekit_api.RoomParticipantIdentity(room=room, identity=caller.identity)
             )
+        except livekit_api.TwirpError as error:
+            if error.code != livekit_api.TwirpErrorCode.NOT_FOUND:
+                raise
 
 
 async def _treat(
@@ -439,19 +443,8 @@ async def _treat(
 ) -> None:
     """The treatment without a worker: end phone calls (livekit-sip: 486 before the answer),
     tell WebRTC callers through their own attributes (`voicefleet.overflow=<reason>`)."""
-    for caller in callers:
-        if caller.kind == models.ParticipantInfo.Kind.SIP:
-            await lkapi.room.remove_participant(
-                livekit_api.RoomParticipantIdentity(room=room, identity=caller.identity)
-            )
-        else:
-            await lkapi.room.update_participant(
-                livekit_api.UpdateParticipantRequest(
-                    room=room,
-                    identity=caller.identity,
-                    attributes={OVERFLOW_ATTRIBUTE: reason},
-                )
-            )
+    await _end_phone_calls(lkapi, room, callers)
+    await _tell_webrtc_callers(lkapi, room, callers, reason)
 
 
 # --- callers no operator holds -------------------------------------------------------------

@@ -96,6 +96,13 @@ DEFAULT_OVERFLOW_MESSAGE = (
 )
 
 
+def transfer_uri(target: str) -> str:
+    """The transfer_to livekit-sip puts in the REFER's Refer-To: tel: for numbers, SIP as is."""
+    if target.startswith(("sip:", "sips:", "tel:")):
+        return target
+    return f"tel:{target}"
+
+
 class SipOverflow(_Model):
     """What a phone caller beyond capacity gets."""
 

@@ -52,7 +52,13 @@ from voicefleet_runtime.desk_contract import (
     HoldRequest,
     HoldStarted,
 )
-from voicefleet_runtime.overflow import AGENT_NAME_ATTRIBUTE, first_caller, wait_answered
+from voicefleet_runtime.overflow import (
+    AGENT_NAME_ATTRIBUTE,
+    callers,
+    first_caller,
+    play_frames,
+    wait_answered,
+)
 from voicefleet_runtime.pipeline import build_tts
 from voicefleet_runtime.telephony import is_phone_participant
 
@@ -71,8 +77,7 @@ SUBSCRIBE_WAIT_SECONDS = 2.0
 @dataclass
 class Speech:
     frames: list[rtc.AudioFrame]
-    sample_rate: int
-    num_channels: int
+    """In the voice's audio format (Voice.audio_format)."""
 
     @property
     def seconds(self) -> float:
@@ -124,7 +129,7 @@ class Voice:
         async with tts.synthesize(text) as stream:
             async for audio in stream:
                 frames.append(audio.frame)
-        speech = Speech(frames, tts.sample_rate, tts.num_channels)
+        speech = Speech(frames)
         logger.info(
             "synthesised a message once: %.1fs of audio in %.2fs",
             speech.seconds,
@@ -183,14 +188,6 @@ def agent_of_fleet_joined(room: rtc.Room, agent_name: str) -> bool:
     )
 
 
-def callers(room: rtc.Room) -> list[rtc.RemoteParticipant]:
-    return [
-        participant
-        for participant in room.remote_participants.values()
-        if participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-    ]
-
-
 class Desk:
     """The holds the desk runs, by room."""
 
@@ -245,7 +242,7 @@ class Desk:
         """The holding message, once the caller can hear it."""
         try:
             if await _caller_can_hear(hold) and (said := await speech) is not None:
-                await _play(hold.source, said)
+                await play_frames(hold.source, said.frames)
         except Exception:
             logger.exception("room %s: the holding message failed", hold.request.room)
         finally:
@@ -304,7 +301,7 @@ class Desk:
             await hold.room.local_participant.set_attributes({DESK_ATTRIBUTE: "overflow"})
         speech = await self.voice.speech(request.message)
         if await _caller_can_hear(hold):
-            hold.playing = asyncio.create_task(_play(hold.source, speech))
+            hold.playing = asyncio.create_task(play_frames(hold.source, speech.frames))
             # Cancelled when the hold ends meanwhile (the caller hung up): nothing more to say.
             with contextlib.suppress(asyncio.CancelledError):
                 await hold.playing
@@ -355,20 +352,18 @@ async def _caller_can_hear(hold: Hold) -> bool:
     return True
 
 
-async def _play(source: rtc.AudioSource, speech: Speech) -> None:
-    for frame in speech.frames:
-        await source.capture_frame(frame)
-    await source.wait_for_playout()
-
-
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-def _bad_request(error: ValidationError) -> web.Response:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}" for e in error.errors()
+def _problems(error: ValidationError, where: str) -> str:
+    """Each bad field and why; `where` names the whole value."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or where}: {e['msg']}" for e in error.errors()
     )
-    return web.json_response({"error": problems}, status=400)
+
+
+def _bad_request(error: ValidationError) -> web.Response:
+    return web.json_response({"error": _problems(error, "(body)")}, status=400)
 
 
 def make_app(desk: Desk) -> web.Application:
@@ -442,12 +437,9 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> tuple[st
     try:
         tts = TtsConfig.model_validate_json(env.get("VOICEFLEET_DESK_TTS") or "{}")
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(value)'}: {e['msg']}" for e in error.errors()
-        )
         raise DeskSettingsError(
-            f"VOICEFLEET_DESK_TTS: {problems} (a JSON object like spec.pipeline.tts, e.g. "
-            '{"provider": "openai", "voice": "alloy"})'
+            f"VOICEFLEET_DESK_TTS: {_problems(error, '(value)')} (a JSON object like "
+            'spec.pipeline.tts, e.g. {"provider": "openai", "voice": "alloy"})'
         ) from None
     port_text = env.get("VOICEFLEET_DESK_PORT") or str(DEFAULT_DESK_PORT)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:

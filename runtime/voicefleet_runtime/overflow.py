@@ -370,9 +370,7 @@ class OverflowDesk:
             if phone is not None and not await wait_answered(caller, ANSWER_WAIT_SECONDS):
                 logger.warning("overflow: the phone call in room %s was not answered", room_name)
             first_frame_at = time.time()
-            for frame in frames:
-                await source.capture_frame(frame)
-            await source.wait_for_playout()
+            await play_frames(source, frames)
             await source.aclose()
             if phone is not None and options.sip.action == "transfer":
                 await controls.transfer(f"overflow: {reason}")
@@ -405,13 +403,28 @@ class OverflowDesk:
             await asyncio.wait(set(self.running), timeout=ANSWER_WAIT_SECONDS + 30)
 
 
+async def play_frames(source: rtc.AudioSource, frames: list[rtc.AudioFrame]) -> None:
+    """Play a synthesised message on `source`, to its end."""
+    for frame in frames:
+        await source.capture_frame(frame)
+    await source.wait_for_playout()
+
+
+def callers(room: rtc.Room) -> list[rtc.RemoteParticipant]:
+    """The room's participants that are not agents."""
+    return [
+        participant
+        for participant in room.remote_participants.values()
+        if participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    ]
+
+
 async def first_caller(room: rtc.Room, timeout_s: float) -> rtc.RemoteParticipant | None:
     """The first participant in the room that is not an agent."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for participant in room.remote_participants.values():
-            if participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
-                return participant
+        if present := callers(room):
+            return present[0]
         await asyncio.sleep(0.02)
     return None
 

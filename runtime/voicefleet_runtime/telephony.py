@@ -44,6 +44,8 @@ from livekit.agents import RunContext, ToolError, function_tool
 from livekit.agents.llm import RawFunctionTool
 from livekit.rtc.room import EventTypes as RoomEvent
 
+from voicefleet_runtime.admission import transfer_uri
+
 logger = logging.getLogger("voicefleet.runtime.telephony")
 
 SIP_CALLER_ATTRIBUTE = "sip.phoneNumber"
@@ -69,13 +71,6 @@ livekit-sip's 15 s media timeout, which ends a transferred leg whose caller neve
 
 def is_phone_participant(participant: rtc.Participant) -> bool:
     return participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_SIP
-
-
-def transfer_uri(target: str) -> str:
-    """The transfer_to livekit-sip puts in the REFER's Refer-To: tel: for numbers, SIP as is."""
-    if target.startswith(("sip:", "sips:", "tel:")):
-        return target
-    return f"tel:{target}"
 
 
 @dataclass(frozen=True)
