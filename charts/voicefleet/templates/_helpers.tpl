@@ -39,6 +39,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default (printf "%s-livekit" (include "voicefleet.fullname" .)) .Values.livekit.existingSecret -}}
 {{- end -}}
 
+{{- define "voicefleet.deskSelectorLabels" -}}
+app.kubernetes.io/name: voicefleet-desk
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "voicefleet.deskLabels" -}}
+{{ include "voicefleet.deskSelectorLabels" . }}
+app.kubernetes.io/component: desk
+app.kubernetes.io/part-of: voicefleet
+{{- end -}}
+
 {{/* The desk's Secret with its TTS provider's key (OPENAI_API_KEY or ELEVEN_API_KEY). */}}
 {{- define "voicefleet.deskSecretName" -}}
 {{- if .Values.desk.existingSecret -}}
