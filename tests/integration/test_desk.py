@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +131,45 @@ def voiced_runs(result: sipcall.CallResult) -> list[tuple[float, float]]:
     return [(start, end) for start, end in runs]
 
 
+def answered_by_the_desk(result: sipcall.CallResult) -> float:
+    """The call was answered (200 OK) within ANSWER_BOUND_S of the INVITE, as only the desk can
+    while no worker runs; returns INVITE -> answer."""
+    described = result.describe()
+    final = final_response(result)
+    assert final is not None and final.first_line.startswith("SIP/2.0 200"), described
+    assert result.invite_at is not None and result.answered_at is not None
+    answered_s = result.answered_at - result.invite_at
+    assert answered_s <= ANSWER_BOUND_S, described
+    return answered_s
+
+
+@contextlib.asynccontextmanager
+async def operator_with_desk(
+    cluster: ClusterHandle,  # noqa: F811
+    livekit: LiveKitEndpoint,
+    providers: ProviderServer,
+    namespaces: tuple[str, str],  # noqa: F811
+    tmp_path: Path,
+    wake_timeout_seconds: float,
+) -> AsyncIterator[tuple[OperatorProcess, Path]]:
+    """The desk and the operator (pointed at it) on this host; yields (the operator, the desk's
+    log). The test's VoiceAgent is deleted and the operator stopped at the end."""
+    platform, tenant = namespaces
+    with running_desk(livekit, providers, tmp_path / "desk.log") as (desk_url, desk_log):
+        settings = settings_for(
+            platform,
+            (tenant,),
+            livekit_url=livekit.url,
+            wake_timeout_seconds=wake_timeout_seconds,
+            desk_url=desk_url,
+        )
+        operator = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator.log").start()
+        try:
+            yield operator, desk_log
+        finally:
+            await _delete_agent_and_stop(cluster, tenant, operator)
+
+
 def tts_texts(providers: ProviderServer) -> list[str]:
     return [str(request.get("text")) for request in providers.requests("tts")]
 
@@ -145,61 +184,48 @@ async def test_a_caller_hears_the_holding_message_then_the_agent(
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    platform, tenant = namespaces
+    _, tenant = namespaces
     number = fresh_number()
     spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
     spec["overflow"] = {"holdMessage": HOLD_MESSAGE}
     providers.reset()
-    with running_desk(livekit, providers, tmp_path / "desk.log") as (desk_url, desk_log):
-        settings = settings_for(
-            platform,
-            (tenant,),
-            livekit_url=livekit.url,
-            wake_timeout_seconds=WAKE_TIMEOUT_SECONDS,
-            desk_url=desk_url,
-        )
-        operator = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator.log").start()
-        try:
-            create_sleeper(cluster, tenant, spec)
-            async with kubelet(kube, livekit, tmp_path, tenant, start_workers=True) as fake:
-                await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
-                result = await asyncio.to_thread(
-                    sipcall.place_call,
-                    "call.xml",
-                    number,
-                    tmp_path / "sip-call",
-                    talk_seconds=40,  # the greeting comes once a worker started (a minute here)
-                    answer_timeout=30,
-                    timeout=WAKE_TIMEOUT_SECONDS + 60,
-                )
-                described = result.describe()
-                final = final_response(result)
-                assert final is not None and final.first_line.startswith("SIP/2.0 200"), described
-                assert result.invite_at is not None and result.answered_at is not None
-                answered_s = result.answered_at - result.invite_at
-                hold_audio_s = result.invite_to_first_audio
-                assert hold_audio_s is not None, described
-                # Answered by the desk and told at once, not ringing until a worker starts.
-                assert answered_s <= ANSWER_BOUND_S, described
-                assert hold_audio_s <= ANSWER_BOUND_S + 0.5, described
-                runs = voiced_runs(result)
-                # The holding message, then (after the worker started) the agent's greeting.
-                assert len(runs) >= 2, (runs, described)
-                assert len(fake.started) == 1, fake.started
-                log = operator_log(operator)
-                assert "the desk says the holding message" in log, log[-3000:]
-                assert "handed over to the fleet's first worker" in log, log[-3000:]
-                await wait_until(
-                    "the desk leaving as the agent joined",
-                    lambda: "left (handed_over)" in desk_log.read_text(),
-                    30,
-                )
-                texts = tts_texts(providers)
-                assert texts.count(HOLD_MESSAGE) == 1, texts  # the desk's, synthesised once
-                assert GREETING.split(". ")[0] + "." in texts, texts  # said sentence by sentence
-                greeting_s = runs[1][0]  # the first utterance after the holding message
-        finally:
-            await _delete_agent_and_stop(cluster, tenant, operator)
+    async with operator_with_desk(
+        cluster, livekit, providers, namespaces, tmp_path, WAKE_TIMEOUT_SECONDS
+    ) as (operator, desk_log):
+        create_sleeper(cluster, tenant, spec)
+        async with kubelet(kube, livekit, tmp_path, tenant, start_workers=True) as fake:
+            await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+            result = await asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                number,
+                tmp_path / "sip-call",
+                talk_seconds=40,  # the greeting comes once a worker started (a minute here)
+                answer_timeout=30,
+                timeout=WAKE_TIMEOUT_SECONDS + 60,
+            )
+            described = result.describe()
+            # Answered by the desk and told at once, not ringing until a worker starts.
+            answered_s = answered_by_the_desk(result)
+            hold_audio_s = result.invite_to_first_audio
+            assert hold_audio_s is not None, described
+            assert hold_audio_s <= ANSWER_BOUND_S + 0.5, described
+            runs = voiced_runs(result)
+            # The holding message, then (after the worker started) the agent's greeting.
+            assert len(runs) >= 2, (runs, described)
+            assert len(fake.started) == 1, fake.started
+            log = operator_log(operator)
+            assert "the desk says the holding message" in log, log[-3000:]
+            assert "handed over to the fleet's first worker" in log, log[-3000:]
+            await wait_until(
+                "the desk leaving as the agent joined",
+                lambda: "left (handed_over)" in desk_log.read_text(),
+                30,
+            )
+            texts = tts_texts(providers)
+            assert texts.count(HOLD_MESSAGE) == 1, texts  # the desk's, synthesised once
+            assert GREETING.split(". ")[0] + "." in texts, texts  # said sentence by sentence
+            greeting_s = runs[1][0]  # the first utterance after the holding message
     record_property("desk_invite_to_answer_s", round(answered_s, 2))
     record_property("desk_invite_to_holding_message_s", round(hold_audio_s, 2))
     record_property("desk_invite_to_agent_greeting_s", round(greeting_s, 2))
@@ -219,7 +245,7 @@ async def test_a_fleet_that_cannot_wake_has_the_desk_say_the_overflow_message(
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    platform, tenant = namespaces
+    _, tenant = namespaces
     number = fresh_number()
     spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
     spec["overflow"] = {
@@ -229,76 +255,63 @@ async def test_a_fleet_that_cannot_wake_has_the_desk_say_the_overflow_message(
     }
     wake_timeout = 6.0
     providers.reset()
-    with running_desk(livekit, providers, tmp_path / "desk.log") as (desk_url, desk_log):
-        settings = settings_for(
-            platform,
-            (tenant,),
-            livekit_url=livekit.url,
-            wake_timeout_seconds=wake_timeout,
-            desk_url=desk_url,
-        )
-        operator = OperatorProcess(settings, cluster.kubeconfig, tmp_path / "operator.log").start()
-        try:
-            create_sleeper(cluster, tenant, spec)
-            async with kubelet(kube, livekit, tmp_path, tenant, start_workers=False):
-                await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+    async with operator_with_desk(
+        cluster, livekit, providers, namespaces, tmp_path, wake_timeout
+    ) as (operator, desk_log):
+        create_sleeper(cluster, tenant, spec)
+        async with kubelet(kube, livekit, tmp_path, tenant, start_workers=False):
+            await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
 
-                # --- WebRTC: the desk joins and speaks, then the overflow message -------------
-                room = f"desk-{secrets.token_hex(4)}"
-                token = participant_token(
-                    livekit.api_key,
-                    livekit.api_secret,
-                    room,
-                    "caller",
-                    dispatch_agent=f"{tenant}.{AGENT}",
+            # --- WebRTC: the desk joins and speaks, then the overflow message -------------
+            room = f"desk-{secrets.token_hex(4)}"
+            token = participant_token(
+                livekit.api_key,
+                livekit.api_secret,
+                room,
+                "caller",
+                dispatch_agent=f"{tenant}.{AGENT}",
+            )
+            async with TestParticipant(livekit.url, token) as caller:
+                joined_at = time.monotonic()
+                desk = await caller.wait_for_participant(agent=True, timeout_s=10)
+                assert desk.attributes.get(DESK_ATTRIBUTE) == "holding", desk.attributes
+                held_at = await caller.wait_for_audio(desk.identity, timeout_s=10)
+                webrtc_hold_s = held_at - joined_at
+
+                def told() -> bool:
+                    attributes = caller.room.local_participant.attributes
+                    return attributes.get(OVERFLOW_ATTRIBUTE) == "wake_timeout"
+
+                await wait_until("the caller told the fleet cannot wake", told, 60)
+                told_at = time.monotonic()
+                assert desk.attributes.get(DESK_ATTRIBUTE) == "overflow", desk.attributes
+                await caller.wait_for_audio(desk.identity, after=told_at - 0.5, timeout_s=10)
+                await wait_until(
+                    "the desk gone after the overflow message",
+                    lambda: desk.identity not in caller.remote_identities(),
+                    60,
                 )
-                async with TestParticipant(livekit.url, token) as caller:
-                    joined_at = time.monotonic()
-                    desk = await caller.wait_for_participant(agent=True, timeout_s=10)
-                    assert desk.attributes.get(DESK_ATTRIBUTE) == "holding", desk.attributes
-                    held_at = await caller.wait_for_audio(desk.identity, timeout_s=10)
-                    webrtc_hold_s = held_at - joined_at
 
-                    def told() -> bool:
-                        attributes = caller.room.local_participant.attributes
-                        return attributes.get(OVERFLOW_ATTRIBUTE) == "wake_timeout"
-
-                    await wait_until("the caller told the fleet cannot wake", told, 60)
-                    told_at = time.monotonic()
-                    assert desk.attributes.get(DESK_ATTRIBUTE) == "overflow", desk.attributes
-                    await caller.wait_for_audio(desk.identity, after=told_at - 0.5, timeout_s=10)
-                    await wait_until(
-                        "the desk gone after the overflow message",
-                        lambda: desk.identity not in caller.remote_identities(),
-                        60,
-                    )
-
-                # --- phone: answered by the desk, both messages, then livekit-sip's BYE ------
-                result = await asyncio.to_thread(
-                    sipcall.place_call,
-                    "call.xml",
-                    number,
-                    tmp_path / "sip-call",
-                    talk_seconds=40,  # longer than the wake timeout and both messages
-                    answer_timeout=30,
-                )
-                described = result.describe()
-                final = final_response(result)
-                assert final is not None and final.first_line.startswith("SIP/2.0 200"), described
-                assert result.invite_at is not None and result.answered_at is not None
-                answered_s = result.answered_at - result.invite_at
-                assert answered_s <= ANSWER_BOUND_S, described
-                assert result.capture.received_requests("BYE"), described  # hung up on
-                runs = voiced_runs(result)
-                assert len(runs) >= 2, (runs, described)  # the holding, then the overflow message
-                assert runs[-1][0] >= wake_timeout - 1.0, (runs, described)
-                log = operator_log(operator)
-                assert "the desk said spec.overflow.message" in log, log[-3000:]
-                assert "left (finished)" in desk_log.read_text()
-                texts = tts_texts(providers)
-                assert texts.count(HOLD_MESSAGE) == 1 and texts.count(OVERFLOW_MESSAGE) == 1, texts
-        finally:
-            await _delete_agent_and_stop(cluster, tenant, operator)
+            # --- phone: answered by the desk, both messages, then livekit-sip's BYE ------
+            result = await asyncio.to_thread(
+                sipcall.place_call,
+                "call.xml",
+                number,
+                tmp_path / "sip-call",
+                talk_seconds=40,  # longer than the wake timeout and both messages
+                answer_timeout=30,
+            )
+            described = result.describe()
+            answered_s = answered_by_the_desk(result)
+            assert result.capture.received_requests("BYE"), described  # hung up on
+            runs = voiced_runs(result)
+            assert len(runs) >= 2, (runs, described)  # the holding, then the overflow message
+            assert runs[-1][0] >= wake_timeout - 1.0, (runs, described)
+            log = operator_log(operator)
+            assert "the desk said spec.overflow.message" in log, log[-3000:]
+            assert "left (finished)" in desk_log.read_text()
+            texts = tts_texts(providers)
+            assert texts.count(HOLD_MESSAGE) == 1 and texts.count(OVERFLOW_MESSAGE) == 1, texts
     record_property("desk_webrtc_join_to_holding_message_s", round(webrtc_hold_s, 2))
     record_property("desk_wake_timeout_invite_to_answer_s", round(answered_s, 2))
     print(

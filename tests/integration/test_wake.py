@@ -60,6 +60,7 @@ from tests.integration.test_operator import (
     settings_for,
     stop_cleanly,
     wait_condition,
+    wait_event,
 )
 from tests.integration.test_overflow import final_response
 from tests.integration.test_runtime_worker import RuntimeWorker
@@ -480,16 +481,26 @@ async def test_a_fleet_that_cannot_wake_turns_its_callers_away(
     record_property: Callable[[str, object], None],
 ) -> None:
     """No worker ever starts (the pod never runs): after the wake timeout the WebRTC caller gets
-    the overflow attribute, the phone caller 486 Busy Here; never endless silence or ringing."""
+    the overflow attribute, the phone caller 486 Busy Here; never endless silence or ringing.
+    This operator has no desk: the spec's holdMessage cannot be said, the callers get the same
+    treatment, and a Warning Event names the field."""
     _, tenant = namespaces
     number = fresh_number()
     spec = sleeper_spec(providers.base_url, number, free_port(), free_port())
+    spec["overflow"] = {"holdMessage": "One moment please."}
     wake_timeout = 5.0
     operator = start_operator(cluster, livekit, namespaces, tmp_path / "operator.log", wake_timeout)
     try:
         create_sleeper(cluster, tenant, spec)
         async with kubelet(kube, livekit, tmp_path, tenant, start_workers=False):
             await asyncio.to_thread(wait_asleep, cluster, tenant, operator)
+            warning = await asyncio.to_thread(
+                wait_event, cluster, tenant, AGENT, "PlatformFeatureMissing"
+            )
+            assert warning.type == "Warning", warning
+            assert warning.message.startswith(
+                "spec.overflow.holdMessage: this platform runs no desk"
+            )
             room = f"nowake-{secrets.token_hex(4)}"
             token = participant_token(
                 livekit.api_key,
